@@ -1,0 +1,313 @@
+"""Fetch, verify, extract and patch the pinned llama-cpp-python sdist.
+
+CMake runs this at configure time; it is also importable so tests can check each
+step on its own.  The output tree is reused while the sdist hash and the patches
+are unchanged (a stamp file records both), so incremental builds keep their
+timestamps and only recompile what changed.
+
+Usage: prepare_source.py OUT_DIR
+Environment:
+  INFMLLM_LLAMA_SOURCE  an already downloaded sdist (.tar.gz, hash-checked) or an
+                        extracted sdist directory (offline / air-gapped builds).
+  INFMLLM_CACHE_DIR     where the downloaded sdist is kept (default ~/.cache/infmllm-gguf).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM = json.loads((ROOT / "cmake" / "upstream.json").read_text())
+PATCH_DIR = ROOT / "patches"
+# patches/ paths are relative to llama.cpp's root inside the sdist
+LLAMA_SUBDIR = Path("vendor/llama.cpp")
+
+# Parts of the sdist the build never reads: skipping them keeps extraction fast.
+_SKIP_PREFIXES = (
+    "vendor/llama.cpp/models/",
+    "vendor/llama.cpp/docs/",
+    "vendor/llama.cpp/media/",
+    "vendor/llama.cpp/examples/",
+    "vendor/llama.cpp/tests/",
+    "vendor/llama.cpp/benches/",
+    "vendor/llama.cpp/tools/server/",
+    "vendor/llama.cpp/tools/ui/",
+    "llama_cpp/server/",
+    "docs/",
+    "examples/",
+    "tests/",
+)
+
+# Private name of the bundled llama-cpp-python package: it never shadows a
+# llama-cpp-python the user installed for other work.
+VENDORED_PACKAGE = "infmllm_gguf._llama_cpp"
+
+
+class SourceError(RuntimeError):
+    """The pinned source could not be fetched, verified or patched."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sdist(path: Path, expected: str = UPSTREAM["sha256"]) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise SourceError(
+            f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
+            "The file is corrupt or not the pinned "
+            f"{UPSTREAM['package']}=={UPSTREAM['version']} sdist; delete it and rebuild."
+        )
+
+
+def download_sdist(cache_dir: Path) -> Path:
+    """Download the pinned sdist with pip (the only registry client we may use)."""
+    target = cache_dir / UPSTREAM["sdist"]
+    if target.is_file() and sha256_of(target) == UPSTREAM["sha256"]:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--no-build-isolation", "--disable-pip-version-check", "-d", tmp,
+            f"{UPSTREAM['package']}=={UPSTREAM['version']}",
+        ]
+        print("infmllm-gguf: downloading", UPSTREAM["sdist"], flush=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / UPSTREAM["sdist"]
+        if result.returncode != 0 or not got.is_file():
+            raise SourceError(
+                f"could not download {UPSTREAM['package']}=={UPSTREAM['version']} with pip:\n"
+                f"{result.stdout[-2000:]}{result.stderr[-2000:]}\n"
+                "Offline? Set INFMLLM_LLAMA_SOURCE to a downloaded sdist or extracted tree."
+            )
+        verify_sdist(got)
+        os.replace(got, target)
+    return target
+
+
+def extract_sdist(sdist: Path, dest: Path) -> None:
+    top = UPSTREAM["sdist"].removesuffix(".tar.gz") + "/"
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = []
+        for member in tar.getmembers():
+            if not member.name.startswith(top):
+                continue
+            rel = member.name[len(top):]
+            if not rel or rel.startswith(_SKIP_PREFIXES) or not (member.isfile() or member.isdir()):
+                continue
+            member.name = rel
+            members.append(member)
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **kwargs)
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
+        raise SourceError(f"{src} is not an extracted {UPSTREAM['package']} sdist (no vendor/llama.cpp)")
+    init = (src / "llama_cpp" / "__init__.py").read_text()
+    if f'__version__ = "{UPSTREAM["version"]}"' not in init:
+        raise SourceError(f"{src} is not {UPSTREAM['package']} {UPSTREAM['version']}")
+    ignore = shutil.ignore_patterns(".git", "models", "docs", "media", "server", "tests", "examples")
+    shutil.copytree(src, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+# --- unified-diff application -------------------------------------------------
+
+@dataclass
+class Hunk:
+    old_start: int
+    header: str
+    old: list[str]
+    new: list[str]
+
+
+@dataclass
+class FilePatch:
+    path: str
+    hunks: list[Hunk]
+
+
+_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
+
+
+def parse_patch(text: str) -> list[FilePatch]:
+    files: list[FilePatch] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            path = lines[i + 1][4:].split("\t")[0].strip()
+            if path.startswith("b/"):
+                path = path[2:]
+            files.append(FilePatch(path, []))
+            i += 2
+            continue
+        match = _HUNK_RE.match(line)
+        if match and files:
+            hunk = Hunk(int(match.group(1)), line, [], [])
+            i += 1
+            while i < len(lines) and not lines[i].startswith(("@@", "--- ", "diff ")):
+                body = lines[i]
+                tag, content = (body[:1], body[1:]) if body else (" ", "")
+                if tag in (" ", "-"):
+                    hunk.old.append(content)
+                if tag in (" ", "+"):
+                    hunk.new.append(content)
+                i += 1
+            files[-1].hunks.append(hunk)
+            continue
+        i += 1
+    return files
+
+
+def _find(haystack: list[str], needle: list[str], hint: int) -> int:
+    """Exact match of a hunk's old lines, nearest to where the header says."""
+    n = len(needle)
+    candidates = range(len(haystack) - n + 1)
+    for pos in sorted(candidates, key=lambda p: abs(p - hint)):
+        if haystack[pos:pos + n] == needle:
+            return pos
+    return -1
+
+
+def apply_patch(patch_file: Path, tree: Path) -> None:
+    """Apply a unified diff; a hunk that does not match stops with its name."""
+    for fp in parse_patch(patch_file.read_text()):
+        target = tree / fp.path
+        if not target.is_file():
+            raise SourceError(f"{patch_file.name}: target file {fp.path} does not exist in the source tree")
+        text = target.read_text()
+        lines = text.split("\n")
+        offset = 0
+        for number, hunk in enumerate(fp.hunks, 1):
+            pos = _find(lines, hunk.old, hunk.old_start - 1 + offset)
+            if pos < 0:
+                raise SourceError(
+                    f"{patch_file.name}: hunk #{number} of {fp.path} ({hunk.header}) does not apply; "
+                    "the pinned source and the patch disagree"
+                )
+            lines[pos:pos + len(hunk.old)] = hunk.new
+            offset += len(hunk.new) - len(hunk.old)
+        target.write_text("\n".join(lines))
+
+
+def patch_files() -> list[Path]:
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+# --- the bundled Python layer ---------------------------------------------------
+
+_IMPORT_RULES = [
+    (re.compile(r"^(\s*)import llama_cpp$", re.M), rf"\1import {VENDORED_PACKAGE} as llama_cpp"),
+    (re.compile(r"^(\s*)import llama_cpp\.", re.M), rf"\1import {VENDORED_PACKAGE}."),
+    (re.compile(r"^(\s*)from llama_cpp(\.| )", re.M), rf"\1from {VENDORED_PACKAGE}\2"),
+    # Our copy must never pick up a library meant for the user's llama-cpp-python.
+    (re.compile(r"LLAMA_CPP_LIB_PATH"), "INFMLLM_GGUF_LIB_PATH"),
+]
+
+
+def vendor_python_package(src: Path, dest: Path) -> None:
+    """Copy llama-cpp-python's Python layer under a private package name."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("server", "lib", "__pycache__"))
+    for py in dest.rglob("*.py"):
+        text = py.read_text()
+        for pattern, repl in _IMPORT_RULES:
+            text = pattern.sub(repl, text)
+        py.write_text(text)
+
+
+# --- driver ----------------------------------------------------------------------
+
+def stamp_for(sdist_id: str) -> str:
+    digest = hashlib.sha256(sdist_id.encode())
+    for patch in patch_files():
+        digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
+    digest.update((ROOT / "cmake" / "prepare_source.py").read_bytes())
+    return digest.hexdigest()
+
+
+def prepare(out: Path) -> Path:
+    """Make OUT/src (patched sdist tree) and OUT/python (bundled package); return OUT/src."""
+    override = os.environ.get("INFMLLM_LLAMA_SOURCE")
+    cache = Path(os.environ.get("INFMLLM_CACHE_DIR") or Path.home() / ".cache" / "infmllm-gguf")
+    if override and Path(override).is_dir():
+        source, sdist_id = Path(override), f"dir:{Path(override).resolve()}"
+    else:
+        source = Path(override) if override else download_sdist(cache)
+        if not source.is_file():
+            raise SourceError(f"INFMLLM_LLAMA_SOURCE={override} does not exist")
+        verify_sdist(source)
+        sdist_id = UPSTREAM["sha256"]
+
+    src = out / "src"
+    stamp_file = out / "stamp"
+    stamp = stamp_for(sdist_id)
+    if stamp_file.is_file() and stamp_file.read_text() == stamp and src.is_dir():
+        return src
+
+    staging = out / "src.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if source.is_dir():
+        copy_tree(source, staging)
+    else:
+        extract_sdist(source, staging)
+    for patch in patch_files():
+        print(f"infmllm-gguf: applying {patch.name}", flush=True)
+        apply_patch(patch, staging / LLAMA_SUBDIR)
+    vendor_python_package(staging / "llama_cpp", out / "python" / "_llama_cpp")
+
+    if src.exists():
+        _sync_changed(staging, src)
+        shutil.rmtree(staging)
+    else:
+        staging.rename(src)
+    stamp_file.write_text(stamp)
+    return src
+
+
+def _sync_changed(new: Path, old: Path) -> None:
+    """Replace only files whose bytes changed, so unchanged sources keep their mtimes."""
+    for path in new.rglob("*"):
+        if path.is_dir():
+            continue
+        dest = old / path.relative_to(new)
+        if dest.is_file() and dest.read_bytes() == path.read_bytes():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        print(prepare(Path(argv[1])))
+    except SourceError as exc:
+        print(f"infmllm-gguf build error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

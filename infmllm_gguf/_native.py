@@ -1,0 +1,101 @@
+"""ctypes bindings of native/include/infmllm.h, one function per C function.
+
+Loaded through the bundled llama-cpp-python layer so both share one libllama.  Importing
+this module against a libllama without our patches raises ImportError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from infmllm_gguf._llama_cpp import llama_cpp as _lc
+
+ABI_VERSION = 1  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+
+INFMLLM_OK = 0
+INFMLLM_ERR_INVALID_ARG = -1
+INFMLLM_ERR_UNSUPPORTED = -2
+INFMLLM_ERR_INVALID_SEQ = -3
+INFMLLM_ERR_POS_NOT_FOUND = -4
+INFMLLM_ERR_SHARED_CELLS = -5
+INFMLLM_ERR_BUFFER_TOO_SMALL = -6
+
+INFMLLM_SCORE_OFF = 0
+INFMLLM_SCORE_ALL_ROWS = -1
+
+llama_context_p = _lc.llama_context_p_ctypes
+llama_seq_id = _lc.llama_seq_id
+llama_pos = _lc.llama_pos
+
+
+class infmllm_select_params(ctypes.Structure):  # noqa: N801 - mirrors the C name
+    _fields_ = [
+        ("budget", ctypes.c_int32),
+        ("n_sink", ctypes.c_int32),
+        ("n_recent", ctypes.c_int32),
+        ("local_window", ctypes.c_int32),
+        ("bias", ctypes.c_float),
+    ]
+
+
+def check_patched(lib: ctypes.CDLL, where: str) -> None:
+    """Raise ImportError unless lib is a libllama built with our patches and ABI."""
+    fix = (
+        "Reinstall infmllm-gguf so that it builds its own patched libllama "
+        "(pip install --force-reinstall --no-cache-dir infmllm-gguf), "
+        "and unset INFMLLM_GGUF_LIB_PATH if it points elsewhere."
+    )
+    if not hasattr(lib, "infmllm_abi_version"):
+        raise ImportError(f"{where} is not patched by infmllm-gguf (no infmllm_abi_version). {fix}")
+    lib.infmllm_abi_version.restype = ctypes.c_int32
+    lib.infmllm_abi_version.argtypes = []
+    found = lib.infmllm_abi_version()
+    if found != ABI_VERSION:
+        raise ImportError(f"{where} has infmllm ABI {found}, this package needs {ABI_VERSION}. {fix}")
+
+
+_lib = _lc._lib
+check_patched(_lib, getattr(_lib, "_name", "libllama"))
+
+
+def _bind(name: str, argtypes: list, restype):
+    fn = getattr(_lib, name)
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+infmllm_abi_version = _bind("infmllm_abi_version", [], ctypes.c_int32)
+infmllm_patchset_version = _bind("infmllm_patchset_version", [], ctypes.c_char_p)
+infmllm_status_str = _bind("infmllm_status_str", [ctypes.c_int32], ctypes.c_char_p)
+infmllm_set_scoring = _bind("infmllm_set_scoring", [llama_context_p, ctypes.c_int32], ctypes.c_int32)
+infmllm_get_scoring = _bind("infmllm_get_scoring", [llama_context_p], ctypes.c_int32)
+infmllm_kv_seq_n_cells = _bind("infmllm_kv_seq_n_cells", [llama_context_p, llama_seq_id], ctypes.c_int32)
+infmllm_kv_seq_cells = _bind(
+    "infmllm_kv_seq_cells",
+    [
+        llama_context_p,
+        llama_seq_id,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.POINTER(llama_pos),
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int32,
+    ],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_evict = _bind(
+    "infmllm_kv_seq_evict",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(llama_pos), ctypes.c_int32],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_compact = _bind("infmllm_kv_seq_compact", [llama_context_p, llama_seq_id], ctypes.c_int32)
+infmllm_select_keep = _bind(
+    "infmllm_select_keep",
+    [
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int32,
+        ctypes.POINTER(infmllm_select_params),
+        ctypes.POINTER(ctypes.c_uint8),
+    ],
+    ctypes.c_int32,
+)

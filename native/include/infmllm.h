@@ -1,0 +1,92 @@
+// infmllm.h - public C API of infmllm-gguf's additions to libllama.
+//
+// Attention-saddle scoring computed inside the compute graph, per-cell bookkeeping,
+// arbitrary-set eviction, position compaction and the InfMLLM selection rule for
+// llama.cpp's KV cache.  Every symbol carries the infmllm_ prefix.  Functions that
+// return int32_t return a count (>= 0) or a negative INFMLLM_ERR_* code; on error
+// nothing has been changed.
+#pragma once
+
+#include <stdint.h>
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Bumped whenever a declaration below changes; Python refuses a mismatch.
+#define INFMLLM_ABI_VERSION 1
+
+enum infmllm_status {
+    INFMLLM_OK                  =  0,
+    INFMLLM_ERR_INVALID_ARG     = -1, // null pointer, negative count, bad parameter
+    INFMLLM_ERR_UNSUPPORTED     = -2, // recurrent/hybrid memory, M-RoPE, no K-shift
+    INFMLLM_ERR_INVALID_SEQ     = -3, // seq_id outside the context's sequences
+    INFMLLM_ERR_POS_NOT_FOUND   = -4, // a position is not cached for that sequence (or repeated)
+    INFMLLM_ERR_SHARED_CELLS    = -5, // compaction would move cells other sequences share
+    INFMLLM_ERR_BUFFER_TOO_SMALL = -6,
+};
+
+// Scoring modes for infmllm_set_scoring(): n_score_queries > 0 scores the last n query
+// rows of each ubatch (fresh scores, replaced per ubatch); INFMLLM_SCORE_ALL_ROWS scores
+// every row and sums over the ubatches of one llama_decode (H2O accumulates across calls).
+#define INFMLLM_SCORE_OFF       0
+#define INFMLLM_SCORE_ALL_ROWS (-1)
+
+LLAMA_API int32_t      infmllm_abi_version(void);
+LLAMA_API const char * infmllm_patchset_version(void);
+LLAMA_API const char * infmllm_status_str(int32_t status);
+
+// Enable/disable in-graph attention scoring on a context.  Changing it rebuilds the graph
+// on the next decode; while off, the graph is exactly llama.cpp's.
+LLAMA_API int32_t infmllm_set_scoring(struct llama_context * ctx, int32_t n_score_queries);
+LLAMA_API int32_t infmllm_get_scoring(const struct llama_context * ctx);
+
+// Number of cells holding seq_id.
+LLAMA_API int32_t infmllm_kv_seq_n_cells(struct llama_context * ctx, llama_seq_id seq_id);
+
+// The cells of seq_id in stream (position) order: cell index, position and the latest
+// attention score (softmax probability mass summed over layers, heads and scored query
+// rows; 0 while scoring is off).  Any output pointer may be NULL.  Returns the count.
+LLAMA_API int32_t infmllm_kv_seq_cells(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        int32_t              * cells,
+        llama_pos            * positions,
+        float                * scores,
+        int32_t                n_max);
+
+// Remove seq_id from the cells holding the given positions, in one pass.  Freed cells are
+// reused by later batches.  All positions are checked before anything changes.
+LLAMA_API int32_t infmllm_kv_seq_evict(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const llama_pos      * positions,
+        int32_t                n_positions);
+
+// Renumber the cells of seq_id to 0..n-1 in stream order; the RoPE re-rotation (K-shift)
+// is applied lazily by the next llama_decode.  Returns n, the next free position.
+LLAMA_API int32_t infmllm_kv_seq_compact(struct llama_context * ctx, llama_seq_id seq_id);
+
+struct infmllm_select_params {
+    int32_t budget;       // cells to keep
+    int32_t n_sink;       // oldest cells always kept
+    int32_t n_recent;     // newest cells always kept
+    int32_t local_window; // w: r_j = sum of a_i over |i - j| <= w (0: the score itself)
+    float   bias;         // r_j += bias * recency_j, recency in [0, 1] by rank (1 = newest)
+};
+
+// The InfMLLM rule over n cells in stream order (scores[0] = oldest): keep sinks, recent and
+// the top (budget - n_sink - n_recent) of the rest by local-sum score (normalised to sum 1
+// over all n cells) plus recency bias; ties go to the newer cell.  O(n).  Writes keep[i] in
+// {0, 1} and returns the number kept (min(n, budget)).
+LLAMA_API int32_t infmllm_select_keep(
+        const float                         * scores,
+        int32_t                               n,
+        const struct infmllm_select_params  * params,
+        uint8_t                             * keep);
+
+#ifdef __cplusplus
+}
+#endif

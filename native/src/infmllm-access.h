@@ -1,0 +1,35 @@
+// infmllm-access.h - the one place native/ reaches into private llama.cpp state.
+// The patches declare `friend struct infmllm_access;` in the classes used here.
+#pragma once
+
+#include "infmllm-hooks.h"
+
+#include "llama-context.h"
+#include "llama-kv-cache.h"
+
+struct infmllm_access {
+    static llama_cparams & cparams(llama_context & ctx) { return ctx.cparams; }
+
+    static llama_kv_cells & cells(llama_kv_cache & kv, uint32_t stream) { return kv.v_cells[stream]; }
+
+    static uint32_t & head(llama_kv_cache & kv, uint32_t stream) { return kv.v_heads[stream]; }
+
+    static const llama_kv_cache & cache(const llama_kv_cache_context & kv_ctx) { return *kv_ctx.kv; }
+
+    static const llama_kv_cache::slot_info & slot(const llama_kv_cache_context & kv_ctx) {
+        return kv_ctx.sinfos[kv_ctx.i_cur];
+    }
+
+    // true when t is the K storage tensor of one of the cache's layers
+    static bool is_k_storage(const llama_kv_cache & kv, const ggml_tensor * t) {
+        for (const auto & layer : kv.layers) {
+            if (layer.k == t) {
+                return true;
+            }
+        }
+        return false;
+    }
+};
+
+// The plain KV cache of a context, or nullptr (recurrent, hybrid, iSWA: unsupported).
+llama_kv_cache * infmllm_kv_cache(llama_context * ctx);

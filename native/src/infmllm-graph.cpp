@@ -1,0 +1,91 @@
+// In-graph attention-saddle scoring: for the last n_score_queries query rows of a ubatch,
+// softmax(K·q·scale + mask) over every KV cell in view, summed over heads and rows, and
+// accumulated over layers into one float per cell (llm_graph_result::t_infmllm_scores).
+// Built from ggml ops only, so every backend computes it.
+#include "infmllm-hooks.h"
+
+#include "llama-graph.h"
+#include "llama-hparams.h"
+#include "llama-cparams.h"
+#include "llama-kv-cache.h"
+#include "infmllm-access.h"
+
+#include <algorithm>
+
+// K must be a view of the KV-cache storage: no-cache (encoder) and cross attention
+// also pass through build_attn_mha and are not scored.
+static bool infmllm_k_is_cache(const llm_graph_context & gctx, const ggml_tensor * k) {
+    const auto * kv_ctx = dynamic_cast<const llama_kv_cache_context *>(gctx.mctx);
+    if (kv_ctx == nullptr) {
+        return false;
+    }
+    const ggml_tensor * root = k;
+    while (root->view_src != nullptr) {
+        root = root->view_src;
+    }
+    return infmllm_access::is_k_storage(infmllm_access::cache(*kv_ctx), root);
+}
+
+void infmllm_graph_scores(
+        const llm_graph_context & gctx,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * kq_mask,
+        ggml_tensor * sinks,
+        ggml_tensor * probs,
+        float         kq_scale,
+        int           il) {
+    const int32_t mode = gctx.cparams.infmllm_score_rows;
+    if (mode == 0 || !infmllm_k_is_cache(gctx, k)) {
+        return;
+    }
+
+    ggml_context * ctx0 = gctx.ctx0;
+    const int64_t n_rows_ub = q->ne[1]; // query rows per stream in this ubatch
+    const int64_t n_rows    = mode < 0 ? n_rows_ub : std::min<int64_t>(mode, n_rows_ub);
+    const int64_t row0      = n_rows_ub - n_rows;
+
+    ggml_tensor * p;
+    if (probs != nullptr) {
+        // non-flash path: the attention probabilities already exist
+        p = ggml_view_4d(ctx0, probs, probs->ne[0], n_rows, probs->ne[2], probs->ne[3],
+                probs->nb[1], probs->nb[2], probs->nb[3], row0*probs->nb[1]);
+    } else {
+        // flash path: the matrix is never materialised, so compute the scored rows only
+        ggml_tensor * q_rows = ggml_view_4d(ctx0, q, q->ne[0], n_rows, q->ne[2], q->ne[3],
+                q->nb[1], q->nb[2], q->nb[3], row0*q->nb[1]);
+        ggml_tensor * kq = ggml_mul_mat(ctx0, k, q_rows);
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+
+        const auto & hparams = gctx.hparams;
+        if (hparams.attn_soft_cap) {
+            kq = ggml_scale(ctx0, kq, 1.0f / hparams.f_attn_logit_softcapping);
+            kq = ggml_tanh (ctx0, kq);
+            kq = ggml_scale(ctx0, kq, hparams.f_attn_logit_softcapping);
+        }
+
+        ggml_tensor * mask = ggml_view_4d(ctx0, kq_mask, kq_mask->ne[0], n_rows, kq_mask->ne[2], kq_mask->ne[3],
+                kq_mask->nb[1], kq_mask->nb[2], kq_mask->nb[3], row0*kq_mask->nb[1]);
+        if (!ggml_is_contiguous(mask)) {
+            mask = ggml_cont(ctx0, mask);
+        }
+        p = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, hparams.f_max_alibi_bias);
+        ggml_soft_max_add_sinks(p, sinks);
+    }
+
+    // [n_kv, rows, heads, streams] -> [rows*heads, n_kv, streams] -> sum -> [1, n_kv, streams]
+    const int64_t n_kv = p->ne[0];
+    const int64_t n_ns = p->ne[3];
+    ggml_tensor * t = ggml_cont(ctx0, ggml_permute(ctx0, p, 2, 0, 1, 3));
+    t = ggml_reshape_3d(ctx0, t, t->ne[0]*t->ne[1], n_kv, n_ns);
+    t = ggml_sum_rows(ctx0, t);
+    gctx.cb(t, "infmllm_scores", il);
+
+    llm_graph_result * res = gctx.res;
+    if (res->t_infmllm_scores != nullptr) {
+        t = ggml_add(ctx0, res->t_infmllm_scores, t);
+    }
+    ggml_set_output(t);
+    ggml_build_forward_expand(gctx.gf, t);
+    res->t_infmllm_scores = t;
+}

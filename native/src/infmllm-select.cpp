@@ -1,0 +1,59 @@
+// The InfMLLM keep rule (SPEC section 1) on scores in stream order.  Baselines use the same
+// routine with other parameters: StreamingLLM (no saddles), H2O (accumulated scores, no
+// sinks), SnapKV (no local sum, no bias).
+#include "infmllm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+int32_t infmllm_select_keep(
+        const float                        * scores,
+        int32_t                              n,
+        const struct infmllm_select_params * p,
+        uint8_t                            * keep) {
+    if (p == nullptr || keep == nullptr || n < 0 || (n > 0 && scores == nullptr) ||
+        p->budget < 0 || p->n_sink < 0 || p->n_recent < 0 || p->local_window < 0 ||
+        p->n_sink + p->n_recent > p->budget || !std::isfinite(p->bias)) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    if (n <= p->budget) {
+        std::fill(keep, keep + n, 1);
+        return n;
+    }
+    std::fill(keep, keep + n, 0);
+    std::fill(keep, keep + p->n_sink, 1);
+    std::fill(keep + n - p->n_recent, keep + n, 1);
+
+    const int32_t lo = p->n_sink;
+    const int32_t hi = n - p->n_recent;
+    const int32_t k  = p->budget - p->n_sink - p->n_recent;
+    if (k == 0) {
+        return p->budget;
+    }
+
+    // local sum via prefix sums over the whole cache, normalised to total mass 1
+    std::vector<double> prefix(n + 1, 0.0);
+    for (int32_t i = 0; i < n; ++i) {
+        prefix[i + 1] = prefix[i] + scores[i];
+    }
+    const double total = prefix[n] > 0.0 ? prefix[n] : 1.0;
+    const int32_t w = p->local_window;
+
+    std::vector<std::pair<double, int32_t>> cand;
+    cand.reserve(hi - lo);
+    for (int32_t j = lo; j < hi; ++j) {
+        const int32_t a = std::max(0, j - w);
+        const int32_t b = std::min(n, j + w + 1);
+        const double recency = (double) j / (double) (n - 1);
+        cand.emplace_back((prefix[b] - prefix[a]) / total + p->bias * recency, j);
+    }
+    // higher score first; ties to the newer cell
+    auto better = [](const auto & x, const auto & y) { return x.first != y.first ? x.first > y.first : x.second > y.second; };
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
+    for (int32_t i = 0; i < k; ++i) {
+        keep[cand[i].second] = 1;
+    }
+    return p->budget;
+}
