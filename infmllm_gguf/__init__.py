@@ -1,1 +1,12 @@
-"""infmllm-gguf."""
+"""infmllm-gguf: endless streaming inference in a fixed-size llama.cpp KV cache.
+
+Importing checks that the bundled libllama carries our patches (ImportError otherwise).
+"""
+
+from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
+from infmllm_gguf.info import build_info
+from infmllm_gguf.models import default_model_path
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "default_model_path", "__version__"]

@@ -1,0 +1,158 @@
+"""Pythonic face of the native KV-cache API: numpy in, numpy out, errors as exceptions.
+
+Everything here is O(1) native calls per operation; no per-token loops cross ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from infmllm_gguf import _native as N
+from infmllm_gguf._llama_cpp import llama_cpp as lc
+
+_I32P = ctypes.POINTER(ctypes.c_int32)
+_F32P = ctypes.POINTER(ctypes.c_float)
+_U8P = ctypes.POINTER(ctypes.c_uint8)
+
+
+class NativeError(RuntimeError):
+    """A native call refused its arguments; nothing was changed."""
+
+    def __init__(self, call: str, status: int):
+        self.status = status
+        super().__init__(f"{call} failed: {N.infmllm_status_str(status).decode()} (status {status})")
+
+
+def _check(call: str, rc: int) -> int:
+    if rc < 0:
+        raise NativeError(call, rc)
+    return rc
+
+
+@dataclass(frozen=True)
+class CellView:
+    """The cells of one sequence in stream order."""
+
+    cells: np.ndarray  # int32 cell index in the KV buffer
+    positions: np.ndarray  # int32 RoPE position
+    scores: np.ndarray  # float32 attention mass from the latest scored decode
+
+
+class KVCache:
+    """Scoring, read-back, eviction and compaction on one llama_context."""
+
+    def __init__(self, ctx: int):
+        self.ctx = ctx
+
+    def set_scoring(self, n_score_queries: int) -> None:
+        """0: off; n > 0: last n query rows of each ubatch; -1: all rows (accumulated per decode)."""
+        _check("infmllm_set_scoring", N.infmllm_set_scoring(self.ctx, n_score_queries))
+
+    @property
+    def scoring(self) -> int:
+        return _check("infmllm_get_scoring", N.infmllm_get_scoring(self.ctx))
+
+    def n_cells(self, seq_id: int = 0) -> int:
+        return _check("infmllm_kv_seq_n_cells", N.infmllm_kv_seq_n_cells(self.ctx, seq_id))
+
+    def cells(self, seq_id: int = 0) -> CellView:
+        n = self.n_cells(seq_id)
+        cells = np.empty(n, np.int32)
+        pos = np.empty(n, np.int32)
+        scores = np.empty(n, np.float32)
+        got = N.infmllm_kv_seq_cells(
+            self.ctx, seq_id, cells.ctypes.data_as(_I32P), pos.ctypes.data_as(_I32P),
+            scores.ctypes.data_as(_F32P), n,
+        )
+        _check("infmllm_kv_seq_cells", got)
+        return CellView(cells[:got], pos[:got], scores[:got])
+
+    def evict(self, positions: np.ndarray, seq_id: int = 0) -> int:
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        return _check(
+            "infmllm_kv_seq_evict",
+            N.infmllm_kv_seq_evict(self.ctx, seq_id, pos.ctypes.data_as(_I32P), len(pos)),
+        )
+
+    def compact(self, seq_id: int = 0) -> int:
+        """Renumber to 0..n-1; returns n, the position the next token takes."""
+        return _check("infmllm_kv_seq_compact", N.infmllm_kv_seq_compact(self.ctx, seq_id))
+
+
+def select_keep(
+    scores: np.ndarray, budget: int, n_sink: int, n_recent: int, local_window: int, bias: float
+) -> np.ndarray:
+    """Boolean keep-mask of the native InfMLLM rule over scores in stream order."""
+    s = np.ascontiguousarray(scores, dtype=np.float32)
+    keep = np.zeros(len(s), np.uint8)
+    params = N.infmllm_select_params(budget, n_sink, n_recent, local_window, bias)
+    _check(
+        "infmllm_select_keep",
+        N.infmllm_select_keep(s.ctypes.data_as(_F32P), len(s), ctypes.byref(params), keep.ctypes.data_as(_U8P)),
+    )
+    return keep.astype(bool)
+
+
+class Batch:
+    """A reusable llama_batch filled with memmove, not per-token Python loops."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._batch = lc.llama_batch_init(capacity, 0, 1)
+        self._seq_id: int | None = None
+        self._n_seq = np.ones(capacity, np.int32)
+
+    def close(self) -> None:
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def decode(self, ctx: int, tokens: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray) -> int:
+        """llama_decode one batch of at most capacity tokens; returns llama_decode's status."""
+        n = len(tokens)
+        if n == 0 or n > self.capacity:
+            raise ValueError(f"batch of {n} tokens, capacity {self.capacity}")
+        b = self._batch
+        if self._seq_id != seq_id:
+            for i in range(self.capacity):
+                b.seq_id[i][0] = seq_id
+            self._seq_id = seq_id
+        b.n_tokens = n
+        ctypes.memmove(b.token, np.ascontiguousarray(tokens, np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, np.ascontiguousarray(positions, np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.n_seq_id, self._n_seq.ctypes.data, 4 * n)
+        ctypes.memmove(b.logits, np.ascontiguousarray(logits, np.int8).ctypes.data, n)
+        return lc.llama_decode(ctx, b)
+
+
+def decode(
+    ctx: int,
+    tokens: np.ndarray | list[int],
+    positions: np.ndarray | list[int],
+    seq_id: int = 0,
+    all_logits: bool = False,
+) -> None:
+    """llama_decode tokens at explicit positions, logits for the last (or every) token."""
+    tokens = np.asarray(tokens, np.int32)
+    positions = np.asarray(positions, np.int32)
+    if len(tokens) != len(positions):
+        raise ValueError("tokens and positions differ in length")
+    logits = np.zeros(len(tokens), np.int8)
+    logits[-1:] = 1
+    if all_logits:
+        logits[:] = 1
+    batch = Batch(min(lc.llama_n_batch(ctx), max(len(tokens), 1)))
+    try:
+        for start in range(0, len(tokens), batch.capacity):
+            end = start + batch.capacity
+            rc = batch.decode(ctx, tokens[start:end], positions[start:end], seq_id, logits[start:end])
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with status {rc}")
+    finally:
+        batch.close()

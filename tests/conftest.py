@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 GGUF, real KJV text, contexts on the patched libllama."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+from infmllm_gguf import default_model_path
+from infmllm_gguf._llama_cpp import llama_cpp as lc
+from infmllm_gguf.texts import genesis
+
+N_THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return str(default_model_path())
+
+
+@lc.llama_log_callback
+def _quiet(level, text, user_data):  # keep llama.cpp's logs out of test output
+    pass
+
+
+@pytest.fixture(scope="session")
+def model(model_path):
+    if not os.environ.get("INFMLLM_TEST_LOGS"):
+        lc.llama_log_set(_quiet, None)
+    lc.llama_backend_init()
+    params = lc.llama_model_default_params()
+    m = lc.llama_model_load_from_file(model_path.encode(), params)
+    assert m, "could not load the default model"
+    yield m
+    lc.llama_model_free(m)
+
+
+@pytest.fixture(scope="session")
+def text_tokens(model) -> np.ndarray:
+    """Genesis tokenised once (~55K tokens)."""
+    vocab = lc.llama_model_get_vocab(model)
+    data = genesis().encode()
+    buf = (lc.llama_token * (len(data) + 8))()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+    assert n > 0
+    return np.array(buf[:n], dtype=np.int32)
+
+
+@pytest.fixture
+def make_ctx(model):
+    """Factory for contexts; all are freed after the test."""
+    made = []
+
+    def make(n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=False, n_seq_max=1, kv_unified=True, cb_eval=None):
+        p = lc.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_ubatch
+        p.n_seq_max = n_seq_max
+        p.kv_unified = kv_unified
+        p.n_threads = p.n_threads_batch = N_THREADS
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.no_perf = True
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+            p.cb_eval_user_data = None
+        ctx = lc.llama_init_from_model(model, p)
+        assert ctx, "could not create a context"
+        made.append(ctx)
+        return ctx
+
+    yield make
+    for ctx in made:
+        lc.llama_free(ctx)
+
+
+def logits_of(ctx, model) -> np.ndarray:
+    """Logits of the last token that requested them."""
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    ptr = lc.llama_get_logits_ith(ctx, -1)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
