@@ -1,14 +1,15 @@
 """ctypes bindings of native/include/infmllm.h, one function per C function.
 
-Loaded through the bundled llama-cpp-python layer so both share one libllama.  Importing
-this module against a libllama without our patches raises ImportError.
+The library is checked for our ABI marker before the bundled llama-cpp-python layer loads
+it, so an unpatched libllama fails with an ImportError that says what to do.  Both layers
+then share the one libllama handle.
 """
 
 from __future__ import annotations
 
 import ctypes
-
-from infmllm_gguf._llama_cpp import llama_cpp as _lc
+import os
+from pathlib import Path
 
 ABI_VERSION = 1  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
@@ -23,9 +24,9 @@ INFMLLM_ERR_BUFFER_TOO_SMALL = -6
 INFMLLM_SCORE_OFF = 0
 INFMLLM_SCORE_ALL_ROWS = -1
 
-llama_context_p = _lc.llama_context_p_ctypes
-llama_seq_id = _lc.llama_seq_id
-llama_pos = _lc.llama_pos
+llama_context_p = ctypes.c_void_p
+llama_seq_id = ctypes.c_int32
+llama_pos = ctypes.c_int32
 
 
 class infmllm_select_params(ctypes.Structure):  # noqa: N801 - mirrors the C name
@@ -42,7 +43,7 @@ def check_patched(lib: ctypes.CDLL, where: str) -> None:
     """Raise ImportError unless lib is a libllama built with our patches and ABI."""
     fix = (
         "Reinstall infmllm-gguf so that it builds its own patched libllama "
-        "(pip install --force-reinstall --no-cache-dir infmllm-gguf), "
+        "(pip install --force-reinstall . in its source tree), "
         "and unset INFMLLM_GGUF_LIB_PATH if it points elsewhere."
     )
     if not hasattr(lib, "infmllm_abi_version"):
@@ -54,8 +55,27 @@ def check_patched(lib: ctypes.CDLL, where: str) -> None:
         raise ImportError(f"{where} has infmllm ABI {found}, this package needs {ABI_VERSION}. {fix}")
 
 
+def library_path() -> Path:
+    """The libllama the bundled layer will load (INFMLLM_GGUF_LIB_PATH overrides the dir)."""
+    override = os.environ.get("INFMLLM_GGUF_LIB_PATH")
+    lib_dir = Path(override) if override else Path(__file__).resolve().parent / "_llama_cpp" / "lib"
+    return lib_dir / "libllama.so"
+
+
+def _load_checked() -> ctypes.CDLL:
+    path = library_path()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise ImportError(f"cannot load {path}: {exc}. Reinstall infmllm-gguf (pip install .).") from exc
+    check_patched(lib, str(path))
+    return lib
+
+
+_load_checked()
+from infmllm_gguf._llama_cpp import llama_cpp as _lc  # noqa: E402  (after the check, on purpose)
+
 _lib = _lc._lib
-check_patched(_lib, getattr(_lib, "_name", "libllama"))
 
 
 def _bind(name: str, argtypes: list, restype):

