@@ -5,8 +5,24 @@ Importing checks that the bundled libllama carries our patches (ImportError othe
 
 from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
 from infmllm_gguf.info import build_info
+from infmllm_gguf.llama import ContextFullError, Llama
 from infmllm_gguf.models import default_model_path
+from infmllm_gguf.policies import H2O, POLICIES, FullCache, InfMLLM, KVPolicy, SlidingWindow, SnapKV, StreamingLLM
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "default_model_path", "__version__"]
+__all__ = [
+    "H2O",
+    "POLICIES",
+    "ContextFullError",
+    "FullCache",
+    "InfMLLM",
+    "KVPolicy",
+    "Llama",
+    "SlidingWindow",
+    "SnapKV",
+    "StreamingLLM",
+    "__version__",
+    "build_info",
+    "default_model_path",
+]

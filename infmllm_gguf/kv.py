@@ -123,11 +123,15 @@ class Batch:
             for i in range(self.capacity):
                 b.seq_id[i][0] = seq_id
             self._seq_id = seq_id
+        # keep the converted arrays referenced until the copies are done
+        tok = np.ascontiguousarray(tokens, np.int32)
+        pos = np.ascontiguousarray(positions, np.int32)
+        out = np.ascontiguousarray(logits, np.int8)
         b.n_tokens = n
-        ctypes.memmove(b.token, np.ascontiguousarray(tokens, np.int32).ctypes.data, 4 * n)
-        ctypes.memmove(b.pos, np.ascontiguousarray(positions, np.int32).ctypes.data, 4 * n)
+        ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
         ctypes.memmove(b.n_seq_id, self._n_seq.ctypes.data, 4 * n)
-        ctypes.memmove(b.logits, np.ascontiguousarray(logits, np.int8).ctypes.data, n)
+        ctypes.memmove(b.logits, out.ctypes.data, n)
         return lc.llama_decode(ctx, b)
 
 

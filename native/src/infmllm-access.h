@@ -10,6 +10,9 @@
 struct infmllm_access {
     static llama_cparams & cparams(llama_context & ctx) { return ctx.cparams; }
 
+    // the scoring ops change the worst-case graph: re-reserve compute buffers
+    static void request_reserve(llama_context & ctx) { ctx.sched_need_reserve = true; }
+
     static llama_kv_cells & cells(llama_kv_cache & kv, uint32_t stream) { return kv.v_cells[stream]; }
 
     static uint32_t & head(llama_kv_cache & kv, uint32_t stream) { return kv.v_heads[stream]; }

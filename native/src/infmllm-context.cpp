@@ -41,7 +41,10 @@ int32_t infmllm_set_scoring(llama_context * ctx, int32_t n_score_queries) {
         st.scores.assign(kv->get_n_stream(), std::vector<float>(kv->get_size(), 0.0f));
         st.stream_decode.assign(kv->get_n_stream(), 0);
     }
-    cparams.infmllm_score_rows = n_score_queries;
+    if (cparams.infmllm_score_rows != n_score_queries) {
+        cparams.infmllm_score_rows = n_score_queries;
+        infmllm_access::request_reserve(*ctx);
+    }
     return INFMLLM_OK;
 }
 

@@ -1,0 +1,268 @@
+"""KV-cache policies: one small dataclass per policy, kvpress-style.
+
+A policy only says how cells are scored and which to keep; the runtime owns the single
+eviction path (read cells -> policy.select -> native evict -> native compact) that every
+policy goes through, so comparisons are fair by construction.  All selection is done by
+the native rule `infmllm_select_keep` with policy-specific parameters and scores.
+
+Scores arrive per decode as the attention mass each cell received from the scored query
+rows (native, in-graph).  How a policy turns them into a ranking is its whole identity:
+  - InfMLLM / SnapKV: *fresh* scores from the newest `retrieval_window` queries only;
+  - H2O: scores *accumulated* over every query ever seen by the cell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from infmllm_gguf.kv import CellView, select_keep
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class KVPolicy:
+    """Base: keep `budget` cells; evict `chunk` at a time when the cache holds budget + chunk."""
+
+    budget: int
+    chunk: int | None = None  # default: budget // 8 (at least 16)
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        _check_int("budget", self.budget, 1)
+        if self.chunk is None:
+            self.chunk = max(16, self.budget // 8)
+        _check_int("chunk", self.chunk, 1)
+
+    # --- what the native scorer must compute (0: nothing, n: last n rows, -1: all rows)
+    @property
+    def score_queries(self) -> int:
+        return 0
+
+    @property
+    def capacity(self) -> int:
+        """Cells the cache may hold before an eviction round."""
+        return self.budget + self.chunk
+
+    # --- per-session state, reset by the runtime
+    def reset(self, n_cells_max: int) -> None:
+        """Forget all per-session state (called on a new stream)."""
+
+    def observe(self, view: CellView, n_rows: int) -> None:
+        """Called after every decode with the cells' latest scores from n_rows queries."""
+
+    def forget(self, freed_cells: np.ndarray) -> None:
+        """Called after eviction with the cells that were freed."""
+
+    # --- the one thing each policy defines
+    def select(self, view: CellView) -> np.ndarray:
+        """Boolean keep-mask over view (stream order); exactly budget cells are kept."""
+        raise NotImplementedError
+
+
+@dataclass
+class FullCache(KVPolicy):
+    """No eviction: the stream fails with a clear error once it exceeds n_ctx."""
+
+    budget: int = 0
+    name: ClassVar[str] = "full"
+
+    def __post_init__(self) -> None:
+        self.chunk = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0  # the runtime uses n_ctx
+
+    def select(self, view: CellView) -> np.ndarray:
+        return np.ones(len(view.positions), bool)
+
+
+@dataclass
+class SlidingWindow(KVPolicy):
+    """The newest `budget` tokens."""
+
+    name: ClassVar[str] = "window"
+
+    def select(self, view: CellView) -> np.ndarray:
+        return select_keep(view.scores, self.budget, 0, self.budget, 0, 0.0)
+
+
+@dataclass
+class StreamingLLM(KVPolicy):
+    """Attention sinks (the first tokens) plus the newest tokens (Xiao et al., 2023)."""
+
+    sinks: int = 4
+    name: ClassVar[str] = "streamingllm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("sinks", self.sinks, 0)
+        if self.sinks > self.budget:
+            raise ValueError(f"budget ({self.budget}) must be >= sinks ({self.sinks})")
+
+    def select(self, view: CellView) -> np.ndarray:
+        return select_keep(view.scores, self.budget, self.sinks, self.budget - self.sinks, 0, 0.0)
+
+
+@dataclass
+class _SaddlePolicy(KVPolicy):
+    """Shared checks for policies that keep sinks + recent + top-scored cells."""
+
+    sinks: int = 4
+    recent: int | None = None  # default: budget // 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent is None:
+            self.recent = self.budget // 4
+        _check_int("sinks", self.sinks, 0)
+        _check_int("recent", self.recent, 0)
+        if self.sinks + self.recent > self.budget:
+            raise ValueError(
+                f"budget ({self.budget}) must be >= sinks + recent ({self.sinks} + {self.recent})"
+            )
+
+
+@dataclass
+class _FreshWindowPolicy(_SaddlePolicy):
+    """Scores from the newest `retrieval_window` query rows only, recomputed for each eviction."""
+
+    retrieval_window: int = 8
+    _window: deque = field(default_factory=deque, init=False, repr=False, compare=False)
+    _n_cells_max: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("retrieval_window", self.retrieval_window, 1)
+
+    @property
+    def score_queries(self) -> int:
+        return self.retrieval_window
+
+    def reset(self, n_cells_max: int) -> None:
+        self._window.clear()
+        self._n_cells_max = n_cells_max
+
+    def observe(self, view: CellView, n_rows: int) -> None:
+        # keep just enough recent decodes to cover retrieval_window query rows
+        self._window.appendleft((n_rows, view.cells.copy(), view.scores.copy()))
+        covered = 0
+        for i, (rows, _, _) in enumerate(self._window):
+            covered += rows
+            if covered >= self.retrieval_window:
+                while len(self._window) > i + 1:
+                    self._window.pop()
+                break
+
+    def forget(self, freed_cells: np.ndarray) -> None:
+        self._window.clear()  # freed cells will be reused: old rows no longer line up
+
+    def window_scores(self, view: CellView) -> np.ndarray:
+        """Attention mass of the newest retrieval_window queries, per cell of view."""
+        by_cell = np.zeros(max(self._n_cells_max, int(view.cells.max(initial=0)) + 1), np.float64)
+        rows_left = self.retrieval_window
+        for rows, cells, scores in self._window:
+            take = min(rows, rows_left)
+            by_cell[cells] += scores * (take / rows)
+            rows_left -= take
+            if rows_left == 0:
+                break
+        return by_cell[view.cells]
+
+
+@dataclass
+class InfMLLM(_FreshWindowPolicy):
+    """Inf-MLLM: sinks + recent + attention saddles by local-sum score with a recency bias.
+
+    r_j = sum_{|i-j| <= local_window} a_i / sum(a) + bias * j / (n - 1), with a the fresh
+    attention mass of the newest retrieval_window queries and j the cell's rank in stream
+    order (0 = oldest).  Defaults: see README ("Choosing the defaults").
+    """
+
+    local_window: int = 0
+    bias: float = 1e-3
+    name: ClassVar[str] = "infmllm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("local_window", self.local_window, 0)
+        if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias) or self.bias < 0:
+            raise ValueError(f"bias must be a finite number >= 0, got {self.bias!r}")
+
+    def select(self, view: CellView) -> np.ndarray:
+        return select_keep(
+            self.window_scores(view), self.budget, self.sinks, self.recent, self.local_window, self.bias
+        )
+
+
+@dataclass
+class SnapKV(_FreshWindowPolicy):
+    """SnapKV-style: observation-window scores, no local sum, no bias."""
+
+    retrieval_window: int = 16
+    name: ClassVar[str] = "snapkv"
+
+    def select(self, view: CellView) -> np.ndarray:
+        return select_keep(self.window_scores(view), self.budget, self.sinks, self.recent, 0, 0.0)
+
+
+@dataclass
+class H2O(KVPolicy):
+    """Heavy hitters: recent tokens + the highest attention *accumulated* over all queries seen."""
+
+    recent: int | None = None  # default: budget // 2 (the H2O paper's split)
+    name: ClassVar[str] = "h2o"
+    _acc: np.ndarray = field(default_factory=lambda: np.zeros(0), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent is None:
+            self.recent = self.budget // 2
+        _check_int("recent", self.recent, 0)
+        if self.recent > self.budget:
+            raise ValueError(f"budget ({self.budget}) must be >= recent ({self.recent})")
+
+    @property
+    def score_queries(self) -> int:
+        return -1  # every query row
+
+    def reset(self, n_cells_max: int) -> None:
+        self._acc = np.zeros(n_cells_max, np.float64)
+
+    def observe(self, view: CellView, n_rows: int) -> None:
+        self._acc[view.cells] += view.scores  # accumulated, never recomputed
+
+    def forget(self, freed_cells: np.ndarray) -> None:
+        self._acc[freed_cells] = 0.0
+
+    def select(self, view: CellView) -> np.ndarray:
+        return select_keep(self._acc[view.cells], self.budget, 0, self.recent, 0, 0.0)
+
+
+POLICIES: dict[str, type[KVPolicy]] = {
+    cls.name: cls for cls in (InfMLLM, StreamingLLM, H2O, SnapKV, SlidingWindow, FullCache)
+}
+
+
+def make_policy(spec: KVPolicy | str | None, budget: int | None = None) -> KVPolicy:
+    """A policy from an object or a name (defaults, optional budget)."""
+    if isinstance(spec, KVPolicy):
+        return spec
+    if spec is None:
+        spec = "full" if budget is None else "infmllm"
+    if not isinstance(spec, str) or spec.lower() not in POLICIES:
+        raise ValueError(f"unknown kv_policy {spec!r}; valid names: {', '.join(POLICIES)}")
+    cls = POLICIES[spec.lower()]
+    if cls is FullCache:
+        return FullCache()
+    return cls(budget=budget if budget is not None else 1024)
