@@ -83,8 +83,17 @@ def download_sdist(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "--no-build-isolation", "--disable-pip-version-check", "-d", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
             f"{UPSTREAM['package']}=={UPSTREAM['version']}",
         ]
         print("infmllm-gguf: downloading", UPSTREAM["sdist"], flush=True)
@@ -108,7 +117,7 @@ def extract_sdist(sdist: Path, dest: Path) -> None:
         for member in tar.getmembers():
             if not member.name.startswith(top):
                 continue
-            rel = member.name[len(top):]
+            rel = member.name[len(top) :]
             if not rel or rel.startswith(_SKIP_PREFIXES) or not (member.isfile() or member.isdir()):
                 continue
             member.name = rel
@@ -128,6 +137,7 @@ def copy_tree(src: Path, dest: Path) -> None:
 
 
 # --- unified-diff application -------------------------------------------------
+
 
 @dataclass
 class Hunk:
@@ -182,7 +192,7 @@ def _find(haystack: list[str], needle: list[str], hint: int) -> int:
     n = len(needle)
     candidates = range(len(haystack) - n + 1)
     for pos in sorted(candidates, key=lambda p: abs(p - hint)):
-        if haystack[pos:pos + n] == needle:
+        if haystack[pos : pos + n] == needle:
             return pos
     return -1
 
@@ -203,7 +213,7 @@ def apply_patch(patch_file: Path, tree: Path) -> None:
                     f"{patch_file.name}: hunk #{number} of {fp.path} ({hunk.header}) does not apply; "
                     "the pinned source and the patch disagree"
                 )
-            lines[pos:pos + len(hunk.old)] = hunk.new
+            lines[pos : pos + len(hunk.old)] = hunk.new
             offset += len(hunk.new) - len(hunk.old)
         target.write_text("\n".join(lines))
 
@@ -236,6 +246,7 @@ def vendor_python_package(src: Path, dest: Path) -> None:
 
 
 # --- driver ----------------------------------------------------------------------
+
 
 def stamp_for(sdist_id: str) -> str:
     digest = hashlib.sha256(sdist_id.encode())

@@ -7,7 +7,16 @@ from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
 from infmllm_gguf.info import build_info
 from infmllm_gguf.llama import ContextFullError, Llama
 from infmllm_gguf.models import default_model_path
-from infmllm_gguf.policies import H2O, POLICIES, FullCache, InfMLLM, KVPolicy, SlidingWindow, SnapKV, StreamingLLM
+from infmllm_gguf.policies import (
+    H2O,
+    POLICIES,
+    FullCache,
+    InfMLLM,
+    KVPolicy,
+    SlidingWindow,
+    SnapKV,
+    StreamingLLM,
+)
 
 __version__ = "0.1.0"
 

@@ -64,8 +64,12 @@ class KVCache:
         pos = np.empty(n, np.int32)
         scores = np.empty(n, np.float32)
         got = N.infmllm_kv_seq_cells(
-            self.ctx, seq_id, cells.ctypes.data_as(_I32P), pos.ctypes.data_as(_I32P),
-            scores.ctypes.data_as(_F32P), n,
+            self.ctx,
+            seq_id,
+            cells.ctypes.data_as(_I32P),
+            pos.ctypes.data_as(_I32P),
+            scores.ctypes.data_as(_F32P),
+            n,
         )
         _check("infmllm_kv_seq_cells", got)
         return CellView(cells[:got], pos[:got], scores[:got])
@@ -91,7 +95,9 @@ def select_keep(
     params = N.infmllm_select_params(budget, n_sink, n_recent, local_window, bias)
     _check(
         "infmllm_select_keep",
-        N.infmllm_select_keep(s.ctypes.data_as(_F32P), len(s), ctypes.byref(params), keep.ctypes.data_as(_U8P)),
+        N.infmllm_select_keep(
+            s.ctypes.data_as(_F32P), len(s), ctypes.byref(params), keep.ctypes.data_as(_U8P)
+        ),
     )
     return keep.astype(bool)
 
@@ -113,7 +119,9 @@ class Batch:
     def __del__(self) -> None:
         self.close()
 
-    def decode(self, ctx: int, tokens: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray) -> int:
+    def decode(
+        self, ctx: int, tokens: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray
+    ) -> int:
         """llama_decode one batch of at most capacity tokens; returns llama_decode's status."""
         n = len(tokens)
         if n == 0 or n > self.capacity:

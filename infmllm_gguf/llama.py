@@ -32,7 +32,7 @@ from infmllm_gguf._llama_cpp._logger import set_verbose
 from infmllm_gguf._llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from infmllm_gguf.kv import Batch, KVCache, NativeError
 from infmllm_gguf.models import default_model_path
-from infmllm_gguf.policies import FullCache, InfMLLM, KVPolicy, make_policy
+from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 
 
 class ContextFullError(ValueError):
@@ -84,9 +84,10 @@ class Llama:
         seed: int | None = None,
         verbose: bool = False,
     ):
-        policy = copy.deepcopy(make_policy(kv_policy) if kv_policy is not None else InfMLLM(budget=1024))
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
             raise ValueError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+        # a policy given by name gets budget min(1024, n_ctx // 2)
+        policy = copy.deepcopy(make_policy(kv_policy or "infmllm", budget=min(1024, n_ctx // 2)))
         if not isinstance(policy, FullCache) and policy.capacity > n_ctx:
             raise ValueError(
                 f"budget + chunk ({policy.budget} + {policy.chunk} = {policy.capacity}) exceeds "
@@ -146,12 +147,15 @@ class Llama:
                 "M-RoPE. Use kv_policy='full'."
             )
         if lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model):
-            raise ValueError("recurrent/hybrid models have no per-token KV cache to evict; use kv_policy='full'")
+            raise ValueError(
+                "recurrent/hybrid models have no per-token KV cache to evict; use kv_policy='full'"
+            )
 
     def _make_chat_formatter(self) -> Jinja2ChatFormatter | None:
         template = self._model.metadata().get("tokenizer.chat_template")
         if not template:
             return None
+
         def piece(token: int) -> str:
             return self._piece(token, special=True).decode("utf-8", "ignore") if token >= 0 else ""
 
@@ -220,7 +224,9 @@ class Llama:
 
     def feed(self, text: str, add_bos: bool | None = None) -> int:
         """Tokenise text (BOS only at the start of a stream) and append it; returns its token count."""
-        tokens = self.tokenize(text, add_bos=len(self._history) == 0 if add_bos is None else add_bos, special=True)
+        tokens = self.tokenize(
+            text, add_bos=len(self._history) == 0 if add_bos is None else add_bos, special=True
+        )
         if not tokens:
             raise ValueError(f"text {text[:40]!r} tokenises to no tokens")
         self.eval(tokens)
@@ -246,7 +252,7 @@ class Llama:
             if self.n_cached >= self._capacity:
                 self._evict()
             take = min(self._capacity - self.n_cached, self.n_batch, len(tokens) - i)
-            self._decode(tokens[i:i + take], out[i:i + take] if out is not None else None)
+            self._decode(tokens[i : i + take], out[i : i + take] if out is not None else None)
             i += take
         return out
 
@@ -268,7 +274,9 @@ class Llama:
 
         n_out = int(flags.sum())
         ptr = lc.llama_get_logits(self._ctx)
-        rows = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab))
+        rows = np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab)
+        )
         if logprobs_out is not None:
             lsm = _log_softmax(rows.astype(np.float64))
             logprobs_out[0] = (
@@ -421,8 +429,12 @@ class Llama:
         stops = _stops(stop)
         self._continue_with(tokens)
         completion_id = f"cmpl-{uuid.uuid4()}"
-        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-                "model": str(self.model_path)}
+        head = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": str(self.model_path),
+        }
         prefix = prompt if (echo and isinstance(prompt, str)) else ""
         gen = self._generate(max_tokens, params, stops)
         if stream:
@@ -435,17 +447,27 @@ class Llama:
         n_gen = len(self._history) - n_before
         return {
             **head,
-            "choices": [{"text": prefix + "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": n_gen,
-                      "total_tokens": len(tokens) + n_gen},
+            "choices": [
+                {"text": prefix + "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": n_gen,
+                "total_tokens": len(tokens) + n_gen,
+            },
         }
 
-    def _stream_chunks(self, gen: Iterator[tuple[str, str | None]], head: dict, prefix: str) -> Iterator[dict]:
+    def _stream_chunks(
+        self, gen: Iterator[tuple[str, str | None]], head: dict, prefix: str
+    ) -> Iterator[dict]:
         if prefix:
             yield {**head, "choices": [{"text": prefix, "index": 0, "logprobs": None, "finish_reason": None}]}
         for piece, reason in gen:
             if piece or reason:
-                yield {**head, "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}]}
+                yield {
+                    **head,
+                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}],
+                }
 
     __call__ = create_completion
 
@@ -469,17 +491,31 @@ class Llama:
         rendered = self._chat_formatter(messages=messages)
         tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
         result = self.create_completion(
-            tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, stop=_stops(stop), stream=stream, seed=seed,
+            tokens,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            stop=_stops(stop),
+            stream=stream,
+            seed=seed,
         )
         if stream:
             return _chat_chunks(result)
         choice = result["choices"][0]
         return {
-            "id": "chat" + result["id"], "object": "chat.completion", "created": result["created"],
+            "id": "chat" + result["id"],
+            "object": "chat.completion",
+            "created": result["created"],
             "model": result["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                         "finish_reason": choice["finish_reason"]}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "finish_reason": choice["finish_reason"],
+                }
+            ],
             "usage": result["usage"],
         }
 
@@ -523,7 +559,9 @@ def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
         if choice["text"]:
             delta["content"] = choice["text"]
         yield {
-            "id": "chat" + chunk["id"], "object": "chat.completion.chunk", "created": chunk["created"],
+            "id": "chat" + chunk["id"],
+            "object": "chat.completion.chunk",
+            "created": chunk["created"],
             "model": chunk["model"],
             "choices": [{"index": 0, "delta": delta, "finish_reason": choice["finish_reason"]}],
         }

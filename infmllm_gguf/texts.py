@@ -19,5 +19,7 @@ def kjv() -> str:
     """The King James Bible (~1M tokens) from `bible -f`, or Genesis when bible-kjv is missing."""
     if shutil.which("bible") is None:
         return genesis()
-    out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True
+    ).stdout
     return _VERSE_REF.sub("", out)

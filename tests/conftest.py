@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 from infmllm_gguf import default_model_path
-from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.texts import genesis
 
 N_THREADS = min(2, os.cpu_count() or 1)
@@ -53,7 +53,9 @@ def make_ctx(model):
     """Factory for contexts; all are freed after the test."""
     made = []
 
-    def make(n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=False, n_seq_max=1, kv_unified=True, cb_eval=None):
+    def make(
+        n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=False, n_seq_max=1, kv_unified=True, cb_eval=None
+    ):
         p = lc.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = n_batch
@@ -61,7 +63,9 @@ def make_ctx(model):
         p.n_seq_max = n_seq_max
         p.kv_unified = kv_unified
         p.n_threads = p.n_threads_batch = N_THREADS
-        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         p.no_perf = True
         if cb_eval is not None:
             p.cb_eval = cb_eval

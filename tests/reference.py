@@ -1,6 +1,6 @@
-"""Independent reference for the native scores: Q, K and the mask are captured through
-llama.cpp's eval callback (CPU backend, so tensor data is host memory) and the attention
-probabilities are recomputed in numpy.
+"""Independent references: the keep rule written plainly, and the native scores, for which
+Q, K and the mask are captured through llama.cpp's eval callback (CPU backend, so tensor
+data is host memory) and the attention probabilities are recomputed in numpy.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import re
 import struct
 
 import numpy as np
-
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 GGML_TYPE_F32 = 0
@@ -111,12 +110,34 @@ class AttentionCapture:
             rows = n_tok if n_rows < 0 else min(n_rows, n_tok)
             group = q.shape[1] // k.shape[1]
             k_full = np.repeat(k, group, axis=1)  # GQA: query head h uses kv head h // group
-            qr = q[:, :, n_tok - rows:, :].astype(np.float64)
+            qr = q[:, :, n_tok - rows :, :].astype(np.float64)
             logits = np.einsum("shtd,shkd->shtk", qr, k_full.astype(np.float64)) * scale
-            logits = logits + mask[:, :, n_tok - rows:n_tok, :].astype(np.float64)
+            logits = logits + mask[:, :, n_tok - rows : n_tok, :].astype(np.float64)
             logits -= logits.max(axis=-1, keepdims=True)
             p = np.exp(logits)
             p /= p.sum(axis=-1, keepdims=True)
             per_cell = p.sum(axis=(1, 2))
             total = per_cell if total is None else total + per_cell
         return total
+
+
+def reference_keep(scores, budget, n_sink, n_recent, w, bias):
+    """The rule of SPEC section 1, written plainly (sums in float64, in stream order)."""
+    n = len(scores)
+    keep = np.zeros(n, bool)
+    if n <= budget:
+        keep[:] = True
+        return keep
+    keep[:n_sink] = True
+    keep[n - n_recent :] = True
+    bias = float(np.float32(bias))  # the C API takes a float
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(scores, np.float64))])
+    total = prefix[n] if prefix[n] > 0 else 1.0
+    ranked = []
+    for j in range(n_sink, n - n_recent):
+        lo, hi = max(0, j - w), min(n, j + w + 1)
+        ranked.append(((prefix[hi] - prefix[lo]) / total + bias * (j / (n - 1)), j))
+    ranked.sort(key=lambda rj: (-rj[0], -rj[1]))  # higher first, ties to the newer
+    for _, j in ranked[: budget - n_sink - n_recent]:
+        keep[j] = True
+    return keep

@@ -37,7 +37,9 @@ def test_unpatched_library_is_refused_with_instructions(tmp_path):
     lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
     (tmp_path / "libllama.so").symlink_to(lib_dir / "libggml-base.so")
     env = dict(os.environ, INFMLLM_GGUF_LIB_PATH=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", "import infmllm_gguf"], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import infmllm_gguf"], env=env, capture_output=True, text=True
+    )
     assert out.returncode != 0
     assert "ImportError" in out.stderr
     assert "is not patched by infmllm-gguf" in out.stderr
@@ -88,7 +90,9 @@ def test_patch_hunk_that_does_not_apply_names_the_hunk(tmp_path):
         "--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n"
         "@@ -3,1 +4,1 @@\n-delta\n+epsilon\n"
     )
-    with pytest.raises(ps.SourceError, match=r"0001-x.patch: hunk #2 of f.txt \(@@ -3,1 \+4,1 @@\) does not apply"):
+    with pytest.raises(
+        ps.SourceError, match=r"0001-x.patch: hunk #2 of f.txt \(@@ -3,1 \+4,1 @@\) does not apply"
+    ):
         ps.apply_patch(patch, tmp_path)
 
 
@@ -128,7 +132,10 @@ def test_real_patches_apply_to_the_pinned_source(tmp_path):
 
 
 def test_vendored_python_layer_is_renamed():
-    src = "import llama_cpp.llama_cpp as llama_cpp\nfrom llama_cpp._utils import x\nimport llama_cpp\nLLAMA_CPP_LIB_PATH\n"
+    src = (
+        "import llama_cpp.llama_cpp as llama_cpp\nfrom llama_cpp._utils import x\n"
+        "import llama_cpp\nLLAMA_CPP_LIB_PATH\n"
+    )
     out = src
     for pattern, repl in ps._IMPORT_RULES:
         out = pattern.sub(repl, out)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from conftest import logits_of
-from reference import AttentionCapture
+from reference import AttentionCapture, reference_keep
 
 from infmllm_gguf import _native as N
 from infmllm_gguf.kv import KVCache, NativeError, decode, select_keep
@@ -91,7 +91,7 @@ def test_long_stream_stays_within_budget_plus_chunk(make_ctx, text_tokens):
     next_pos = 0
     evictions = 0
     for start in range(0, n_stream, chunk):
-        piece = stream[start:start + chunk]
+        piece = stream[start : start + chunk]
         decode(ctx, piece, np.arange(next_pos, next_pos + len(piece)))
         next_pos += len(piece)
         view = kv.cells()
@@ -105,26 +105,6 @@ def test_long_stream_stays_within_budget_plus_chunk(make_ctx, text_tokens):
             assert next_pos == budget
     assert evictions >= (n_stream - budget) // chunk - 1
     assert kv.cells().positions.max() < budget + chunk
-
-
-def reference_keep(scores, budget, n_sink, n_recent, w, bias):
-    """The rule of SPEC section 1, written plainly."""
-    n = len(scores)
-    keep = np.zeros(n, bool)
-    if n <= budget:
-        keep[:] = True
-        return keep
-    keep[:n_sink] = True
-    keep[n - n_recent:] = True
-    a = np.asarray(scores, np.float64) / max(float(np.sum(scores, dtype=np.float64)), 1e-300)
-    ranked = []
-    for j in range(n_sink, n - n_recent):
-        r = sum(a[i] for i in range(max(0, j - w), min(n, j + w + 1))) + bias * j / (n - 1)
-        ranked.append((r, j))
-    ranked.sort(key=lambda rj: (-rj[0], -rj[1]))
-    for _, j in ranked[: budget - n_sink - n_recent]:
-        keep[j] = True
-    return keep
 
 
 @pytest.mark.parametrize("w,bias", [(0, 0.0), (2, 0.0), (2, 1e-3), (1, 1e-2)])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import logits_of
+from infmllm_gguf._llama_cpp import llama_cpp as lc
 from reference import AttentionCapture
 
-from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.kv import KVCache, decode
 
 RTOL = 1e-3

@@ -1,0 +1,331 @@
+"""`infmllm-gguf` command line: demo, chat, stream, ppl, passkey."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from infmllm_gguf.llama import Llama
+from infmllm_gguf.policies import POLICIES, make_policy
+from infmllm_gguf.texts import kjv
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def _read_text(path: str | None) -> str:
+    if path is None:
+        return kjv()
+    if path == "-":
+        return sys.stdin.read()
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _make_llama(args: argparse.Namespace) -> Llama:
+    n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
+    policy = make_policy(args.policy, budget=args.budget)
+    return Llama(args.model, n_ctx=n_ctx, kv_policy=policy, flash_attn=args.flash_attn, seed=0)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if getattr(args, "json", None):
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+# --- ppl ---------------------------------------------------------------------------
+
+
+def run_ppl(llm: Llama, tokens: np.ndarray, piece: int = 512, bucket: int = 1000, desc: str = "ppl") -> dict:
+    """Streaming perplexity: log p of every token as the stream goes, cache evicting."""
+    logprobs = np.empty(len(tokens))
+    start = time.perf_counter()
+    with tqdm(total=len(tokens), desc=desc, unit="tok", file=sys.stderr) as bar:
+        for i in range(0, len(tokens), piece):
+            logprobs[i : i + piece] = llm.stream_logprobs(tokens[i : i + piece])
+            bar.update(min(piece, len(tokens) - i))
+            bar.set_postfix(cached=llm.n_cached, evicted=llm.kv_stats()["n_evicted"])
+    elapsed = time.perf_counter() - start
+    lp = logprobs[1:]  # the first token has no context
+    buckets = [float(np.exp(-np.mean(lp[i : i + bucket]))) for i in range(0, len(lp) - bucket + 1, bucket)]
+    return {
+        "ppl": float(np.exp(-np.mean(lp))),
+        "n_tokens": int(len(tokens)),
+        "tokens_per_s": len(tokens) / elapsed,
+        "buckets": buckets,
+        "bucket_size": bucket,
+        "kv": llm.kv_stats(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    llm = _make_llama(args)
+    tokens = np.array(llm.tokenize(_read_text(args.text), add_bos=True), np.int32)[: args.max_tokens]
+    result = {
+        "policy": llm.policy.name,
+        "budget": args.budget,
+        **run_ppl(llm, tokens, desc=f"ppl {llm.policy.name}"),
+    }
+    print(
+        f"{result['policy']} budget={args.budget}: ppl={result['ppl']:.3f} over {result['n_tokens']} tokens, "
+        f"{result['tokens_per_s']:.0f} tok/s, peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
+    _emit(args, result)
+    return 0
+
+
+# --- passkey -------------------------------------------------------------------------
+
+
+def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key: str) -> dict:
+    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it."""
+    needle = llm.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_bos=False)
+    question = llm.tokenize(" What is the pass key? The pass key is", add_bos=False)
+    n_hay = max(0, length - len(needle) - len(question))
+    at = int(depth * n_hay)
+    hay = [filler[i % len(filler)] for i in range(n_hay)]
+    llm.reset()
+    start = llm.tokenize("", add_bos=True)  # BOS where the model wants one
+    llm.eval(start + hay[:at] + needle + hay[at:] + question)
+    answer = llm.generate_text(max_tokens=8, temperature=0.0)
+    digits = "".join(ch for ch in answer if ch.isdigit())
+    return {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
+
+
+def run_passkey(llm: Llama, length: int, depths: Sequence[float], trials: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    filler = llm.tokenize(kjv()[:200_000], add_bos=False)
+    results = []
+    with tqdm(total=len(depths) * trials, desc=f"passkey {llm.policy.name}", file=sys.stderr) as bar:
+        for depth in depths:
+            for _ in range(trials):
+                key = str(rng.integers(10_000, 100_000))
+                results.append(passkey_trial(llm, filler, length, depth, key))
+                bar.update(1)
+    return {"accuracy": float(np.mean([r["correct"] for r in results])), "trials": results}
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    llm = _make_llama(args)
+    result = {
+        "policy": llm.policy.name,
+        "budget": args.budget,
+        "length": args.length,
+        **run_passkey(llm, args.length, args.depths, args.trials),
+    }
+    print(f"{result['policy']} budget={args.budget} length={args.length}: accuracy {result['accuracy']:.2f}")
+    _emit(args, result)
+    return 0
+
+
+# --- stream / demo -------------------------------------------------------------------
+
+
+def stream_and_ask(
+    llm: Llama,
+    text: str,
+    questions: Sequence[str],
+    every: int,
+    max_tokens: int,
+    limit: int | None = None,
+    out=sys.stdout,
+) -> list[dict]:
+    """Feed text (its first `limit` tokens), asking the next question every `every` tokens."""
+    tokens = llm.tokenize(text, add_bos=True)[:limit]
+    answers = []
+    q = 0
+    start = time.perf_counter()
+    fed = 0
+    bar = tqdm(total=len(tokens), desc="streaming", unit="tok", file=sys.stderr)
+    for i in range(0, len(tokens), every):
+        piece = tokens[i : i + every]
+        for j in range(0, len(piece), 256):
+            llm.eval(piece[j : j + 256])
+            fed += len(piece[j : j + 256])
+            bar.update(len(piece[j : j + 256]))
+            stats = llm.kv_stats()
+            bar.set_postfix(
+                cache=f"{stats['n_cached']}/{stats['capacity']}",
+                evicted=stats["n_evicted"],
+                rss=f"{current_rss_mb():.0f}MB",
+            )
+        if q < len(questions):
+            llm.feed(f"\n\nQuestion: {questions[q]}\nAnswer:", add_bos=False)
+            answer = llm.generate_text(max_tokens=max_tokens, temperature=0.0, stop=["\n\n", "Question:"])
+            stats = llm.kv_stats()
+            rate = fed / (time.perf_counter() - start)
+            tqdm.write(
+                f"[{stats['n_streamed']:>7} tokens streamed "
+                f"| cache {stats['n_cached']}/{stats['capacity']} | "
+                f"{stats['evictions']} evictions | {rate:.0f} tok/s | RSS {current_rss_mb():.0f} MB]\n"
+                f"  Q: {questions[q]}\n  A: {answer.strip()}",
+                file=out,
+            )
+            answers.append({"question": questions[q], "answer": answer.strip(), "kv": stats})
+            llm.feed("\n\n", add_bos=False)
+            q += 1
+    bar.close()
+    return answers
+
+
+DEMO_QUESTIONS = [
+    "Who created the heaven and the earth?",
+    "What did God call the light?",
+    "Who was the first man?",
+    "Who built the ark?",
+    "Who was the father of Isaac?",
+    "Who was sold into Egypt by his brothers?",
+    "What is the name of Abraham's wife?",
+    "Who wrestled with an angel?",
+]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    llm = _make_llama(args)
+    text = _read_text(args.text)
+    print(f"infmllm-gguf demo: {llm.model_path.name}, policy {llm.policy!r}, n_ctx {llm.n_ctx}")
+    print(
+        f"streaming about {args.max_tokens} tokens of text through a {llm.policy.budget}-token cache, "
+        f"asking a question every {args.every} tokens\n"
+    )
+    start = time.perf_counter()
+    answers = stream_and_ask(
+        llm, text[: args.max_tokens * 8], DEMO_QUESTIONS, args.every, 24, args.max_tokens
+    )
+    stats = llm.kv_stats()
+    elapsed = time.perf_counter() - start
+    print(
+        f"\ndone: {stats['n_streamed']} tokens streamed in {elapsed:.0f} s "
+        f"({stats['n_streamed'] / elapsed:.0f} tok/s), cache never above {stats['capacity']} cells "
+        f"(max position {stats['max_pos_seen']} < n_ctx {llm.n_ctx}), {stats['n_evicted']} tokens evicted "
+        f"in {stats['evictions']} rounds, peak RSS {peak_rss_mb():.0f} MB"
+    )
+    _emit(args, {"answers": answers, "kv": stats, "seconds": elapsed, "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    llm = _make_llama(args)
+    answers = stream_and_ask(llm, _read_text(args.text), args.ask, args.every, args.max_answer_tokens)
+    _emit(args, {"answers": answers, "kv": llm.kv_stats(), "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+# --- chat -----------------------------------------------------------------------------
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llama(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("infmllm-gguf chat: /stats, /reset, /quit. The cache policy handles history; nothing is truncated.")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("> "), None):
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/stats":
+            print(json.dumps(llm.kv_stats()))
+            continue
+        if line == "/reset":
+            llm.reset()
+            messages = messages[:1] if args.system else []
+            print("(reset)")
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for chunk in llm.create_chat_completion(
+            messages, max_tokens=args.max_tokens, stream=True, temperature=0.2
+        ):
+            piece = chunk["choices"][0]["delta"].get("content", "")
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infmllm-gguf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, budget: int = 512, policy: str = "infmllm") -> None:
+        p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M)")
+        p.add_argument("--policy", "--kv-policy", dest="policy", default=policy, choices=list(POLICIES))
+        p.add_argument("--budget", type=int, default=budget, help="KV-cache budget in tokens")
+        p.add_argument("--n-ctx", type=int, default=None, help="context cells (default: budget + chunk)")
+        p.add_argument("--flash-attn", action="store_true")
+        p.add_argument("--json", default=None, help="write machine-readable results here")
+
+    p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")
+    common(p)
+    p.add_argument("--text", default=None, help="text file (default: KJV Bible, or the shipped Genesis)")
+    p.add_argument("--max-tokens", type=int, default=20_000)
+    p.add_argument("--every", type=int, default=2_500)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("chat", help="interactive long-session chat")
+    common(p, budget=1024)
+    p.add_argument("--system", default="You are a helpful assistant.")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("stream", help="feed a text file (or - for stdin) and ask questions at intervals")
+    common(p)
+    p.add_argument("--text", default="-")
+    p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
+    p.add_argument("--every", type=int, default=2_000)
+    p.add_argument("--max-answer-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("ppl", help="streaming perplexity per 1k-token bucket")
+    common(p)
+    p.add_argument("--text", default=None)
+    p.add_argument("--max-tokens", type=int, default=10_000)
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("passkey", help="passkey retrieval at several depths")
+    common(p)
+    p.add_argument("--length", type=int, default=2_048)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--trials", type=int, default=3)
+    p.set_defaults(func=cmd_passkey)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"infmllm-gguf: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
