@@ -67,9 +67,9 @@ void infmllm_scores_extract(
         st.n_decode++;
     }
 
-    // t: [1, n_kv, n_streams], streams s0..s1 of the current slot
-    const int64_t n_kv = t->ne[1];
-    const int64_t n_ns = t->ne[2];
+    // t: [n_kv, 1, 1, n_streams], streams s0..s1 of the current slot
+    const int64_t n_kv = t->ne[0];
+    const int64_t n_ns = t->ne[3];
     std::vector<float> buf(n_kv*n_ns);
     ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(lctx.get_sched(), t);
     ggml_backend_tensor_get_async(backend, t, buf.data(), 0, buf.size()*sizeof(float));

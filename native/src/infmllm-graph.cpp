@@ -73,12 +73,10 @@ void infmllm_graph_scores(
         ggml_soft_max_add_sinks(p, sinks);
     }
 
-    // [n_kv, rows, heads, streams] -> [rows*heads, n_kv, streams] -> sum -> [1, n_kv, streams]
-    const int64_t n_kv = p->ne[0];
-    const int64_t n_ns = p->ne[3];
-    ggml_tensor * t = ggml_cont(ctx0, ggml_permute(ctx0, p, 2, 0, 1, 3));
-    t = ggml_reshape_3d(ctx0, t, t->ne[0]*t->ne[1], n_kv, n_ns);
-    t = ggml_sum_rows(ctx0, t);
+    // sum over rows and heads: [n_kv, rows, heads, streams] -> [n_kv, 1, 1, streams]
+    // (repeat_back reduces over broadcast dims, reading the strided view in place)
+    ggml_tensor * shape = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, p->ne[0], 1, 1, p->ne[3]);
+    ggml_tensor * t = ggml_repeat_back(ctx0, p, shape);
     gctx.cb(t, "infmllm_scores", il);
 
     llm_graph_result * res = gctx.res;
