@@ -19,6 +19,7 @@ import ctypes
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,12 +366,12 @@ class Llama:
         """Yield (text piece, finish_reason or None) while continuing the stream."""
         if self._last_logits is None:
             raise ValueError("nothing to continue from: feed text first")
-        if max_tokens is not None and max_tokens < 0:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         pending = b""
         text = ""
         n = 0
-        while max_tokens is None or n < max_tokens:
+        while n < max_tokens:
             token = self._sample(params)
             self._feed(np.array([token], np.int32))
             n += 1
@@ -393,7 +394,7 @@ class Llama:
 
     def generate_text(
         self,
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
@@ -403,7 +404,8 @@ class Llama:
     ) -> str:
         """Continue the stream and return the generated text."""
         params = SamplingParams(temperature, top_k, top_p, min_p, seed)
-        return "".join(piece for piece, _ in self._generate(max_tokens, params, _stops(stop)))
+        limit = self.n_ctx if max_tokens is None else max_tokens
+        return "".join(piece for piece, _ in self._generate(limit, params, _stops(stop)))
 
     # --- llama-cpp-python surface -------------------------------------------------------
     def create_completion(
@@ -420,7 +422,12 @@ class Llama:
         echo: bool = False,
         **_ignored: Any,
     ) -> dict | Iterator[dict]:
+        _warn_ignored(_ignored)
         params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        if max_tokens is None:
+            max_tokens = self.n_ctx  # llama-cpp-python's "until the context is full"
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")  # before the prompt is fed
         tokens = (
             list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=True, special=True)
         )
@@ -484,6 +491,7 @@ class Llama:
         seed: int | None = None,
         **_ignored: Any,
     ) -> dict | Iterator[dict]:
+        _warn_ignored(_ignored)
         if self._chat_formatter is None:
             raise ValueError(f"{self.model_path.name} has no chat template")
         if not messages:
@@ -542,6 +550,11 @@ class Llama:
     def cached_stream_indices(self) -> np.ndarray:
         """Stream index (0 = first token ever fed) of each cached token, in position order."""
         return self._stream_index.copy()
+
+
+def _warn_ignored(kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        warnings.warn(f"infmllm-gguf ignores these llama-cpp-python options: {sorted(kwargs)}", stacklevel=3)
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
