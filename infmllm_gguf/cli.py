@@ -172,19 +172,18 @@ def stream_and_ask(
                 rss=f"{current_rss_mb():.0f}MB",
             )
         if q < len(questions):
-            llm.feed(f"\n\nQuestion: {questions[q]}\nAnswer:", add_bos=False)
-            answer = llm.generate_text(max_tokens=max_tokens, temperature=0.0, stop=["\n\n", "Question:"])
+            answer = llm.ask(questions[q], max_tokens=max_tokens)
             stats = llm.kv_stats()
             rate = fed / (time.perf_counter() - start)
             tqdm.write(
                 f"[{stats['n_streamed']:>7} tokens streamed "
                 f"| cache {stats['n_cached']}/{stats['capacity']} | "
                 f"{stats['evictions']} evictions | {rate:.0f} tok/s | RSS {current_rss_mb():.0f} MB]\n"
-                f"  Q: {questions[q]}\n  A: {answer.strip()}",
+                f"  Q: {questions[q]}\n  A: {answer}",
                 file=out,
             )
-            answers.append({"question": questions[q], "answer": answer.strip(), "kv": stats})
-            llm.feed("\n\n", add_bos=False)
+            answers.append({"question": questions[q], "answer": answer, "kv": stats})
+            llm.feed("\n", add_bos=False)
             q += 1
     bar.close()
     return answers

@@ -407,6 +407,17 @@ class Llama:
         limit = self.n_ctx if max_tokens is None else max_tokens
         return "".join(piece for piece, _ in self._generate(limit, params, _stops(stop)))
 
+    def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0) -> str:
+        """Append a user turn (the model's chat template) to the stream and answer it.
+
+        The answer, end-of-turn included, stays in the stream, which goes on afterwards."""
+        if self._chat_formatter is None:
+            self.feed(f"\nQuestion: {question}\nAnswer:", add_bos=False)
+            return self.generate_text(max_tokens, temperature=temperature, stop="\n").strip()
+        rendered = self._chat_formatter(messages=[{"role": "user", "content": question}])
+        self.feed(rendered.prompt, add_bos=False)
+        return self.generate_text(max_tokens, temperature=temperature).strip()
+
     # --- llama-cpp-python surface -------------------------------------------------------
     def create_completion(
         self,

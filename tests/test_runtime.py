@@ -302,3 +302,15 @@ def test_policy_by_name_and_reset(model_path, stream_tokens):
     assert llm.kv_stats()["n_streamed"] == 0 and llm.kv_stats()["n_cached"] == 0
     assert isinstance(Llama(model_path, n_ctx=256, kv_policy="full").policy, FullCache)
     llm.close()
+
+
+def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_tokens):
+    llm = Llama(model_path, n_ctx=384, kv_policy=InfMLLM(budget=192))
+    llm.eval(stream_tokens[:1000])
+    before = llm.kv_stats()["n_streamed"]
+    answer = llm.ask("Who created the heaven and the earth?", max_tokens=16)
+    assert answer
+    assert llm._is_eog(int(llm.history[-1])) or len(llm.history) - before >= 16
+    llm.feed("\nAnd the story goes on.")
+    assert llm.kv_stats()["max_pos"] < llm.n_ctx
+    llm.close()
