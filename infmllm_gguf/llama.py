@@ -198,7 +198,8 @@ class Llama:
     def reset(self) -> None:
         """Start a new, empty stream."""
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
-        self._history = np.zeros(0, np.int32)
+        self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
+        self._n_history = 0
         self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
         self._last_logits: np.ndarray | None = None
         self._n_evicted = 0
@@ -208,8 +209,17 @@ class Llama:
 
     @property
     def history(self) -> np.ndarray:
-        """Every token fed to the stream so far."""
-        return self._history
+        """Every token fed to the stream so far (a read-only view)."""
+        view = self._history_buf[: self._n_history]
+        view.flags.writeable = False
+        return view
+
+    def _append_history(self, piece: np.ndarray) -> None:
+        n = self._n_history + len(piece)
+        if n > len(self._history_buf):
+            self._history_buf = np.resize(self._history_buf, max(n, 2 * len(self._history_buf)))
+        self._history_buf[self._n_history : n] = piece
+        self._n_history = n
 
     @property
     def n_cached(self) -> int:
@@ -226,7 +236,7 @@ class Llama:
     def feed(self, text: str, add_bos: bool | None = None) -> int:
         """Tokenise text (BOS only at the start of a stream) and append it; returns its token count."""
         tokens = self.tokenize(
-            text, add_bos=len(self._history) == 0 if add_bos is None else add_bos, special=True
+            text, add_bos=self._n_history == 0 if add_bos is None else add_bos, special=True
         )
         if not tokens:
             raise ValueError(f"text {text[:40]!r} tokenises to no tokens")
@@ -268,8 +278,8 @@ class Llama:
         if rc != 0:
             # llama.cpp removed this batch's positions; the stream is as before the call
             raise RuntimeError(f"llama_decode failed with status {rc}")
-        self._history = np.concatenate([self._history, piece])
-        first = len(self._history) - n
+        self._append_history(piece)
+        first = self._n_history - n
         self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
         self._max_pos_seen = max(self._max_pos_seen, start + n - 1)
 
@@ -310,7 +320,7 @@ class Llama:
 
     def _rollback(self, n_keep: int) -> bool:
         """Drop the stream's tokens from index n_keep on, if all of them are still cached."""
-        n_drop = len(self._history) - n_keep
+        n_drop = self._n_history - n_keep
         if n_drop <= 0:
             return n_drop == 0
         if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
@@ -320,7 +330,7 @@ class Llama:
         if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, first_pos, -1):
             return False
         self.policy.forget(freed)
-        self._history = self._history[:n_keep]
+        self._n_history = n_keep
         self._stream_index = self._stream_index[:first_pos]
         self._last_logits = None
         return True
@@ -328,7 +338,7 @@ class Llama:
     def _continue_with(self, tokens: list[int]) -> int:
         """Make the stream equal tokens with as little work as possible; returns tokens fed."""
         tokens_np = np.asarray(tokens, np.int32)
-        hist = self._history
+        hist = self.history
         m = min(len(hist), len(tokens_np))
         diverge = np.flatnonzero(hist[:m] != tokens_np[:m])
         common = int(diverge[0]) if len(diverge) else m
@@ -357,7 +367,7 @@ class Llama:
         if p.min_p > 0:
             keep &= probs >= p.min_p * probs[0]
         probs = np.where(keep, probs, 0.0)
-        rng = self._rng if p.seed is None else np.random.default_rng(p.seed + len(self._history))
+        rng = self._rng if p.seed is None else np.random.default_rng(p.seed + self._n_history)
         return int(order[rng.choice(len(order), p=probs / probs.sum())])
 
     def _generate(
@@ -458,11 +468,11 @@ class Llama:
         if stream:
             return self._stream_chunks(gen, head, prefix)
         pieces, finish = [], "length"
-        n_before = len(self._history)
+        n_before = self._n_history
         for piece, reason in gen:
             pieces.append(piece)
             finish = reason or finish
-        n_gen = len(self._history) - n_before
+        n_gen = self._n_history - n_before
         return {
             **head,
             "choices": [
@@ -546,7 +556,7 @@ class Llama:
             "capacity": self._capacity,
             "n_ctx": self.n_ctx,
             "n_cached": self.n_cached,
-            "n_streamed": int(len(self._history)),
+            "n_streamed": self._n_history,
             "n_evicted": self._n_evicted,
             "evictions": self._evictions,
             "max_pos": self.n_cached - 1,
