@@ -128,9 +128,10 @@ class Llama:
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
         self.kv = KVCache(self._ctx)
         try:
-            self.kv.set_scoring(policy.score_queries)
+            self.kv.set_scoring(policy.score_queries)  # checked once here: can this model be scored?
         except NativeError as exc:
             raise ValueError(f"{type(policy).__name__} cannot score this model: {exc}") from exc
+        self._scoring = policy.score_queries
         self._batch = Batch(self.n_batch)
         self._rng = np.random.default_rng(seed)
         self._chat_formatter = self._make_chat_formatter()
@@ -270,6 +271,8 @@ class Llama:
     def _decode(self, piece: np.ndarray, logprobs_out: np.ndarray | None) -> None:
         n = len(piece)
         start = self.n_cached
+        scored = self.policy.needs_scores(start + n)
+        self._set_scoring(self.policy.score_queries if scored else 0)
         flags = np.zeros(n, np.int8)
         flags[-1] = 1
         if logprobs_out is not None:
@@ -298,11 +301,17 @@ class Llama:
             logprobs_out[1:] = lsm[np.arange(n - 1), piece[1:]]
         self._last_logits = rows[-1].copy()
 
-        queries = self.policy.score_queries
-        if queries:
+        if scored:
+            queries = self.policy.score_queries
             last_ubatch = n % self.n_ubatch or self.n_ubatch
             n_rows = last_ubatch if queries < 0 else min(queries, last_ubatch)
             self.policy.observe(self.kv.cells(), n_rows)
+
+    def _set_scoring(self, n_score_queries: int) -> None:
+        # switching rebuilds the graph once, so it only happens at the edges of a scored stretch
+        if n_score_queries != self._scoring:
+            self.kv.set_scoring(n_score_queries)
+            self._scoring = n_score_queries
 
     def _evict(self) -> None:
         """The one eviction path: policy picks, native evicts and compacts."""
@@ -564,7 +573,11 @@ class Llama:
         }
 
     def saddle_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, raw attention mass per cell) from the latest decode, before local sum and bias."""
+        """(positions, raw attention mass per cell) from the latest decode, before local sum and bias.
+
+        Zeros unless that decode was scored: a fresh-window policy scores only the decodes whose
+        queries the next eviction ranks by (the last retrieval_window rows before it).
+        """
         view = self.kv.cells()
         return view.positions, view.scores
 

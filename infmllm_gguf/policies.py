@@ -53,6 +53,10 @@ class KVPolicy:
         """Cells the cache may hold before an eviction round."""
         return self.budget + self.chunk
 
+    def needs_scores(self, n_cells_after: int) -> bool:
+        """Whether a decode that leaves n_cells_after cells cached must be scored."""
+        return self.score_queries != 0
+
     # --- per-session state, reset by the runtime
     def reset(self, n_cells_max: int) -> None:
         """Forget all per-session state (called on a new stream)."""
@@ -148,6 +152,11 @@ class _FreshWindowPolicy(_SaddlePolicy):
     @property
     def score_queries(self) -> int:
         return self.retrieval_window
+
+    def needs_scores(self, n_cells_after: int) -> bool:
+        # only the newest retrieval_window rows before an eviction are ever ranked on, so the
+        # decodes before them skip scoring (and its cost) altogether
+        return n_cells_after > self.capacity - self.retrieval_window
 
     def reset(self, n_cells_max: int) -> None:
         self._window.clear()

@@ -190,13 +190,34 @@ def test_evicting_policies_run_past_n_ctx(model_path, stream_tokens):
 
 
 def test_saddle_scores_are_raw_attention_mass(model_path, stream_tokens):
-    llm = Llama(model_path, n_ctx=512, kv_policy=InfMLLM(budget=256))
-    llm.eval(stream_tokens[:100])
+    llm = Llama(model_path, n_ctx=512, kv_policy=InfMLLM(budget=256))  # capacity 288
+    llm.eval(stream_tokens[:285])  # ends inside the newest 8 rows before an eviction: scored
     positions, scores = llm.saddle_scores()
     n_layer = lc.llama_model_n_layer(llm._model.model)
     n_head = lc.llama_model_n_head(llm._model.model)
-    assert len(positions) == 100
+    assert len(positions) == 285
     assert scores.sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)
+    llm.close()
+
+
+def test_fresh_window_scores_only_the_decodes_an_eviction_ranks_by(model_path, stream_tokens):
+    policy = InfMLLM(budget=64, chunk=16, retrieval_window=8)  # capacity 80
+    llm = Llama(model_path, n_ctx=256, kv_policy=policy)
+    llm.eval(stream_tokens[:60])
+    assert llm.kv.scoring == 0 and np.all(llm.saddle_scores()[1] == 0)
+    ranked = []
+    llm.policy.select = lambda view, select=llm.policy.select: ranked.append(
+        llm.policy.window_scores(view)
+    ) or select(view)
+    for i in range(60, 80):  # single tokens: 72 .. 79 are the newest 8 rows before the eviction
+        llm.eval(stream_tokens[i : i + 1])
+        assert llm.kv.scoring == (8 if i >= 72 else 0), i
+    llm.eval(stream_tokens[80:81])  # the cache is full: evict, then decode
+    n_layer = lc.llama_model_n_layer(llm._model.model)
+    n_head = lc.llama_model_n_head(llm._model.model)
+    # the eviction ranked by exactly 8 query rows, each a softmax per layer and head
+    assert len(ranked) == 1 and ranked[0].sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)
+    assert llm.kv.scoring == 0  # the decode after the eviction is far from the next one
     llm.close()
 
 

@@ -81,6 +81,8 @@ void infmllm_graph_scores(
 
     llm_graph_result * res = gctx.res;
     if (res->t_infmllm_scores != nullptr) {
+        // only the last layer's running sum is read back; earlier sums stay scratch memory
+        res->t_infmllm_scores->flags &= ~GGML_TENSOR_FLAG_OUTPUT;
         t = ggml_add(ctx0, res->t_infmllm_scores, t);
     }
     ggml_set_output(t);
