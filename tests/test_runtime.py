@@ -205,10 +205,13 @@ def test_fresh_window_scores_only_the_decodes_an_eviction_ranks_by(model_path, s
     llm = Llama(model_path, n_ctx=256, kv_policy=policy)
     llm.eval(stream_tokens[:60])
     assert llm.kv.scoring == 0 and np.all(llm.saddle_scores()[1] == 0)
-    ranked = []
-    llm.policy.select = lambda view, select=llm.policy.select: ranked.append(
-        llm.policy.window_scores(view)
-    ) or select(view)
+    ranked, select = [], llm.policy.select
+
+    def recording_select(view):
+        ranked.append(llm.policy.window_scores(view))
+        return select(view)
+
+    llm.policy.select = recording_select
     for i in range(60, 80):  # single tokens: 72 .. 79 are the newest 8 rows before the eviction
         llm.eval(stream_tokens[i : i + 1])
         assert llm.kv.scoring == (8 if i >= 72 else 0), i
