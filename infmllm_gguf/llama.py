@@ -128,9 +128,14 @@ class Llama:
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
         self.kv = KVCache(self._ctx)
         try:
-            self.kv.set_scoring(policy.score_queries)  # checked once here: can this model be scored?
+            # checked once here, before any token: every evicting policy needs a cache whose keys
+            # can be re-rotated (compaction), and scoring needs the same, so probe with scoring on
+            if not isinstance(policy, FullCache):
+                self.kv.set_scoring(1)
+            self.kv.set_scoring(policy.score_queries)
         except NativeError as exc:
-            raise ValueError(f"{type(policy).__name__} cannot score this model: {exc}") from exc
+            self.close()
+            raise ValueError(f"{type(policy).__name__} cannot evict in this model's cache: {exc}") from exc
         self._scoring = policy.score_queries
         self._batch = Batch(self.n_batch)
         self._rng = np.random.default_rng(seed)
@@ -168,8 +173,10 @@ class Llama:
         )
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
+        if getattr(self, "_batch", None) is not None:
             self._batch.close()
+            self._batch = None
+        if getattr(self, "_ctx", None):
             lc.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_model", None) is not None:

@@ -1,0 +1,256 @@
+"""Architectures llama.cpp runs but eviction cannot serve: M-RoPE and recurrent models.
+
+Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys cannot take,
+and a recurrent model has no per-token cache to evict.  Both must be refused with the reason
+before a stream starts, must still run without eviction (kv_policy='full'), and the native
+calls must refuse rather than corrupt the context.  The models are tiny random-weight GGUFs
+written here with the real SmolLM2 vocabulary, so no extra download is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+from conftest import logits_of
+from infmllm_gguf._llama_cpp import llama_cpp as lc
+
+from infmllm_gguf import Llama
+from infmllm_gguf import _native as N
+from infmllm_gguf.kv import KVCache, NativeError, decode
+
+N_EMBD = 64
+N_LAYER = 2
+N_THREADS = 1  # models this small decode in microseconds; more threads only wait on each other
+
+
+@pytest.fixture(scope="module")
+def tokenizer_fields(model_path: str) -> list[gguf.ReaderField]:
+    """The real model's tokenizer.ggml.* fields: llama.cpp only loads a model with a valid vocab."""
+    reader = gguf.GGUFReader(model_path)
+    return [field for name, field in reader.fields.items() if name.startswith("tokenizer.ggml.")]
+
+
+def _n_vocab(tokenizer: list[gguf.ReaderField]) -> int:
+    return next(len(field.data) for field in tokenizer if field.name == "tokenizer.ggml.tokens")
+
+
+def _write_gguf(
+    path: Path,
+    arch: str,
+    tokenizer: list[gguf.ReaderField],
+    hparams: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+) -> str:
+    """hparams maps a GGUFWriter add_* method to its argument; tensors are in numpy (reversed ggml) order."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for field in tokenizer:
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type)
+    for method, value in hparams.items():
+        getattr(writer, method)(value)
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def _random(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _ones(n: int) -> np.ndarray:
+    return np.ones(n, np.float32)
+
+
+@pytest.fixture(scope="module")
+def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
+    """A 2-layer qwen2vl (M-RoPE, GQA, q/k/v biases)."""
+    n_head, n_head_kv, n_ff = 4, 2, 128
+    n_kv = N_EMBD // n_head * n_head_kv
+    rng = np.random.default_rng(0)
+    tensors = {
+        "token_embd.weight": _random(rng, _n_vocab(tokenizer_fields), N_EMBD),
+        "output_norm.weight": _ones(N_EMBD),
+    }
+    for i in range(N_LAYER):
+        tensors |= {
+            f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
+            f"blk.{i}.attn_q.bias": _random(rng, N_EMBD),
+            f"blk.{i}.attn_k.weight": _random(rng, n_kv, N_EMBD),
+            f"blk.{i}.attn_k.bias": _random(rng, n_kv),
+            f"blk.{i}.attn_v.weight": _random(rng, n_kv, N_EMBD),
+            f"blk.{i}.attn_v.bias": _random(rng, n_kv),
+            f"blk.{i}.attn_output.weight": _random(rng, N_EMBD, N_EMBD),
+            f"blk.{i}.ffn_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.ffn_gate.weight": _random(rng, n_ff, N_EMBD),
+            f"blk.{i}.ffn_up.weight": _random(rng, n_ff, N_EMBD),
+            f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, n_ff),
+        }
+    hparams = {
+        "add_context_length": 1024,
+        "add_embedding_length": N_EMBD,
+        "add_block_count": N_LAYER,
+        "add_feed_forward_length": n_ff,
+        "add_head_count": n_head,
+        "add_head_count_kv": n_head_kv,
+        "add_layer_norm_rms_eps": 1e-6,
+        "add_rope_freq_base": 10000.0,
+        # half the head dim, split temporal/height/width/extra like Qwen2-VL's [16, 24, 24, 0] of 64
+        "add_rope_dimension_sections": [2, 3, 3, 0],
+    }
+    path = tmp_path_factory.mktemp("gguf") / "qwen2vl.gguf"
+    return _write_gguf(path, "qwen2vl", tokenizer_fields, hparams, tensors)
+
+
+@pytest.fixture(scope="module")
+def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
+    """A 2-layer mamba (recurrent; llama.cpp only supports d_inner = 2 * n_embd)."""
+    d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 4
+    rng = np.random.default_rng(1)
+    tensors = {
+        "token_embd.weight": _random(rng, _n_vocab(tokenizer_fields), N_EMBD),
+        "output_norm.weight": _ones(N_EMBD),
+    }
+    for i in range(N_LAYER):
+        tensors |= {
+            f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.ssm_in.weight": _random(rng, 2 * d_inner, N_EMBD),
+            f"blk.{i}.ssm_conv1d.weight": _random(rng, d_inner, d_conv),
+            f"blk.{i}.ssm_conv1d.bias": _random(rng, d_inner),
+            f"blk.{i}.ssm_x.weight": _random(rng, dt_rank + 2 * d_state, d_inner),
+            f"blk.{i}.ssm_dt.weight": _random(rng, d_inner, dt_rank),
+            f"blk.{i}.ssm_dt.bias": _random(rng, d_inner),
+            f"blk.{i}.ssm_a": -np.abs(_random(rng, d_inner, d_state)) - 0.5,  # A < 0: a decaying state
+            f"blk.{i}.ssm_d": _ones(d_inner),
+            f"blk.{i}.ssm_out.weight": _random(rng, N_EMBD, d_inner),
+        }
+    hparams = {
+        "add_context_length": 1024,
+        "add_embedding_length": N_EMBD,
+        "add_block_count": N_LAYER,
+        "add_layer_norm_rms_eps": 1e-5,
+        "add_ssm_conv_kernel": d_conv,
+        "add_ssm_inner_size": d_inner,
+        "add_ssm_state_size": d_state,
+        "add_ssm_time_step_rank": dt_rank,
+    }
+    path = tmp_path_factory.mktemp("gguf") / "mamba.gguf"
+    return _write_gguf(path, "mamba", tokenizer_fields, hparams, tensors)
+
+
+@pytest.fixture
+def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
+    """Factory: (model, context) on a GGUF, freed after the test.  Requesting conftest's `model`
+    initialises the backend and silences llama.cpp's log the same way as the other native tests."""
+    made = []
+
+    def make(path: str) -> tuple[Any, Any]:
+        m = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+        assert m, f"could not load {path}"
+        p = lc.llama_context_default_params()
+        p.n_ctx = 256
+        p.n_batch = p.n_ubatch = 64
+        p.n_threads = p.n_threads_batch = N_THREADS
+        p.no_perf = True
+        ctx = lc.llama_init_from_model(m, p)
+        assert ctx, "could not create a context"
+        made.append((m, ctx))
+        return m, ctx
+
+    yield make
+    for m, ctx in made:
+        lc.llama_free(ctx)
+        lc.llama_model_free(m)
+
+
+ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent")]
+
+
+@pytest.mark.parametrize(("gguf_fixture", "reason"), ARCHS, ids=["mrope", "mamba"])
+@pytest.mark.parametrize("policy", ["infmllm", "window"])
+def test_evicting_policy_is_refused_with_the_reason(
+    request: pytest.FixtureRequest, gguf_fixture: str, reason: str, policy: str
+) -> None:
+    """'window' scores nothing, so the architecture check, not a scoring refusal, must catch it."""
+    path = request.getfixturevalue(gguf_fixture)
+    with pytest.raises(ValueError, match=reason):
+        Llama(path, n_ctx=256, kv_policy=policy, n_threads=N_THREADS)
+
+
+@pytest.mark.parametrize("gguf_fixture", ["mrope_gguf", "mamba_gguf"], ids=["mrope", "mamba"])
+def test_full_cache_still_runs(request: pytest.FixtureRequest, gguf_fixture: str) -> None:
+    """Refusing eviction must not refuse the model: without eviction it streams as usual."""
+    llm = Llama(request.getfixturevalue(gguf_fixture), n_ctx=256, kv_policy="full", n_threads=N_THREADS)
+    try:
+        tokens = llm.tokenize("In the beginning God created the heaven and the earth.")
+        llm.eval(tokens)
+        logprobs = llm.stream_logprobs(tokens[1:5])
+        assert np.isfinite(logprobs).all() and (logprobs <= 0).all()
+        assert llm.kv_stats()["n_cached"] == len(tokens) + 4
+    finally:
+        llm.close()
+
+
+def test_native_calls_on_mrope_refuse_what_needs_a_k_shift(make_tiny_ctx, mrope_gguf: str) -> None:
+    """Scoring (it only serves eviction) and compaction need a K-shift and are refused; eviction
+    alone is llama.cpp's own seq_rm and allowed.  The context decodes on after every call."""
+    model, ctx = make_tiny_ctx(mrope_gguf)
+    kv = KVCache(ctx)
+    decode(ctx, np.arange(100, 108), np.arange(8))
+
+    def decodes_on(pos: int) -> None:
+        decode(ctx, [200 + pos], [pos])
+        assert np.isfinite(logits_of(ctx, model)).all()
+
+    with pytest.raises(NativeError) as err:
+        kv.set_scoring(8)
+    assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED
+    assert kv.scoring == 0
+    kv.set_scoring(0)  # switching scoring off is always fine
+    decodes_on(8)
+
+    with pytest.raises(NativeError) as err:
+        kv.compact()
+    assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED
+    assert np.array_equal(kv.cells().positions, np.arange(9))
+    decodes_on(9)
+
+    assert kv.evict(np.array([2, 3])) == 2
+    assert np.array_equal(kv.cells().positions, [0, 1, *range(4, 10)])
+    decodes_on(10)
+    with pytest.raises(NativeError) as err:
+        kv.compact()  # the hole stays: nothing was renumbered
+    assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED
+    assert np.array_equal(kv.cells().positions, [0, 1, *range(4, 11)])
+    decodes_on(11)
+
+
+def test_native_calls_on_recurrent_memory_are_refused(make_tiny_ctx, mamba_gguf: str) -> None:
+    """A recurrent state has no per-token cells: every cell call is refused, and the model runs on."""
+    model, ctx = make_tiny_ctx(mamba_gguf)
+    kv = KVCache(ctx)
+    decode(ctx, np.arange(100, 108), np.arange(8))
+    kv.set_scoring(0)
+    calls = {
+        "set_scoring": lambda: kv.set_scoring(8),
+        "n_cells": kv.n_cells,
+        "cells": kv.cells,
+        "evict": lambda: kv.evict(np.array([2])),
+        "compact": kv.compact,
+    }
+    for pos, (name, call) in enumerate(calls.items(), start=8):
+        with pytest.raises(NativeError) as err:
+            call()
+        assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED, name
+        decode(ctx, [200 + pos], [pos])
+        assert np.isfinite(logits_of(ctx, model)).all(), name
