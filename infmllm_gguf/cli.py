@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from infmllm_gguf.llama import Llama
 from infmllm_gguf.policies import POLICIES, make_policy
-from infmllm_gguf.texts import kjv
+from infmllm_gguf.texts import TEXTS, kjv
 
 
 def peak_rss_mb() -> float:
@@ -38,6 +38,8 @@ def _read_text(path: str | None) -> str:
         return kjv()
     if path == "-":
         return sys.stdin.read()
+    if path in TEXTS:
+        return TEXTS[path]()
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")
     common(p)
-    p.add_argument("--text", default=None, help="text file (default: KJV Bible, or the shipped Genesis)")
+    p.add_argument("--text", default=None, help="a file, or kjv / genesis / jargon (default: kjv)")
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--every", type=int, default=2_500)
     p.set_defaults(func=cmd_demo)

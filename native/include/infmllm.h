@@ -21,7 +21,8 @@ extern "C" {
 enum infmllm_status {
     INFMLLM_OK                  =  0,
     INFMLLM_ERR_INVALID_ARG     = -1, // null pointer, negative count, bad parameter
-    INFMLLM_ERR_UNSUPPORTED     = -2, // recurrent/hybrid memory, M-RoPE, no K-shift
+    INFMLLM_ERR_UNSUPPORTED     = -2, // no plain KV cache (recurrent/hybrid): every call; keys that
+                                      // cannot be re-rotated (M-RoPE): scoring and compaction
     INFMLLM_ERR_INVALID_SEQ     = -3, // seq_id outside the context's sequences
     INFMLLM_ERR_POS_NOT_FOUND   = -4, // a position is not cached for that sequence (or repeated)
     INFMLLM_ERR_SHARED_CELLS    = -5, // compaction would move cells other sequences share

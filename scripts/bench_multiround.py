@@ -1,0 +1,176 @@
+"""Multi-round chat over one growing stream (paper Table 4): recall, collapse and cache turnover.
+
+Even rounds tell the model one fact ("Remember this: the code of Name is NNNN."), odd rounds
+ask for the code told d rounds earlier, d cycling over --distances.  All of it, questions and
+the model's own replies, stays in the stream, which runs far past the budget.  Per round:
+  - correct (question rounds): the asked code appears in the reply;
+  - degenerate: an empty reply, a copy of one of the last 5 replies, or a reply whose words
+    are mostly one repeated 3-gram; the stream has *collapsed* from the first round after which
+    at least half of every 10 replies are degenerate;
+  - turnover: the share of cached tokens (sinks excluded) older than 4 budgets of stream.
+InfMLLM is swept over the recency bias (0 lets old saddles squat the cache), next to
+StreamingLLM and H2O at the same budget.
+
+    python scripts/bench_multiround.py --quick     # 60 rounds, budget 256 (minutes)
+    python scripts/bench_multiround.py             # 300 rounds, budget 512
+
+Writes bench/results/multiround.json, multiround.csv and multiround.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from results_io import RESULTS, write_results
+from tqdm import tqdm
+
+from infmllm_gguf import Llama
+from infmllm_gguf.policies import H2O, InfMLLM, KVPolicy, StreamingLLM
+
+NAMES = [
+    "Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun",
+    "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tomas",
+]  # fmt: skip
+
+
+def fact_name(r: int) -> str:
+    return f"{NAMES[r % len(NAMES)]} {r // len(NAMES) + 1}"
+
+
+def degenerate(reply: str, previous: list[str]) -> bool:
+    words = reply.split()
+    if not words or reply in previous[-5:]:
+        return True
+    top = Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2)).most_common(1)
+    return bool(top) and top[0][1] >= 2 and 3 * top[0][1] >= len(words) / 2  # one 3-gram, half the words
+
+
+def collapse_round(flags: list[bool], window: int = 10) -> int | None:
+    for r in range(len(flags) - window + 1):
+        if all(np.mean(flags[s : s + window]) >= 0.5 for s in range(r, len(flags) - window + 1)):
+            return r
+    return None
+
+
+def run_config(label: str, policy: KVPolicy, rounds: int, distances: list[int], seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    codes = [int(c) for c in rng.integers(1000, 10000, size=rounds)]
+    llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=seed)
+    llm.feed("A friendly assistant remembers every code it is told.\n")
+    replies: list[str] = []
+    log = []
+    for r in tqdm(range(rounds), desc=label, file=sys.stderr):
+        asked = r - distances[(r // 2) % len(distances)]  # an even (fact) round for odd r
+        if r % 2 == 0:
+            turn = f"Remember this: the code of {fact_name(r)} is {codes[r]}."
+        else:
+            asked = asked if asked >= 0 else r - 1
+            turn = f"What is the code of {fact_name(asked)}?"
+        reply = llm.ask(turn, max_tokens=16)
+        stats = llm.kv_stats()
+        ages = stats["n_streamed"] - llm.cached_stream_indices()[4:]
+        log.append(
+            {
+                "round": r,
+                "distance": r - asked if r % 2 else 0,
+                "correct": bool(r % 2) and str(codes[asked]) in reply,
+                "degenerate": degenerate(reply, replies),
+                "turnover_old_share": float(np.mean(ages > 4 * policy.budget)),
+                "n_streamed": stats["n_streamed"],
+                "reply": reply,
+            }
+        )
+        replies.append(reply)
+    llm.close()
+    flags = [x["degenerate"] for x in log]
+    asked = [x for x in log if x["distance"]]
+    return {
+        "config": label,
+        "accuracy": float(np.mean([x["correct"] for x in asked])),
+        "accuracy_by_distance": {
+            str(d): float(np.mean([x["correct"] for x in asked if x["distance"] == d]))
+            for d in sorted({x["distance"] for x in asked} & set(distances))
+        },
+        "degenerate_share": float(np.mean(flags)),
+        "collapse_round": collapse_round(flags),
+        "old_share_last": log[-1]["turnover_old_share"],
+        "n_streamed": log[-1]["n_streamed"],
+        "rounds": log,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--biases", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
+    ap.add_argument("--distances", type=int, nargs="+", default=[1, 5, 21, 61])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "multiround"))
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.budget, args.biases = 60, 256, [0.0, 1e-3, 1e-2]
+    if any(d % 2 == 0 or d < 1 for d in args.distances):
+        ap.error("--distances must be odd (a question round looks back to a fact round)")
+
+    configs: list[tuple[str, KVPolicy]] = [
+        ("streamingllm", StreamingLLM(args.budget)),
+        ("h2o", H2O(args.budget)),
+    ] + [(f"infmllm bias={b:g}", InfMLLM(args.budget, bias=b)) for b in args.biases]
+    results = [run_config(label, p, args.rounds, args.distances, args.seed) for label, p in configs]
+    for res in results:
+        by_d = ", ".join(f"d={d}: {a:.2f}" for d, a in res["accuracy_by_distance"].items())
+        print(
+            f"{res['config']:>20}: recall {res['accuracy']:.2f} ({by_d}), "
+            f"degenerate {res['degenerate_share']:.2f}, "
+            f"collapse at round {res['collapse_round']}, old share {res['old_share_last']:.2f}"
+        )
+
+    rows = [{"config": res["config"], **x} for res in results for x in res["rounds"]]
+    summary = [{k: v for k, v in res.items() if k != "rounds"} for res in results]
+    out = write_results(
+        args.out,
+        {"budget": args.budget, "rounds": args.rounds, "distances": args.distances, "configs": summary},
+        rows,
+        ["config", "round", "distance", "correct", "degenerate", "turnover_old_share", "reply"],
+    )
+    plot(results, out.with_suffix(".png"), args.budget)
+    print(f"wrote {out}.json/.csv/.png")
+    return 0
+
+
+def plot(results: list[dict], path: Path, budget: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for res in results:
+        log = res["rounds"]
+        xs = [x["round"] for x in log]
+        k = 10  # moving average over 10 rounds
+        questions = [x for x in log if x["distance"]]
+        correct = np.convolve([x["correct"] for x in questions], np.ones(k) / k, mode="valid")
+        degen = np.convolve([x["degenerate"] for x in log], np.ones(k) / k, mode="valid")
+        axes[0].plot([x["round"] for x in questions][k - 1 :], correct, label=res["config"])
+        axes[1].plot(xs[k - 1 :], degen, label=res["config"])
+        axes[2].plot(xs, [x["turnover_old_share"] for x in log], label=res["config"])
+    axes[0].set_title(f"recall (mean of 10 questions), budget {budget}")
+    axes[1].set_title("degenerate replies (10-round mean)")
+    axes[2].set_title(f"cached tokens older than {4 * budget} stream tokens")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

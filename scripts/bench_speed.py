@@ -1,0 +1,223 @@
+"""Speed and memory over stream length: each policy side by side with plain llama-cpp-python.
+
+Every runner streams the same KJV tokens.  At each checkpoint (budget, 2x, 4x, ... tokens) it is
+fed up to the checkpoint in 512-token pieces (prefill tok/s), then decodes `--steps` single
+tokens (decode tok/s).  Runners take turns checkpoint by checkpoint, so every ratio is
+measured on the same machine state.  "plain" is llama-cpp-python's own `Llama` (the copy
+vendored in this package, scoring off) with n_ctx = budget: a full cache up to n_ctx, then
+llama.cpp's context shift (keep the first 4 tokens, drop half of the rest, shift positions).
+
+    python scripts/bench_speed.py --quick     # 8k tokens, budget 256 (a few minutes)
+    python scripts/bench_speed.py             # 64k tokens, budget 1024 (about an hour on 2 cores)
+
+Writes bench/results/speed.json, speed.csv and speed.png.  RSS is the whole process (all runners
+alive); flat RSS over the stream is the claim, per-runner KV buffers are fixed at creation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from infmllm_gguf._llama_cpp import llama as llama_cpp_python
+from results_io import RESULTS, write_results
+from tqdm import tqdm
+
+from infmllm_gguf import Llama, default_model_path
+from infmllm_gguf.cli import current_rss_mb, peak_rss_mb
+from infmllm_gguf.policies import make_policy
+from infmllm_gguf.texts import kjv
+
+PIECE = 512
+
+
+class PlainRunner:
+    """llama-cpp-python's Llama with llama.cpp's context shift once n_ctx is full."""
+
+    name = "plain"
+
+    def __init__(self, n_ctx: int, n_threads: int, n_keep: int = 4) -> None:
+        self.llm = llama_cpp_python.Llama(
+            str(default_model_path()), n_ctx=n_ctx, n_batch=PIECE, n_threads=n_threads, verbose=False
+        )
+        self.n_ctx, self.n_keep = n_ctx, n_keep
+
+    def eval(self, tokens: np.ndarray) -> None:
+        i = 0
+        while i < len(tokens):
+            if self.llm.n_tokens == self.n_ctx:
+                self._context_shift()
+            take = min(self.n_ctx - self.llm.n_tokens, PIECE, len(tokens) - i)
+            self.llm.eval(tokens[i : i + take].tolist())
+            i += take
+
+    def _context_shift(self) -> None:
+        n_past = self.llm.n_tokens
+        n_discard = (n_past - self.n_keep) // 2
+        ctx = self.llm._ctx
+        ctx.kv_cache_seq_rm(0, self.n_keep, self.n_keep + n_discard)
+        ctx.kv_cache_seq_shift(0, self.n_keep + n_discard, n_past, -n_discard)
+        ids = self.llm.input_ids
+        ids[self.n_keep : n_past - n_discard] = ids[self.n_keep + n_discard : n_past]
+        self.llm.n_tokens = n_past - n_discard
+
+    @property
+    def n_cached(self) -> int:
+        return self.llm.n_tokens
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class PolicyRunner:
+    name: str
+
+    def __init__(self, policy: str, budget: int, n_threads: int) -> None:
+        p = make_policy(policy, budget=budget)
+        self.llm = Llama(n_ctx=p.capacity, kv_policy=p, n_threads=n_threads)
+        self.name = policy
+
+    def eval(self, tokens: np.ndarray) -> None:
+        self.llm.eval(tokens)
+
+    @property
+    def n_cached(self) -> int:
+        return self.llm.n_cached
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def checkpoints(first: int, n_tokens: int) -> list[int]:
+    points, c = [], first
+    while c <= n_tokens:
+        points.append(c)
+        c *= 2
+    return points
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8k tokens at budget 256")
+    ap.add_argument("--tokens", type=int, default=65_536)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32, help="single-token decodes timed per checkpoint")
+    ap.add_argument("--policies", nargs="+", default=["infmllm", "streamingllm", "h2o"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default=str(RESULTS / "speed"))
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.budget = 8192, 256
+
+    policy_runners = [PolicyRunner(p, args.budget, args.threads) for p in args.policies]
+    # plain gets the policies' capacity as n_ctx: at the first checkpoint (= budget) both hold
+    # exactly the same cells, later plain shifts its context while the policies evict
+    capacity = policy_runners[0].llm.policy.capacity
+    runners: list = [PlainRunner(capacity, args.threads), *policy_runners]
+    text_tokens = np.array(runners[1].llm.tokenize(kjv()[: args.tokens * 8]), np.int32)
+    points = checkpoints(args.budget, args.tokens)
+    need = points[-1] + len(points) * args.steps
+    if len(text_tokens) < need:
+        raise SystemExit(f"the text has {len(text_tokens)} tokens, {need} needed")
+
+    rows = []
+    fed = {r.name: 0 for r in runners}
+    bar = tqdm(total=len(points) * len(runners), desc="checkpoints", file=sys.stderr)
+    for point in points:
+        for r in runners:
+            start = fed[r.name]
+            t0 = time.perf_counter()
+            r.eval(text_tokens[start:point])
+            prefill_s = time.perf_counter() - t0
+            steps = text_tokens[point : point + args.steps]
+            t0 = time.perf_counter()
+            for tok in steps:
+                r.eval(np.array([tok], np.int32))
+            decode_s = time.perf_counter() - t0
+            fed[r.name] = point + args.steps
+            rows.append(
+                {
+                    "runner": r.name,
+                    "stream_tokens": point,
+                    "prefill_tok_s": (point - start) / prefill_s,
+                    "decode_tok_s": args.steps / decode_s,
+                    "cached": r.n_cached,
+                    "rss_mb": current_rss_mb(),
+                }
+            )
+            bar.set_postfix(runner=r.name, tokens=point)
+            bar.update()
+    bar.close()
+    for r in runners:
+        r.close()
+
+    for row in rows:  # decode speed relative to plain at the same checkpoint
+        plain = next(x for x in rows if x["runner"] == "plain" and x["stream_tokens"] == row["stream_tokens"])
+        row["decode_vs_plain"] = row["decode_tok_s"] / plain["decode_tok_s"]
+    summary = {}
+    for r in runners:
+        mine = [x for x in rows if x["runner"] == r.name]
+        first_full = mine[0]  # the first checkpoint is the budget: a full cache
+        summary[r.name] = {
+            "decode_tok_s_at_budget": first_full["decode_tok_s"],
+            "decode_vs_plain_at_budget": first_full["decode_vs_plain"],
+            "decode_tok_s_last": mine[-1]["decode_tok_s"],
+            "last_over_first_full": mine[-1]["decode_tok_s"] / first_full["decode_tok_s"],
+            "decode_vs_plain_median": float(np.median([x["decode_vs_plain"] for x in mine])),
+        }
+    result = {
+        "threads": args.threads,
+        "budget": args.budget,
+        "tokens": points[-1],
+        "steps": args.steps,
+        "rss_first_mb": rows[len(runners) - 1]["rss_mb"],
+        "rss_last_mb": rows[-1]["rss_mb"],
+        "peak_rss_mb": peak_rss_mb(),
+        "summary": summary,
+    }
+    for name, s in summary.items():
+        print(
+            f"{name:>13}: decode {s['decode_tok_s_at_budget']:.1f} -> {s['decode_tok_s_last']:.1f} tok/s "
+            f"(last/first {s['last_over_first_full']:.2f}), vs plain at {args.budget} cells "
+            f"{s['decode_vs_plain_at_budget']:.2f}, median over the stream {s['decode_vs_plain_median']:.2f}"
+        )
+    print(
+        f"process RSS {result['rss_first_mb']:.0f} MB at {points[0]} tokens, "
+        f"{result['rss_last_mb']:.0f} MB at the end"
+    )
+    out = write_results(args.out, result, rows, list(rows[0]))
+    plot(rows, [r.name for r in runners], out.with_suffix(".png"), args.budget)
+    print(f"wrote {out}.json/.csv/.png")
+    return 0
+
+
+def plot(rows: list[dict], names: list[str], path: Path, budget: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in names:
+        mine = [x for x in rows if x["runner"] == name]
+        xs = [x["stream_tokens"] for x in mine]
+        axes[0].plot(xs, [x["decode_tok_s"] for x in mine], marker="o", label=name)
+        axes[1].plot(xs, [x["prefill_tok_s"] for x in mine], marker="o", label=name)
+    xs = sorted({x["stream_tokens"] for x in rows})
+    axes[2].plot(xs, [max(x["rss_mb"] for x in rows if x["stream_tokens"] == p) for p in xs], marker="o")
+    for ax, title in zip(axes, ["decode tok/s", "prefill tok/s", "process RSS (MB, all runners)"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("stream length (tokens)")
+        ax.set_title(f"{title}, budget {budget}")
+    axes[0].legend()
+    axes[2].set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
