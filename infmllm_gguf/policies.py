@@ -123,13 +123,16 @@ class _SaddlePolicy(KVPolicy):
     """Shared checks for policies that keep sinks + recent + top-scored cells."""
 
     sinks: int = 4
-    recent: int | None = None  # default: budget // 4
+    recent: int | None = None  # default: default_recent_fraction of the budget
+
+    default_recent_fraction: ClassVar[float] = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.recent is None:
-            self.recent = self.budget // 4
         _check_int("sinks", self.sinks, 0)
+        if self.recent is None:
+            fraction = int(self.budget * self.default_recent_fraction)
+            self.recent = max(0, min(fraction, self.budget - self.sinks))
         _check_int("recent", self.recent, 0)
         if self.sinks + self.recent > self.budget:
             raise ValueError(
@@ -201,6 +204,8 @@ class InfMLLM(_FreshWindowPolicy):
     local_window: int = 0
     bias: float = 1e-3
     name: ClassVar[str] = "infmllm"
+    # chosen by scripts/sweep_infmllm.py: streaming perplexity favours a large recent window
+    default_recent_fraction: ClassVar[float] = 0.875
 
     def __post_init__(self) -> None:
         super().__post_init__()

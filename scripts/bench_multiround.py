@@ -4,7 +4,9 @@ Even rounds tell the model one fact ("Remember this: the code of Name is NNNN.")
 ask for the code told d rounds earlier, d cycling over --distances.  All of it, questions and
 the model's own replies, stays in the stream, which runs far past the budget.  Per round:
   - correct (question rounds): the asked code appears in the reply;
-  - degenerate: an empty reply, a copy of one of the last 5 replies, or a reply whose words
+  - degenerate: an empty reply, a copy of one of the 5 replies before the previous one (the
+    answer to a question about the fact just told rightly repeats its confirmation), or a
+    reply whose words
     are mostly one repeated 3-gram; the stream has *collapsed* from the first round after which
     at least half of every 10 replies are degenerate;
   - turnover: the share of cached tokens (sinks excluded) older than 4 budgets of stream.
@@ -28,9 +30,10 @@ import numpy as np
 from results_io import RESULTS, write_results
 from tqdm import tqdm
 
-from infmllm_gguf import Llama
-from infmllm_gguf.policies import H2O, InfMLLM, KVPolicy, StreamingLLM
+from infmllm_gguf import ContextFullError, Llama
+from infmllm_gguf.policies import H2O, FullCache, InfMLLM, KVPolicy, StreamingLLM
 
+FULL_N_CTX = 8192  # the model's trained context
 NAMES = [
     "Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun",
     "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tomas",
@@ -43,7 +46,7 @@ def fact_name(r: int) -> str:
 
 def degenerate(reply: str, previous: list[str]) -> bool:
     words = reply.split()
-    if not words or reply in previous[-5:]:
+    if not words or reply in previous[-6:-1]:
         return True
     top = Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2)).most_common(1)
     return bool(top) and top[0][1] >= 2 and 3 * top[0][1] >= len(words) / 2  # one 3-gram, half the words
@@ -56,10 +59,13 @@ def collapse_round(flags: list[bool], window: int = 10) -> int | None:
     return None
 
 
-def run_config(label: str, policy: KVPolicy, rounds: int, distances: list[int], seed: int) -> dict:
+def run_config(
+    label: str, policy: KVPolicy, budget: int, rounds: int, distances: list[int], seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     codes = [int(c) for c in rng.integers(1000, 10000, size=rounds)]
-    llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=seed)
+    n_ctx = FULL_N_CTX if isinstance(policy, FullCache) else policy.capacity
+    llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=seed)
     llm.feed("A friendly assistant remembers every code it is told.\n")
     replies: list[str] = []
     log = []
@@ -70,7 +76,10 @@ def run_config(label: str, policy: KVPolicy, rounds: int, distances: list[int], 
         else:
             asked = asked if asked >= 0 else r - 1
             turn = f"What is the code of {fact_name(asked)}?"
-        reply = llm.ask(turn, max_tokens=16)
+        try:
+            reply = llm.ask(turn, max_tokens=16)
+        except ContextFullError:
+            break  # the full-cache reference ends at the trained context
         stats = llm.kv_stats()
         ages = stats["n_streamed"] - llm.cached_stream_indices()[4:]
         log.append(
@@ -79,7 +88,7 @@ def run_config(label: str, policy: KVPolicy, rounds: int, distances: list[int], 
                 "distance": r - asked if r % 2 else 0,
                 "correct": bool(r % 2) and str(codes[asked]) in reply,
                 "degenerate": degenerate(reply, replies),
-                "turnover_old_share": float(np.mean(ages > 4 * policy.budget)),
+                "turnover_old_share": float(np.mean(ages > 4 * budget)),
                 "n_streamed": stats["n_streamed"],
                 "reply": reply,
             }
@@ -119,10 +128,13 @@ def main() -> int:
         ap.error("--distances must be odd (a question round looks back to a fact round)")
 
     configs: list[tuple[str, KVPolicy]] = [
+        ("full", FullCache()),  # what the model does with everything in view (up to 8k tokens)
         ("streamingllm", StreamingLLM(args.budget)),
         ("h2o", H2O(args.budget)),
     ] + [(f"infmllm bias={b:g}", InfMLLM(args.budget, bias=b)) for b in args.biases]
-    results = [run_config(label, p, args.rounds, args.distances, args.seed) for label, p in configs]
+    results = [
+        run_config(label, p, args.budget, args.rounds, args.distances, args.seed) for label, p in configs
+    ]
     for res in results:
         by_d = ", ".join(f"d={d}: {a:.2f}" for d, a in res["accuracy_by_distance"].items())
         print(

@@ -77,7 +77,7 @@ POLICY_CASES = {
     "streamingllm": StreamingLLM(BUDGET, chunk=CHUNK, sinks=4),
     "h2o": H2O(BUDGET, chunk=CHUNK),
     "snapkv": SnapKV(BUDGET, chunk=CHUNK),
-    "infmllm": InfMLLM(BUDGET, chunk=CHUNK, local_window=2, bias=1e-3),
+    "infmllm": InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=2, bias=1e-3),
 }
 
 
@@ -106,7 +106,9 @@ def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, nam
 def test_h2o_accumulates_while_infmllm_scores_fresh(model_path, stream_tokens):
     toks = stream_tokens[:3000]
     h2o, _ = run_stream(model_path, H2O(BUDGET, chunk=CHUNK), toks)
-    inf, _ = run_stream(model_path, InfMLLM(BUDGET, chunk=CHUNK, local_window=0, bias=0.0), toks)
+    inf, _ = run_stream(
+        model_path, InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=0, bias=0.0), toks
+    )
     # InfMLLM ranks by the newest window only: exactly the latest decode's attention
     view = inf.kv.cells()
     np.testing.assert_allclose(inf.policy.window_scores(view), view.scores, rtol=1e-6)
@@ -134,10 +136,14 @@ def saddle_ages(llm) -> np.ndarray:
 def test_bias_keeps_the_cache_turning_over(model_path, stream_tokens):
     """Paper Table 4: without bias, old saddles squat in the cache and the kept set freezes."""
     frozen, _ = run_stream(
-        model_path, InfMLLM(BUDGET, chunk=CHUNK, local_window=2, bias=0.0), stream_tokens[:10_000]
+        model_path,
+        InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=2, bias=0.0),
+        stream_tokens[:10_000],
     )
     turning, _ = run_stream(
-        model_path, InfMLLM(BUDGET, chunk=CHUNK, local_window=2, bias=0.1), stream_tokens[:10_000]
+        model_path,
+        InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=2, bias=0.1),
+        stream_tokens[:10_000],
     )
     old = 4 * BUDGET
     frozen_old = np.mean(saddle_ages(frozen) > old)
