@@ -71,18 +71,34 @@ def _ones(n: int) -> np.ndarray:
     return np.ones(n, np.float32)
 
 
+def _write_tiny(
+    path: Path,
+    arch: str,
+    tokenizer: list[gguf.ReaderField],
+    rng: np.random.Generator,
+    layer: Callable[[int], dict[str, np.ndarray]],
+    hparams: dict[str, Any],
+) -> str:
+    """An N_LAYER-model of width N_EMBD: embeddings, output norm, `layer(i)`'s tensors per block."""
+    tensors = {
+        "token_embd.weight": _random(rng, _n_vocab(tokenizer), N_EMBD),
+        "output_norm.weight": _ones(N_EMBD),
+    }
+    for i in range(N_LAYER):
+        tensors |= layer(i)
+    shape = {"add_context_length": 1024, "add_embedding_length": N_EMBD, "add_block_count": N_LAYER}
+    return _write_gguf(path, arch, tokenizer, {**shape, **hparams}, tensors)
+
+
 @pytest.fixture(scope="module")
 def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
     """A 2-layer qwen2vl (M-RoPE, GQA, q/k/v biases)."""
     n_head, n_head_kv, n_ff = 4, 2, 128
     n_kv = N_EMBD // n_head * n_head_kv
     rng = np.random.default_rng(0)
-    tensors = {
-        "token_embd.weight": _random(rng, _n_vocab(tokenizer_fields), N_EMBD),
-        "output_norm.weight": _ones(N_EMBD),
-    }
-    for i in range(N_LAYER):
-        tensors |= {
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        return {
             f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
             f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
             f"blk.{i}.attn_q.bias": _random(rng, N_EMBD),
@@ -96,10 +112,8 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
             f"blk.{i}.ffn_up.weight": _random(rng, n_ff, N_EMBD),
             f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, n_ff),
         }
+
     hparams = {
-        "add_context_length": 1024,
-        "add_embedding_length": N_EMBD,
-        "add_block_count": N_LAYER,
         "add_feed_forward_length": n_ff,
         "add_head_count": n_head,
         "add_head_count_kv": n_head_kv,
@@ -109,7 +123,7 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
         "add_rope_dimension_sections": [2, 3, 3, 0],
     }
     path = tmp_path_factory.mktemp("gguf") / "qwen2vl.gguf"
-    return _write_gguf(path, "qwen2vl", tokenizer_fields, hparams, tensors)
+    return _write_tiny(path, "qwen2vl", tokenizer_fields, rng, layer, hparams)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +131,9 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     """A 2-layer mamba (recurrent; llama.cpp only supports d_inner = 2 * n_embd)."""
     d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 4
     rng = np.random.default_rng(1)
-    tensors = {
-        "token_embd.weight": _random(rng, _n_vocab(tokenizer_fields), N_EMBD),
-        "output_norm.weight": _ones(N_EMBD),
-    }
-    for i in range(N_LAYER):
-        tensors |= {
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        return {
             f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
             f"blk.{i}.ssm_in.weight": _random(rng, 2 * d_inner, N_EMBD),
             f"blk.{i}.ssm_conv1d.weight": _random(rng, d_inner, d_conv),
@@ -134,10 +145,8 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
             f"blk.{i}.ssm_d": _ones(d_inner),
             f"blk.{i}.ssm_out.weight": _random(rng, N_EMBD, d_inner),
         }
+
     hparams = {
-        "add_context_length": 1024,
-        "add_embedding_length": N_EMBD,
-        "add_block_count": N_LAYER,
         "add_layer_norm_rms_eps": 1e-5,
         "add_ssm_conv_kernel": d_conv,
         "add_ssm_inner_size": d_inner,
@@ -145,7 +154,7 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
         "add_ssm_time_step_rank": dt_rank,
     }
     path = tmp_path_factory.mktemp("gguf") / "mamba.gguf"
-    return _write_gguf(path, "mamba", tokenizer_fields, hparams, tensors)
+    return _write_tiny(path, "mamba", tokenizer_fields, rng, layer, hparams)
 
 
 @pytest.fixture
