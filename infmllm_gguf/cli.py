@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from infmllm_gguf.llama import Llama
 from infmllm_gguf.policies import POLICIES, make_policy
-from infmllm_gguf.texts import TEXTS, kjv
+from infmllm_gguf.texts import kjv, load_text
 
 
 def peak_rss_mb() -> float:
@@ -38,9 +38,7 @@ def _read_text(path: str | None) -> str:
         return kjv()
     if path == "-":
         return sys.stdin.read()
-    if path in TEXTS:
-        return TEXTS[path]()
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+    return load_text(path)
 
 
 def _make_llama(args: argparse.Namespace) -> Llama:

@@ -51,4 +51,4 @@ def load_text(name_or_path: str) -> str:
     """A named text (kjv, genesis, jargon) or any text file."""
     if name_or_path in TEXTS:
         return TEXTS[name_or_path]()
-    return Path(name_or_path).read_text()
+    return Path(name_or_path).read_text(encoding="utf-8", errors="replace")
