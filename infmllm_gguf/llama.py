@@ -127,16 +127,18 @@ class Llama:
         self.n_batch = lc.llama_n_batch(self._ctx)
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
         self.kv = KVCache(self._ctx)
-        try:
+        if not isinstance(policy, FullCache):
             # checked once here, before any token: every evicting policy needs a cache whose keys
-            # can be re-rotated (compaction), and scoring needs the same, so probe with scoring on
-            if not isinstance(policy, FullCache):
+            # can be re-rotated (compaction), and scoring needs the same, so probe with scoring on;
+            # then start off: _decode turns scoring on for the decodes the policy ranks by
+            try:
                 self.kv.set_scoring(1)
-            self.kv.set_scoring(policy.score_queries)
-        except NativeError as exc:
-            self.close()
-            raise ValueError(f"{type(policy).__name__} cannot evict in this model's cache: {exc}") from exc
-        self._scoring = policy.score_queries
+            except NativeError as exc:
+                self.close()
+                name = type(policy).__name__
+                raise ValueError(f"{name} cannot evict in this model's cache: {exc}") from exc
+            self.kv.set_scoring(0)
+        self._scoring = 0
         self._batch = Batch(self.n_batch)
         self._rng = np.random.default_rng(seed)
         self._chat_formatter = self._make_chat_formatter()
