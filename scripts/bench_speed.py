@@ -118,18 +118,17 @@ def main() -> int:
     # exactly the same cells, later plain shifts its context while the policies evict
     capacity = policy_runners[0].llm.policy.capacity
     runners: list = [PlainRunner(capacity, args.threads), *policy_runners]
-    text_tokens = np.array(runners[1].llm.tokenize(kjv()[: args.tokens * 8]), np.int32)
+    text_tokens = np.array(policy_runners[0].llm.tokenize(kjv()[: args.tokens * 8]), np.int32)
     points = checkpoints(args.budget, args.tokens)
     need = points[-1] + len(points) * args.steps
     if len(text_tokens) < need:
         raise SystemExit(f"the text has {len(text_tokens)} tokens, {need} needed")
 
     rows = []
-    fed = {r.name: 0 for r in runners}
     bar = tqdm(total=len(points) * len(runners), desc="checkpoints", file=sys.stderr)
-    for point in points:
+    for k, point in enumerate(points):
+        start = points[k - 1] + args.steps if k else 0  # every runner has been fed the same tokens
         for r in runners:
-            start = fed[r.name]
             t0 = time.perf_counter()
             r.eval(text_tokens[start:point])
             prefill_s = time.perf_counter() - t0
@@ -138,7 +137,6 @@ def main() -> int:
             for tok in steps:
                 r.eval(np.array([tok], np.int32))
             decode_s = time.perf_counter() - t0
-            fed[r.name] = point + args.steps
             rows.append(
                 {
                     "runner": r.name,
