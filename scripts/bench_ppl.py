@@ -68,28 +68,34 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Top: log PPL per bucket.  Bottom: the same minus StreamingLLM's, because the text's own
+    difficulty swings far more than the policies differ, and drift shows only against a baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     budgets = sorted({r["budget"] for r in rows if r["policy"] != "full"})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
-    for ax, budget in zip(axes[0], budgets):
-        for r in rows:
-            if r["budget"] != budget and r["policy"] != "full":
-                continue
+    fig, axes = plt.subplots(2, len(budgets), figsize=(6 * len(budgets), 7), squeeze=False, sharex="col")
+    for col, budget in enumerate(budgets):
+        mine = [r for r in rows if r["budget"] == budget or r["policy"] == "full"]
+        base = next((r for r in mine if r["policy"] == "streamingllm"), None)
+        for r in mine:
             xs = (np.arange(len(r["buckets"])) + 1) * r["bucket_size"]
-            ax.plot(
-                xs,
-                np.log(r["buckets"]),
-                label=f"{r['policy']} ({r['ppl']:.2f})",
-                linestyle="--" if r["policy"] == "full" else "-",
-            )
-        ax.set_title(f"budget {budget}")
-        ax.set_xlabel("tokens streamed")
-        ax.set_ylabel("log PPL per 1k-token bucket")
-        ax.legend(fontsize=8)
+            style = {
+                "linestyle": "--" if r["policy"] == "full" else "-",
+                "label": f"{r['policy']} ({r['ppl']:.2f})",
+            }
+            axes[0, col].plot(xs, np.log(r["buckets"]), **style)
+            if base is not None:
+                n = min(len(r["buckets"]), len(base["buckets"]))
+                axes[1, col].plot(xs[:n], np.log(r["buckets"][:n]) - np.log(base["buckets"][:n]), **style)
+        axes[0, col].set_title(f"budget {budget}")
+        axes[0, col].set_ylabel("log PPL per 1k-token bucket")
+        axes[0, col].legend(fontsize=8)
+        axes[1, col].set_ylabel("log PPL minus StreamingLLM's")
+        axes[1, col].set_xlabel("tokens streamed")
+        axes[1, col].axhline(0, color="grey", linewidth=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
