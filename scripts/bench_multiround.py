@@ -6,12 +6,11 @@ the model's own replies, stays in the stream, which runs far past the budget.  P
   - correct (question rounds): the asked code appears in the reply;
   - degenerate: an empty reply, a copy of one of the 5 replies before the previous one (the
     answer to a question about the fact just told rightly repeats its confirmation), or a
-    reply whose words
-    are mostly one repeated 3-gram; the stream has *collapsed* from the first round after which
-    at least half of every 10 replies are degenerate;
+    reply whose words are mostly one repeated 3-gram; the stream has *collapsed* from the
+    first round after which at least half of every 10 replies are degenerate;
   - turnover: the share of cached tokens (sinks excluded) older than 4 budgets of stream.
 InfMLLM is swept over the recency bias (0 lets old saddles squat the cache), next to
-StreamingLLM and H2O at the same budget.
+StreamingLLM and H2O at the same budget and a full cache (up to the trained 8k context).
 
     python scripts/bench_multiround.py --quick     # 60 rounds, budget 256 (minutes)
     python scripts/bench_multiround.py             # 300 rounds, budget 512
