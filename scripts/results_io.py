@@ -24,3 +24,18 @@ def write_results(out: str | Path, meta: dict, rows: list[dict], columns: list[s
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def merge_rows(out: str | Path, meta: dict, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The rows of an earlier run at out.json that this run does not redo (same key), then this
+    run's rows: a full run of hours can be done a few policies at a time.  Refuses to mix runs
+    whose settings (meta) differ."""
+    path = Path(out).with_suffix(".json")
+    if not path.exists():
+        return rows
+    earlier = json.loads(path.read_text())
+    differing = {k: (earlier.get(k), v) for k, v in meta.items() if earlier.get(k) != v}
+    if differing:
+        raise SystemExit(f"cannot merge into {path}: settings differ (earlier, now): {differing}")
+    redone = {tuple(r[k] for k in key) for r in rows}
+    return [r for r in earlier["rows"] if tuple(r[k] for k in key) not in redone] + rows
