@@ -119,3 +119,18 @@ infmllm_select_keep = _bind(
     ],
     ctypes.c_int32,
 )
+
+infmllm_kv_update = _bind("infmllm_kv_update", [llama_context_p], ctypes.c_int32)
+infmllm_abort_on_fd = _bind("infmllm_abort_on_fd", [ctypes.c_void_p], ctypes.c_bool)
+
+
+def infmllm_abort_on_fd_address() -> int:
+    """The C function pointer of infmllm_abort_on_fd, to hand to llama_set_abort_callback."""
+    return ctypes.cast(infmllm_abort_on_fd, ctypes.c_void_p).value
+
+
+# A prototype of our own: the bundled layer's binding wants a Python callback object, and
+# re-typing its shared function object would change it for the layer too.
+llama_set_abort_callback = ctypes.CFUNCTYPE(None, llama_context_p, ctypes.c_void_p, ctypes.c_void_p)(
+    ("llama_set_abort_callback", _lib)
+)

@@ -85,6 +85,10 @@ class KVCache:
         """Renumber to 0..n-1; returns n, the position the next token takes."""
         return _check("infmllm_kv_seq_compact", N.infmllm_kv_seq_compact(self.ctx, seq_id))
 
+    def update(self) -> bool:
+        """Re-rotate compacted keys now, uninterruptibly; True if there was a K-shift to apply."""
+        return bool(_check("infmllm_kv_update", N.infmllm_kv_update(self.ctx)))
+
 
 def select_keep(
     scores: np.ndarray, budget: int, n_sink: int, n_recent: int, local_window: int, bias: float

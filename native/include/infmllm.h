@@ -7,6 +7,7 @@
 // nothing has been changed.
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "llama.h"
@@ -67,8 +68,15 @@ LLAMA_API int32_t infmllm_kv_seq_evict(
         int32_t                n_positions);
 
 // Renumber the cells of seq_id to 0..n-1 in stream order; the RoPE re-rotation (K-shift)
-// is applied lazily by the next llama_decode.  Returns n, the next free position.
+// is applied by the next llama_decode or infmllm_kv_update.  Returns n, the next free position.
 LLAMA_API int32_t infmllm_kv_seq_compact(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Apply pending cache updates (the K-shift compaction leaves) now rather than at the start of
+// the next llama_decode, with the abort callback suspended: a K-shift rotates keys in place,
+// and one stopped halfway would later be applied again over the layers it had rotated.
+// Returns 1 if keys were re-rotated, 0 if nothing was pending (or the update failed and stays
+// pending), INFMLLM_ERR_INVALID_ARG for a NULL context.
+LLAMA_API int32_t infmllm_kv_update(struct llama_context * ctx);
 
 struct infmllm_select_params {
     int32_t budget;       // cells to keep
@@ -87,6 +95,13 @@ LLAMA_API int32_t infmllm_select_keep(
         int32_t                               n,
         const struct infmllm_select_params  * params,
         uint8_t                             * keep);
+
+// Abort callback for llama_set_abort_callback(): data points to an int32_t file descriptor;
+// returns true once a byte is waiting on it (e.g. the signal wakeup fd that Python writes to
+// when SIGINT arrives), so llama_decode stops between graph nodes and returns 2.  The fd is
+// polled at most once per millisecond per thread; a negative fd or NULL data never aborts.
+// The byte is not consumed: the caller drains the fd.
+LLAMA_API bool infmllm_abort_on_fd(void * data);
 
 #ifdef __cplusplus
 }

@@ -7,8 +7,14 @@
 #include "llama-context.h"
 #include "llama-kv-cache.h"
 
+#include <utility>
+
 struct infmllm_access {
     static llama_cparams & cparams(llama_context & ctx) { return ctx.cparams; }
+
+    static std::pair<ggml_abort_callback, void *> abort_callback(const llama_context & ctx) {
+        return {ctx.abort_callback, ctx.abort_callback_data};
+    }
 
     // the scoring ops change the worst-case graph: re-reserve compute buffers
     static void request_reserve(llama_context & ctx) { ctx.sched_need_reserve = true; }
