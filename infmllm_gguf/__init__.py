@@ -5,7 +5,7 @@ Importing checks that the bundled libllama carries our patches (ImportError othe
 
 from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
 from infmllm_gguf.info import build_info
-from infmllm_gguf.llama import ContextFullError, Llama
+from infmllm_gguf.llama import ContextFullError, InvariantError, Llama
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import (
     H2O,
@@ -26,6 +26,7 @@ __all__ = [
     "ContextFullError",
     "FullCache",
     "InfMLLM",
+    "InvariantError",
     "KVPolicy",
     "Llama",
     "SlidingWindow",

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -27,17 +29,36 @@ from typing import Any
 
 import numpy as np
 
+from infmllm_gguf import _native
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp._internals import LlamaModel
 from infmllm_gguf._llama_cpp._logger import set_verbose
 from infmllm_gguf._llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, KVCache, NativeError
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
+from infmllm_gguf.stops import StopMatcher
+from infmllm_gguf.system import physical_cores
 
 
 class ContextFullError(ValueError):
     """The stream would exceed n_ctx under FullCache; nothing was fed."""
+
+
+class InvariantError(RuntimeError):
+    """The cache and the stream's bookkeeping disagree (raised by `check_invariants`)."""
+
+
+def _locked(method):
+    """Serialise a public method on the session's lock: one stream, one caller at a time."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -72,7 +93,14 @@ def _check_gguf(path: Path) -> None:
 
 
 class Llama:
-    """A GGUF model with one endless stream and a bounded, policy-managed KV cache."""
+    """A GGUF model with one endless stream and a bounded, policy-managed KV cache.
+
+    Every native state change (decode, evict, compact, roll back) and its Python bookkeeping
+    happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the tokens
+    the stream records.  Public methods serialise on a lock, so sharing one `Llama` between
+    threads queues the callers instead of interleaving their tokens.  `debug=True` checks
+    the cache invariants after every such unit (`check_invariants`).
+    """
 
     def __init__(
         self,
@@ -84,6 +112,7 @@ class Llama:
         n_batch: int = 512,
         seed: int | None = None,
         verbose: bool = False,
+        debug: bool = False,
     ):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
             raise ValueError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
@@ -94,9 +123,20 @@ class Llama:
                 f"budget + chunk ({policy.budget} + {policy.chunk} = {policy.capacity}) exceeds "
                 f"n_ctx ({n_ctx}); raise n_ctx or lower the budget"
             )
+        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
+            raise ValueError(f"n_batch must be an integer >= 1, got {n_batch!r}")
+        n_ubatch = min(n_batch, n_ctx)
+        if policy.score_queries > n_ubatch:
+            raise ValueError(
+                f"retrieval_window ({policy.score_queries}) exceeds n_ubatch ({n_ubatch}, the scored "
+                "query rows of one ubatch); lower retrieval_window or raise n_batch"
+            )
         self.policy = policy
         self.n_ctx = n_ctx
         self.verbose = verbose
+        self.debug = debug
+        self._lock = threading.RLock()
+        self._guard = InterruptGuard()
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         _check_gguf(self.model_path)
 
@@ -111,10 +151,10 @@ class Llama:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self._check_architecture()
 
-        n_threads = n_threads or max(1, (os.cpu_count() or 2))
+        n_threads = n_threads or physical_cores()
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx)
+        cparams.n_batch = cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.flash_attn_type = (
@@ -124,6 +164,10 @@ class Llama:
         self._ctx = lc.llama_init_from_model(self._model.model, cparams)
         if not self._ctx:
             raise RuntimeError("llama_init_from_model failed (out of memory?)")
+        # Ctrl-C stops a running decode between graph nodes (see interrupts.py)
+        _native.llama_set_abort_callback(
+            self._ctx, _native.infmllm_abort_on_fd_address(), ctypes.byref(self._guard.abort_fd)
+        )
         self.n_batch = lc.llama_n_batch(self._ctx)
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
         self.kv = KVCache(self._ctx)
@@ -159,6 +203,11 @@ class Llama:
             raise ValueError(
                 "recurrent/hybrid models have no per-token KV cache to evict; use kv_policy='full'"
             )
+        if lc.llama_model_n_swa(model) > 0:
+            raise ValueError(
+                "this model uses sliding-window attention (an iSWA cache, as Gemma 2/3 and gpt-oss "
+                "have); evicting policies support a plain KV cache only. Use kv_policy='full'."
+            )
 
     def _make_chat_formatter(self) -> Jinja2ChatFormatter | None:
         template = self._model.metadata().get("tokenizer.chat_template")
@@ -175,6 +224,8 @@ class Llama:
         )
 
     def close(self) -> None:
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
         if getattr(self, "_batch", None) is not None:
             self._batch.close()
             self._batch = None
@@ -205,17 +256,19 @@ class Llama:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
     # --- the stream -----------------------------------------------------------------
+    @_locked
     def reset(self) -> None:
         """Start a new, empty stream."""
-        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
-        self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
-        self._n_history = 0
-        self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
-        self._last_logits: np.ndarray | None = None
-        self._n_evicted = 0
-        self._evictions = 0
-        self._max_pos_seen = -1
-        self.policy.reset(self.n_ctx)
+        with self._guard.atomic():
+            lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+            self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
+            self._n_history = 0
+            self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
+            self._last_logits: np.ndarray | None = None
+            self._n_evicted = 0
+            self._evictions = 0
+            self._max_pos_seen = -1
+            self.policy.reset(self.n_ctx)
 
     @property
     def history(self) -> np.ndarray:
@@ -239,10 +292,12 @@ class Llama:
     def _capacity(self) -> int:
         return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
 
+    @_locked
     def eval(self, tokens: list[int] | np.ndarray) -> None:
         """Append tokens to the stream, evicting as the policy says."""
         self._feed(np.asarray(tokens, np.int32))
 
+    @_locked
     def feed(self, text: str, add_bos: bool | None = None) -> int:
         """Tokenise text (BOS only at the start of a stream) and append it; returns its token count."""
         tokens = self.tokenize(
@@ -253,6 +308,7 @@ class Llama:
         self.eval(tokens)
         return len(tokens)
 
+    @_locked
     def stream_logprobs(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """log p of each token given the stream before it (NaN for a stream's first token)."""
         return self._feed(np.asarray(tokens, np.int32), logprobs=True)
@@ -286,15 +342,26 @@ class Llama:
         flags[-1] = 1
         if logprobs_out is not None:
             flags[:] = 1
-        rc = self._batch.decode(self._ctx, piece, np.arange(start, start + n), 0, flags)
-        if rc != 0:
-            # llama.cpp removed this batch's positions; the stream is as before the call
-            raise RuntimeError(f"llama_decode failed with status {rc}")
-        self._append_history(piece)
-        first = self._n_history - n
-        self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
-        self._max_pos_seen = max(self._max_pos_seen, start + n - 1)
+        with self._guard.atomic():
+            try:
+                rc = self._batch.decode(self._ctx, piece, np.arange(start, start + n), 0, flags)
+                if rc == 2:
+                    raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with status {rc}")
+            except BaseException:
+                # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
+                lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, start, -1)
+                raise
+            self._record(piece, start, scored, flags, logprobs_out)
+        if self.debug:
+            self.check_invariants()
 
+    def _record(
+        self, piece: np.ndarray, start: int, scored: bool, flags: np.ndarray, logprobs_out: np.ndarray | None
+    ) -> None:
+        """Python's side of a decode the cache has taken: history, logits, policy scores."""
+        n = len(piece)
         n_out = int(flags.sum())
         ptr = lc.llama_get_logits(self._ctx)
         rows = np.ctypeslib.as_array(
@@ -308,8 +375,14 @@ class Llama:
                 else np.nan
             )
             logprobs_out[1:] = lsm[np.arange(n - 1), piece[1:]]
-        self._last_logits = rows[-1].copy()
+        last_logits = rows[-1].copy()
 
+        # computed above, committed below: nothing here can fail halfway
+        self._append_history(piece)
+        first = self._n_history - n
+        self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
+        self._max_pos_seen = max(self._max_pos_seen, start + n - 1)
+        self._last_logits = last_logits
         if scored:
             queries = self.policy.score_queries
             last_ubatch = n % self.n_ubatch or self.n_ubatch
@@ -328,13 +401,16 @@ class Llama:
         keep = self.policy.select(view)
         if keep.sum() != self.policy.budget:
             raise RuntimeError(f"{self.policy.name} kept {keep.sum()} cells, budget is {self.policy.budget}")
-        self.kv.evict(view.positions[~keep])
-        n = self.kv.compact()
-        self.policy.forget(view.cells[~keep])
-        self._stream_index = self._stream_index[keep]
-        self._n_evicted += int((~keep).sum())
-        self._evictions += 1
-        assert n == len(self._stream_index)
+        with self._guard.atomic():
+            self.kv.evict(view.positions[~keep])  # validates everything before it changes anything
+            self.kv.compact()  # cannot fail after a successful evict on the same sequence
+            self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
+            self.policy.forget(view.cells[~keep])
+            self._stream_index = self._stream_index[keep]
+            self._n_evicted += int((~keep).sum())
+            self._evictions += 1
+        if self.debug:
+            self.check_invariants()
 
     def _rollback(self, n_keep: int) -> bool:
         """Drop the stream's tokens from index n_keep on, if all of them are still cached."""
@@ -345,12 +421,15 @@ class Llama:
             return False
         first_pos = self.n_cached - n_drop
         freed = self.kv.cells().cells[first_pos:]
-        if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, first_pos, -1):
-            return False
-        self.policy.forget(freed)
-        self._n_history = n_keep
-        self._stream_index = self._stream_index[:first_pos]
-        self._last_logits = None
+        with self._guard.atomic():
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, first_pos, -1):
+                return False
+            self.policy.forget(freed)
+            self._n_history = n_keep
+            self._stream_index = self._stream_index[:first_pos]
+            self._last_logits = None
+        if self.debug:
+            self.check_invariants()
         return True
 
     def _continue_with(self, tokens: list[int]) -> int:
@@ -391,20 +470,21 @@ class Llama:
     def _generate(
         self, max_tokens: int, params: SamplingParams, stop: list[str]
     ) -> Iterator[tuple[str, str | None]]:
-        """Yield (text piece, finish_reason or None) while continuing the stream."""
+        """Yield (text piece, finish_reason or None) while continuing the stream.
+
+        Text that could still become a stop string is held back until it cannot, so the
+        pieces joined are exactly the generated text cut at the first stop string."""
         if self._last_logits is None:
             raise ValueError("nothing to continue from: feed text first")
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        matcher = StopMatcher(stop)
         pending = b""
-        text = ""
-        n = 0
-        while n < max_tokens:
+        for _ in range(max_tokens):
             token = self._sample(params)
             self._feed(np.array([token], np.int32))
-            n += 1
             if self._is_eog(token):
-                yield "", "stop"
+                yield matcher.flush(), "stop"
                 return
             pending += self._piece(token)
             try:
@@ -412,14 +492,15 @@ class Llama:
             except UnicodeDecodeError:
                 continue  # wait for the rest of a multi-byte character
             pending = b""
-            text += piece
-            hit = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if hit >= 0:
-                yield piece[: max(0, len(piece) - (len(text) - hit))], "stop"
+            safe, hit = matcher.push(piece)
+            if hit:
+                yield safe, "stop"
                 return
-            yield piece, None
-        yield "", "length"
+            if safe:
+                yield safe, None
+        yield matcher.flush(), "length"
 
+    @_locked
     def generate_text(
         self,
         max_tokens: int | None = 128,
@@ -435,6 +516,7 @@ class Llama:
         limit = self.n_ctx if max_tokens is None else max_tokens
         return "".join(piece for piece, _ in self._generate(limit, params, _stops(stop)))
 
+    @_locked
     def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0) -> str:
         """Append a user turn (the model's chat template) to the stream and answer it.
 
@@ -472,25 +554,23 @@ class Llama:
         )
         if not tokens:
             raise ValueError("the prompt tokenises to no tokens")
-        stops = _stops(stop)
-        self._continue_with(tokens)
-        completion_id = f"cmpl-{uuid.uuid4()}"
         head = {
-            "id": completion_id,
+            "id": f"cmpl-{uuid.uuid4()}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": str(self.model_path),
         }
         prefix = prompt if (echo and isinstance(prompt, str)) else ""
-        gen = self._generate(max_tokens, params, stops)
         if stream:
-            return self._stream_chunks(gen, head, prefix)
-        pieces, finish = [], "length"
-        n_before = self._n_history
-        for piece, reason in gen:
-            pieces.append(piece)
-            finish = reason or finish
-        n_gen = self._n_history - n_before
+            return self._stream_chunks(tokens, max_tokens, params, _stops(stop), head, prefix)
+        with self._lock:
+            self._continue_with(tokens)
+            n_before = self._n_history
+            pieces, finish = [], "length"
+            for piece, reason in self._generate(max_tokens, params, _stops(stop)):
+                pieces.append(piece)
+                finish = reason or finish
+            n_gen = self._n_history - n_before
         return {
             **head,
             "choices": [
@@ -504,16 +584,28 @@ class Llama:
         }
 
     def _stream_chunks(
-        self, gen: Iterator[tuple[str, str | None]], head: dict, prefix: str
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stops: list[str],
+        head: dict,
+        prefix: str,
     ) -> Iterator[dict]:
-        if prefix:
-            yield {**head, "choices": [{"text": prefix, "index": 0, "logprobs": None, "finish_reason": None}]}
-        for piece, reason in gen:
-            if piece or reason:
+        """A streamed completion; it holds the session's lock from the prompt to the last chunk."""
+        with self._lock:
+            self._continue_with(tokens)
+            if prefix:
                 yield {
                     **head,
-                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}],
+                    "choices": [{"text": prefix, "index": 0, "logprobs": None, "finish_reason": None}],
                 }
+            for piece, reason in self._generate(max_tokens, params, stops):
+                if piece or reason:
+                    yield {
+                        **head,
+                        "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}],
+                    }
 
     __call__ = create_completion
 
@@ -567,6 +659,7 @@ class Llama:
         }
 
     # --- introspection -----------------------------------------------------------------
+    @_locked
     def kv_stats(self) -> dict[str, Any]:
         return {
             "policy": self.policy.name,
@@ -593,6 +686,29 @@ class Llama:
     def cached_stream_indices(self) -> np.ndarray:
         """Stream index (0 = first token ever fed) of each cached token, in position order."""
         return self._stream_index.copy()
+
+    @_locked
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the native cache and the stream's records agree.
+
+        The cache holds exactly the cached tokens, at positions 0..n-1 (compacted), within
+        the capacity; they are distinct stream indices in stream order; every streamed token
+        is either cached or counted as evicted."""
+        view = self.kv.cells()
+        n = self.n_cached
+        problems = []
+        if len(view.cells) != n:
+            problems.append(f"the cache holds {len(view.cells)} cells, the stream records {n}")
+        elif not np.array_equal(view.positions, np.arange(n)):
+            problems.append("cached positions are not 0..n-1")
+        if n > self._capacity:
+            problems.append(f"{n} cells cached, capacity {self._capacity}")
+        if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):
+            problems.append("cached stream indices are not increasing within the history")
+        if n + self._n_evicted != self._n_history:
+            problems.append(f"{n} cached + {self._n_evicted} evicted != {self._n_history} streamed")
+        if problems:
+            raise InvariantError("; ".join(problems))
 
 
 def _warn_ignored(kwargs: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
-"""Architectures llama.cpp runs but eviction cannot serve: M-RoPE and recurrent models.
+"""Architectures llama.cpp runs but eviction cannot serve: M-RoPE, recurrent and iSWA models.
 
 Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys cannot take,
-and a recurrent model has no per-token cache to evict.  Both must be refused with the reason
+a recurrent model has no per-token cache to evict, and a sliding-window model keeps two
+caches (full and windowed) that the native calls do not handle yet.  Both must be refused with the reason
 before a stream starts, must still run without eviction (kv_policy='full'), and the native
 calls must refuse rather than corrupt the context.  The models are tiny random-weight GGUFs
 written here with the real SmolLM2 vocabulary, so no extra download is needed.
@@ -157,6 +158,41 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     return _write_tiny(path, "mamba", tokenizer_fields, rng, layer, hparams)
 
 
+@pytest.fixture(scope="module")
+def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
+    """A 2-layer gemma2: sliding-window and full attention layers alternate (an iSWA cache)."""
+    n_head, n_head_kv, n_ff = 4, 2, 128
+    n_kv = N_EMBD // n_head * n_head_kv
+    rng = np.random.default_rng(2)
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        return {
+            f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
+            f"blk.{i}.attn_k.weight": _random(rng, n_kv, N_EMBD),
+            f"blk.{i}.attn_v.weight": _random(rng, n_kv, N_EMBD),
+            f"blk.{i}.attn_output.weight": _random(rng, N_EMBD, N_EMBD),
+            f"blk.{i}.post_attention_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.ffn_norm.weight": _ones(N_EMBD),
+            f"blk.{i}.ffn_gate.weight": _random(rng, n_ff, N_EMBD),
+            f"blk.{i}.ffn_up.weight": _random(rng, n_ff, N_EMBD),
+            f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, n_ff),
+            f"blk.{i}.post_ffw_norm.weight": _ones(N_EMBD),
+        }
+
+    hparams = {
+        "add_feed_forward_length": n_ff,
+        "add_head_count": n_head,
+        "add_head_count_kv": n_head_kv,
+        "add_layer_norm_rms_eps": 1e-6,
+        "add_attn_logit_softcapping": 50.0,
+        "add_final_logit_softcapping": 30.0,
+        "add_sliding_window": 32,
+    }
+    path = tmp_path_factory.mktemp("gguf") / "gemma2.gguf"
+    return _write_tiny(path, "gemma2", tokenizer_fields, rng, layer, hparams)
+
+
 @pytest.fixture
 def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
     """Factory: (model, context) on a GGUF, freed after the test.  Requesting conftest's `model`
@@ -182,10 +218,10 @@ def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
         lc.llama_model_free(m)
 
 
-ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent")]
+ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent"), ("iswa_gguf", "sliding-window")]
 
 
-@pytest.mark.parametrize(("gguf_fixture", "reason"), ARCHS, ids=["mrope", "mamba"])
+@pytest.mark.parametrize(("gguf_fixture", "reason"), ARCHS, ids=["mrope", "mamba", "iswa"])
 @pytest.mark.parametrize("policy", ["infmllm", "window"])
 def test_evicting_policy_is_refused_with_the_reason(
     request: pytest.FixtureRequest, gguf_fixture: str, reason: str, policy: str
@@ -196,7 +232,9 @@ def test_evicting_policy_is_refused_with_the_reason(
         Llama(path, n_ctx=256, kv_policy=policy, n_threads=N_THREADS)
 
 
-@pytest.mark.parametrize("gguf_fixture", ["mrope_gguf", "mamba_gguf"], ids=["mrope", "mamba"])
+@pytest.mark.parametrize(
+    "gguf_fixture", ["mrope_gguf", "mamba_gguf", "iswa_gguf"], ids=["mrope", "mamba", "iswa"]
+)
 def test_full_cache_still_runs(request: pytest.FixtureRequest, gguf_fixture: str) -> None:
     """Refusing eviction must not refuse the model: without eviction it streams as usual."""
     llm = Llama(request.getfixturevalue(gguf_fixture), n_ctx=256, kv_policy="full", n_threads=N_THREADS)
