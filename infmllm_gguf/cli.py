@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +235,29 @@ def cmd_stream(args: argparse.Namespace) -> int:
 # --- chat -----------------------------------------------------------------------------
 
 
+def _prompts() -> Iterator[str]:
+    """Lines typed at the prompt; Ctrl-C abandons the line, Ctrl-D ends the chat."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("> ")
+        except KeyboardInterrupt:
+            print("^C (Ctrl-D or /quit leaves)")
+        except EOFError:
+            print()
+            return
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("infmllm-gguf chat: /stats, /reset, /quit. The cache policy handles history; nothing is truncated.")
-    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("> "), None):
+    print(
+        "infmllm-gguf chat: /stats, /reset, /quit; Ctrl-C stops an answer, Ctrl-D leaves. "
+        "The cache policy handles history; nothing is truncated."
+    )
+    for line in _prompts():
         line = line.strip()
         if not line:
             continue
@@ -255,14 +273,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         reply = ""
-        for chunk in llm.create_chat_completion(
-            messages, max_tokens=args.max_tokens, stream=True, temperature=0.2
-        ):
-            piece = chunk["choices"][0]["delta"].get("content", "")
-            reply += piece
-            print(piece, end="", flush=True)
+        try:
+            for chunk in llm.create_chat_completion(
+                messages, max_tokens=args.max_tokens, stream=True, temperature=0.2
+            ):
+                piece = chunk["choices"][0]["delta"].get("content", "")
+                reply += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")  # the session keeps what was said, the partial answer too
         print()
-        messages.append({"role": "assistant", "content": reply})
+        if reply:
+            messages.append({"role": "assistant", "content": reply})
+        else:
+            messages.pop()  # stopped before a word: the turn never happened
     return 0
 
 
