@@ -1,4 +1,8 @@
-"""Shared fixtures: the real SmolLM2 GGUF, real KJV text, contexts on the patched libllama."""
+"""Shared fixtures: the real SmolLM2 GGUF, real KJV text, contexts on the patched libllama.
+
+The native tests read tensor data through llama.cpp's eval callback as host memory, so their
+model and contexts stay on the CPU even in a CUDA build (no offloaded layers, K/V or ops).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def model(model_path):
         lc.llama_log_set(_quiet, None)
     lc.llama_backend_init()
     params = lc.llama_model_default_params()
+    params.n_gpu_layers = 0
     m = lc.llama_model_load_from_file(model_path.encode(), params)
     assert m, "could not load the default model"
     yield m
@@ -67,6 +72,7 @@ def make_ctx(model):
             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         p.no_perf = True
+        p.offload_kqv = p.op_offload = False
         if cb_eval is not None:
             p.cb_eval = cb_eval
             p.cb_eval_user_data = None

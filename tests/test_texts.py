@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from infmllm_gguf.texts import JARGON_PATH, genesis, jargon, load_text
 
 
-def test_named_texts_and_files(tmp_path):
-    assert load_text("genesis") == genesis()
-    assert genesis().startswith("In the beginning God created the heaven and the earth.")
+def test_named_texts_and_files(tmp_path, monkeypatch):
+    book = genesis()
+    assert book.startswith("In the beginning God created the heaven and the earth.")
+    assert book.rstrip().endswith("and he was put in a coffin in Egypt.")  # all 50 chapters
+    monkeypatch.chdir(tmp_path)
+    Path("genesis").write_text("a file that happens to share the name\n")
+    assert load_text("genesis").startswith("In the beginning")  # a name is the named text
+    assert load_text("./genesis") == "a file that happens to share the name\n"
     path = tmp_path / "notes.txt"
     path.write_text("any text file streams too\n")
     assert load_text(str(path)) == "any text file streams too\n"
+    with pytest.raises(FileNotFoundError):
+        load_text(str(tmp_path / "missing.txt"))
 
 
 def test_jargon_is_the_lexicon_or_a_clear_error():
