@@ -32,8 +32,17 @@ PATCH_DIR = ROOT / "patches"
 # patches/ paths are relative to llama.cpp's root inside the sdist
 LLAMA_SUBDIR = Path("vendor/llama.cpp")
 
-# Parts of the sdist the build never reads: skipping them keeps extraction fast.
-_SKIP_PREFIXES = (
+# Parts of the sdist the build never reads, as paths relative to the sdist root: an entry
+# ending in "/" is a folder and all below it, any other entry one exact path.  The one list
+# both the tarball and the directory source go through, so they yield the same tree;
+# folders of the same name elsewhere (src/models/, tools/mtmd/models/) are kept.  The .git
+# entries matter: the submodule's .git file points to a repository the sdist lacks, and
+# any git command run in the tree would fail on it.
+SKIP = (
+    ".git",
+    ".git/",
+    "vendor/llama.cpp/.git",
+    "vendor/llama.cpp/.git/",
     "vendor/llama.cpp/models/",
     "vendor/llama.cpp/docs/",
     "vendor/llama.cpp/media/",
@@ -47,6 +56,13 @@ _SKIP_PREFIXES = (
     "examples/",
     "tests/",
 )
+
+
+def is_skipped(rel: str, is_dir: bool) -> bool:
+    """Whether the sdist-relative path rel (a folder when is_dir) stays out of the source tree."""
+    path = rel + "/" if is_dir else rel
+    return any(path.startswith(entry) if entry.endswith("/") else path == entry for entry in SKIP)
+
 
 # Private name of the bundled llama-cpp-python package: it never shadows a
 # llama-cpp-python the user installed for other work.
@@ -118,7 +134,7 @@ def extract_sdist(sdist: Path, dest: Path) -> None:
             if not member.name.startswith(top):
                 continue
             rel = member.name[len(top) :]
-            if not rel or rel.startswith(_SKIP_PREFIXES) or not (member.isfile() or member.isdir()):
+            if not rel or not (member.isfile() or member.isdir()) or is_skipped(rel, member.isdir()):
                 continue
             member.name = rel
             members.append(member)
@@ -132,7 +148,12 @@ def copy_tree(src: Path, dest: Path) -> None:
     init = (src / "llama_cpp" / "__init__.py").read_text()
     if f'__version__ = "{UPSTREAM["version"]}"' not in init:
         raise SourceError(f"{src} is not {UPSTREAM['package']} {UPSTREAM['version']}")
-    ignore = shutil.ignore_patterns(".git", "models", "docs", "media", "server", "tests", "examples")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        base = Path(folder).relative_to(src).as_posix()
+        prefix = "" if base == "." else base + "/"
+        return {name for name in names if is_skipped(prefix + name, Path(folder, name).is_dir())}
+
     shutil.copytree(src, dest, ignore=ignore, dirs_exist_ok=True)
 
 

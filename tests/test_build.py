@@ -104,6 +104,49 @@ def test_patch_applies_with_offset(tmp_path):
     assert (tmp_path / "f.txt").read_text() == "new first line\nalpha\ninserted\nbeta\ngamma\n"
 
 
+# --- one skip list for both source forms -----------------------------------------
+
+
+def _synthetic_sdist_tree(root: Path) -> Path:
+    top = root / UPSTREAM["sdist"].removesuffix(".tar.gz")
+    files = {
+        "llama_cpp/__init__.py": f'__version__ = "{UPSTREAM["version"]}"\n',
+        "llama_cpp/server/app.py": "",
+        "LICENSE.md": "MIT\n",
+        "docs/index.md": "",
+        "vendor/llama.cpp/CMakeLists.txt": "",
+        "vendor/llama.cpp/src/models/x.cpp": "// a model builder\n",
+        "vendor/llama.cpp/tools/mtmd/models/y.cpp": "",
+        "vendor/llama.cpp/models/big.gguf": "GGUF",
+        "vendor/llama.cpp/tests/test-x.cpp": "",
+        "vendor/llama.cpp/tools/server/server.cpp": "",
+    }
+    for rel, text in files.items():
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_text(text)
+    return top
+
+
+def _tree_listing(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in root.rglob("*")}
+
+
+def test_tarball_and_directory_sources_give_the_same_tree(tmp_path):
+    top = _synthetic_sdist_tree(tmp_path / "sdist")
+    tarball = tmp_path / UPSTREAM["sdist"]
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    ps.extract_sdist(tarball, tmp_path / "from_tar")
+    ps.copy_tree(top, tmp_path / "from_dir")
+    from_tar = _tree_listing(tmp_path / "from_tar")
+    assert from_tar == _tree_listing(tmp_path / "from_dir")
+    assert "vendor/llama.cpp/src/models/x.cpp" in from_tar
+    assert "vendor/llama.cpp/tools/mtmd/models/y.cpp" in from_tar
+    assert "LICENSE.md" in from_tar
+    for skipped in ("vendor/llama.cpp/models/", "vendor/llama.cpp/tests/", "llama_cpp/server/", "docs/"):
+        assert not any(p.startswith(skipped) for p in from_tar), skipped
+
+
 def _cached_sdist() -> Path:
     override = os.environ.get("INFMLLM_LLAMA_SOURCE")
     if override and Path(override).is_file():
