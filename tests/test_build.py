@@ -79,29 +79,75 @@ def test_corrupted_sdist_fails_the_hash_check(tmp_path):
 def test_patch_with_missing_target_names_patch_and_file(tmp_path):
     patch = tmp_path / "0009-demo.patch"
     patch.write_text("--- a/src/nope.cpp\n+++ b/src/nope.cpp\n@@ -1,1 +1,2 @@\n x\n+y\n")
-    with pytest.raises(ps.SourceError, match=r"0009-demo.patch: target file src/nope.cpp does not exist"):
+    with pytest.raises(ps.SourceError, match=r"0009-demo.patch does not apply.*src/nope.cpp"):
         ps.apply_patch(patch, tmp_path)
 
 
-def test_patch_hunk_that_does_not_apply_names_the_hunk(tmp_path):
+def test_patch_hunk_that_does_not_apply_names_the_patch_and_changes_nothing(tmp_path):
     (tmp_path / "f.txt").write_text("alpha\nbeta\ngamma\n")
+    (tmp_path / "g.txt").write_text("one\n")
     patch = tmp_path / "0001-x.patch"
     patch.write_text(
+        "--- a/g.txt\n+++ b/g.txt\n@@ -1 +1 @@\n-one\n+two\n"
         "--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n"
         "@@ -3,1 +4,1 @@\n-delta\n+epsilon\n"
     )
-    with pytest.raises(
-        ps.SourceError, match=r"0001-x.patch: hunk #2 of f.txt \(@@ -3,1 \+4,1 @@\) does not apply"
-    ):
+    with pytest.raises(ps.SourceError, match=r"0001-x.patch does not apply.*f.txt:3"):
         ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "alpha\nbeta\ngamma\n"
+    assert (tmp_path / "g.txt").read_text() == "one\n"  # its good hunk is not applied either
+
+
+def test_truncated_patch_is_refused(tmp_path):
+    (tmp_path / "f.txt").write_text("alpha\nbeta\ngamma\n")
+    patch = tmp_path / "0002-cut.patch"
+    # the header promises 3 old lines; the file ends after 2 of them
+    patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1,3 +1,4 @@\n alpha\n+inserted\n beta\n")
+    with pytest.raises(ps.SourceError, match=r"0002-cut.patch does not apply"):
+        ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "alpha\nbeta\ngamma\n"
+
+
+def test_patch_can_create_a_file(tmp_path):
+    patch = tmp_path / "0003-new.patch"
+    patch.write_text(
+        "diff --git a/src/new.h b/src/new.h\nnew file mode 100644\n"
+        "--- /dev/null\n+++ b/src/new.h\n@@ -0,0 +1,2 @@\n+#pragma once\n+int f();\n"
+    )
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "src" / "new.h").read_text() == "#pragma once\nint f();\n"
+
+
+def test_patch_removing_a_line_that_starts_with_dashes(tmp_path):
+    (tmp_path / "q.sql").write_text("select 1;\n-- old comment\nselect 2;\n")
+    patch = tmp_path / "0004-sql.patch"
+    patch.write_text(
+        "--- a/q.sql\n+++ b/q.sql\n@@ -1,3 +1,3 @@\n"
+        " select 1;\n--- old comment\n+-- new comment\n select 2;\n"
+    )
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "q.sql").read_text() == "select 1;\n-- new comment\nselect 2;\n"
 
 
 def test_patch_applies_with_offset(tmp_path):
-    (tmp_path / "f.txt").write_text("new first line\nalpha\nbeta\ngamma\n")
+    # the hunk says line 3; two lines were added above since the patch was made
+    (tmp_path / "f.txt").write_text("new 1\nnew 2\nzero\none\nalpha\nbeta\ngamma\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -3,2 +3,3 @@\n alpha\n+inserted\n beta\n")
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "new 1\nnew 2\nzero\none\nalpha\ninserted\nbeta\ngamma\n"
+
+
+def test_patch_applies_inside_another_git_checkout(tmp_path):
+    # the build tree lies under this repository's build/: git must not treat it as part of it
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    tree = tmp_path / "build" / "src"
+    tree.mkdir(parents=True)
+    (tree / "f.txt").write_text("alpha\nbeta\n")
     patch = tmp_path / "0001-x.patch"
     patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n")
-    ps.apply_patch(patch, tmp_path)
-    assert (tmp_path / "f.txt").read_text() == "new first line\nalpha\ninserted\nbeta\ngamma\n"
+    ps.apply_patch(patch, tree)
+    assert (tree / "f.txt").read_text() == "alpha\ninserted\nbeta\n"
 
 
 # --- one skip list for both source forms -----------------------------------------
@@ -160,7 +206,7 @@ def test_real_patches_apply_to_the_pinned_source(tmp_path):
     if not sdist.is_file():
         pytest.skip("the pinned sdist is not cached (the build downloads it)")
     ps.verify_sdist(sdist)
-    targets = {fp.path for patch in ps.patch_files() for fp in ps.parse_patch(patch.read_text())}
+    targets = {rel for patch in ps.patch_files() for rel in ps.patch_targets(patch)}
     top = UPSTREAM["sdist"].removesuffix(".tar.gz")
     with tarfile.open(sdist) as tar:
         for rel in targets:
