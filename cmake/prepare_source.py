@@ -279,7 +279,15 @@ def prepare(out: Path) -> Path:
 
 
 def _sync_changed(new: Path, old: Path) -> None:
-    """Replace only files whose bytes changed, so unchanged sources keep their mtimes."""
+    """Make old equal to new, rewriting only files whose bytes changed so unchanged
+    sources keep their mtimes (and are not recompiled); files new lacks are deleted."""
+    for path in sorted(old.rglob("*"), reverse=True):  # children before their folder
+        rel = path.relative_to(old)
+        if path.is_dir() and not path.is_symlink():
+            if not (new / rel).is_dir():
+                shutil.rmtree(path)
+        elif not (new / rel).is_file():
+            path.unlink()
     for path in new.rglob("*"):
         if path.is_dir():
             continue

@@ -193,6 +193,21 @@ def test_tarball_and_directory_sources_give_the_same_tree(tmp_path):
         assert not any(p.startswith(skipped) for p in from_tar), skipped
 
 
+def test_source_sync_deletes_what_the_new_tree_lacks(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for rel, text in {"keep.c": "same", "edit.c": "v1", "gone.c": "x", "dir/gone.h": "y"}.items():
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(text)
+    for rel, text in {"keep.c": "same", "edit.c": "v2", "added/new.c": "z"}.items():
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        (new / rel).write_text(text)
+    os.utime(old / "keep.c", (1_000_000, 1_000_000))
+    ps._sync_changed(new, old)
+    assert _tree_listing(old) == _tree_listing(new)
+    assert (old / "edit.c").read_text() == "v2"
+    assert (old / "keep.c").stat().st_mtime == 1_000_000  # unchanged bytes: not rewritten
+
+
 def _cached_sdist() -> Path:
     override = os.environ.get("INFMLLM_LLAMA_SOURCE")
     if override and Path(override).is_file():
