@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -51,6 +52,24 @@ def test_vendored_layer_never_shadows_a_user_llama_cpp():
     from infmllm_gguf._llama_cpp import llama as vendored
 
     assert vendored.__name__ == "infmllm_gguf._llama_cpp.llama"
+
+
+def _installed_files() -> list[str]:
+    files = importlib.metadata.files("infmllm-gguf")
+    assert files, "infmllm-gguf is not installed from a wheel (no RECORD)"
+    return [f.as_posix() for f in files]
+
+
+def test_wheel_installs_only_its_package():
+    dist_info = {f.split("/", 1)[0] for f in _installed_files() if ".dist-info/" in f}
+    assert len(dist_info) == 1
+    stray = [
+        f
+        for f in _installed_files()
+        if not f.startswith(("infmllm_gguf/", *dist_info))
+        and Path(f).name not in ("infmllm-gguf", "infmllm-gguf.exe")
+    ]
+    assert stray == []
 
 
 def test_default_model_loads_and_generates():
