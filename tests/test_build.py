@@ -72,6 +72,20 @@ def test_wheel_installs_only_its_package():
     assert stray == []
 
 
+def test_wheel_ships_the_licenses():
+    files = set(_installed_files())
+    assert "infmllm_gguf/_llama_cpp/LICENSE-llama.cpp" in files
+    assert "infmllm_gguf/_llama_cpp/LICENSE-llama-cpp-python" in files
+    dist = importlib.metadata.distribution("infmllm-gguf")
+    ours = [f for f in dist.files if ".dist-info/" in f.as_posix() and f.name == "LICENSE"]
+    assert len(ours) == 1
+    assert "Copyright (c) 2026 infmllm-gguf contributors" in ours[0].read_text()
+    assert dist.metadata["License-Expression"] == "MIT"
+    pkg = Path(infmllm_gguf.__file__).parent / "_llama_cpp"
+    assert "The ggml authors" in (pkg / "LICENSE-llama.cpp").read_text()
+    assert "Andrei Betlen" in (pkg / "LICENSE-llama-cpp-python").read_text()
+
+
 def test_default_model_loads_and_generates():
     from infmllm_gguf._llama_cpp import Llama
 
