@@ -38,8 +38,8 @@ def test_unpatched_library_is_refused_with_instructions(tmp_path):
     lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
     (tmp_path / "libllama.so").symlink_to(lib_dir / "libggml-base.so")
     env = dict(os.environ, INFMLLM_GGUF_LIB_PATH=str(tmp_path))
-    out = subprocess.run(
-        [sys.executable, "-c", "import infmllm_gguf"], env=env, capture_output=True, text=True
+    out = subprocess.run(  # cwd: import the installed package, not the source tree
+        [sys.executable, "-c", "import infmllm_gguf"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode != 0
     assert "ImportError" in out.stderr
@@ -52,6 +52,15 @@ def test_vendored_layer_never_shadows_a_user_llama_cpp():
     from infmllm_gguf._llama_cpp import llama as vendored
 
     assert vendored.__name__ == "infmllm_gguf._llama_cpp.llama"
+
+
+def test_import_from_the_source_checkout_says_so():
+    out = subprocess.run(
+        [sys.executable, "-c", "import infmllm_gguf"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert f"imported from the source checkout at {ROOT}, which has no built library" in out.stderr
+    assert "Run Python from another directory" in out.stderr
 
 
 def _installed_files() -> list[str]:
