@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 ABI_VERSION = 1  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
@@ -55,6 +56,21 @@ def check_patched(lib: ctypes.CDLL, where: str) -> None:
         raise ImportError(f"{where} has infmllm ABI {found}, this package needs {ABI_VERSION}. {fix}")
 
 
+def shared_library_path(lib_dir: Path, base: str, platform: str = sys.platform) -> Path:
+    """Library `base` in lib_dir under this platform's file name.
+
+    The names and their order are those the vendored loader (_ctypes_extensions) tries, so
+    the file checked here is the file it then loads; the first name when none exists.
+    """
+    if platform == "win32":
+        names = [f"{base}.dll", f"lib{base}.dll"]
+    elif platform == "darwin":
+        names = [f"lib{base}.so", f"lib{base}.dylib"]
+    else:
+        names = [f"lib{base}.so"]
+    return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[0])
+
+
 _PKG_DIR = Path(__file__).resolve().parent
 
 
@@ -62,7 +78,7 @@ def library_path() -> Path:
     """The libllama the bundled layer will load (INFMLLM_GGUF_LIB_PATH overrides the dir)."""
     override = os.environ.get("INFMLLM_GGUF_LIB_PATH")
     lib_dir = Path(override) if override else _PKG_DIR / "_llama_cpp" / "lib"
-    return lib_dir / "libllama.so"
+    return shared_library_path(lib_dir, "llama")
 
 
 def _check_built() -> None:

@@ -14,7 +14,7 @@ _PKG_DIR = Path(__file__).resolve().parent
 
 def _registered_backends(lib_dir: Path) -> list[str]:
     """Backends ggml actually registered at run time (e.g. CPU, CUDA)."""
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+    ggml = ctypes.CDLL(str(_native.shared_library_path(lib_dir, "ggml")))
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
     ggml.ggml_backend_reg_get.restype = ctypes.c_void_p

@@ -36,7 +36,8 @@ def test_build_info_reports_the_patched_library():
 def test_unpatched_library_is_refused_with_instructions(tmp_path):
     # a real libllama-sized library without our marker: ggml-base from the same install
     lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
-    (tmp_path / "libllama.so").symlink_to(lib_dir / "libggml-base.so")
+    ggml_base = _native.shared_library_path(lib_dir, "ggml-base")
+    (tmp_path / _native.library_path().name).symlink_to(ggml_base)
     env = dict(os.environ, INFMLLM_GGUF_LIB_PATH=str(tmp_path))
     out = subprocess.run(  # cwd: import the installed package, not the source tree
         [sys.executable, "-c", "import infmllm_gguf"], env=env, cwd=tmp_path, capture_output=True, text=True
@@ -61,6 +62,22 @@ def test_import_from_the_source_checkout_says_so():
     assert out.returncode != 0
     assert f"imported from the source checkout at {ROOT}, which has no built library" in out.stderr
     assert "Run Python from another directory" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("platform", "present", "expected"),
+    [
+        ("linux", [], "libllama.so"),
+        ("darwin", [], "libllama.so"),
+        ("darwin", ["libllama.dylib"], "libllama.dylib"),
+        ("win32", [], "llama.dll"),
+        ("win32", ["libllama.dll"], "libllama.dll"),
+    ],
+)
+def test_shared_library_name_follows_the_platform(tmp_path, platform, present, expected):
+    for name in present:
+        (tmp_path / name).touch()
+    assert _native.shared_library_path(tmp_path, "llama", platform) == tmp_path / expected
 
 
 def _installed_files() -> list[str]:
