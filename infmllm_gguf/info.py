@@ -27,7 +27,7 @@ def _registered_backends(lib_dir: Path) -> list[str]:
 
 
 def build_info() -> dict[str, Any]:
-    """Describe the loaded native library; `patched` is True only for our libllama."""
+    """Describe the loaded native library (_native has already refused an unpatched one)."""
     config = json.loads((_PKG_DIR / "_build_config.json").read_text())
     lib_path = Path(_native._lib._name)
     return {
@@ -40,5 +40,4 @@ def build_info() -> dict[str, Any]:
         "backends": _registered_backends(lib_path.parent),
         "build_type": config["build_type"],
         "library": str(lib_path),
-        "patched": True,  # _native refuses to import an unpatched libllama
     }

@@ -1,7 +1,8 @@
-"""The build: fetch/verify/patch steps as units, the installed package, the default model (issue 3)."""
+"""The build: fetch/verify/patch steps as units, the installed package, the default model."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -24,8 +25,12 @@ UPSTREAM = json.loads((ROOT / "cmake" / "upstream.json").read_text())
 
 def test_build_info_reports_the_patched_library():
     info = infmllm_gguf.build_info()
-    assert info["patched"] is True
     assert info["abi_version"] == _native.ABI_VERSION
+    # the file build_info names carries the marker itself (checked on its own handle)
+    reported = ctypes.CDLL(info["library"])
+    reported.infmllm_abi_version.restype = ctypes.c_int32
+    assert reported.infmllm_abi_version() == _native.ABI_VERSION
+    assert Path(info["library"]).name == _native.library_path().name
     assert info["llama_cpp_commit"] == UPSTREAM["llama_cpp_commit"]
     assert info["llama_cpp_python_version"] == UPSTREAM["version"]
     assert info["patches"] == sorted(p.name for p in (ROOT / "patches").glob("*.patch"))
@@ -48,11 +53,23 @@ def test_unpatched_library_is_refused_with_instructions(tmp_path):
     assert "Reinstall infmllm-gguf" in out.stderr
 
 
-def test_vendored_layer_never_shadows_a_user_llama_cpp():
-    assert "llama_cpp" not in sys.modules  # our copy lives at infmllm_gguf._llama_cpp
-    from infmllm_gguf._llama_cpp import llama as vendored
-
-    assert vendored.__name__ == "infmllm_gguf._llama_cpp.llama"
+def test_vendored_layer_never_shadows_a_user_llama_cpp(tmp_path):
+    # a user's own llama_cpp package, first on sys.path
+    user = tmp_path / "user_site" / "llama_cpp"
+    user.mkdir(parents=True)
+    (user / "__init__.py").write_text("OWNER = 'user'\n")
+    code = (
+        "import sys, infmllm_gguf\n"
+        "from infmllm_gguf._llama_cpp import llama_cpp as ours\n"
+        "assert 'llama_cpp' not in sys.modules, 'infmllm_gguf imported llama_cpp'\n"
+        "assert ours._lib is infmllm_gguf._native._lib\n"
+        "import llama_cpp\n"
+        "print(llama_cpp.OWNER, llama_cpp.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "user_site"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["user", str(user / "__init__.py")]
 
 
 def test_import_from_the_source_checkout_says_so():
