@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +31,17 @@ PATCH_DIR = ROOT / "patches"
 # patches/ paths are relative to llama.cpp's root inside the sdist
 LLAMA_SUBDIR = Path("vendor/llama.cpp")
 
-# Parts of the sdist the build never reads: skipping them keeps extraction fast.
-_SKIP_PREFIXES = (
+# Parts of the sdist the build never reads, as paths relative to the sdist root: an entry
+# ending in "/" is a folder and all below it, any other entry one exact path.  The one list
+# both the tarball and the directory source go through, so they yield the same tree;
+# folders of the same name elsewhere (src/models/, tools/mtmd/models/) are kept.  The .git
+# entries matter: the submodule's .git file points to a repository the sdist lacks, and
+# any git command run in the tree (git apply) would fail on it.
+SKIP = (
+    ".git",
+    ".git/",
+    "vendor/llama.cpp/.git",
+    "vendor/llama.cpp/.git/",
     "vendor/llama.cpp/models/",
     "vendor/llama.cpp/docs/",
     "vendor/llama.cpp/media/",
@@ -47,6 +55,13 @@ _SKIP_PREFIXES = (
     "examples/",
     "tests/",
 )
+
+
+def is_skipped(rel: str, is_dir: bool) -> bool:
+    """Whether the sdist-relative path rel (a folder when is_dir) stays out of the source tree."""
+    path = rel + "/" if is_dir else rel
+    return any(path.startswith(entry) if entry.endswith("/") else path == entry for entry in SKIP)
+
 
 # Private name of the bundled llama-cpp-python package: it never shadows a
 # llama-cpp-python the user installed for other work.
@@ -118,7 +133,7 @@ def extract_sdist(sdist: Path, dest: Path) -> None:
             if not member.name.startswith(top):
                 continue
             rel = member.name[len(top) :]
-            if not rel or rel.startswith(_SKIP_PREFIXES) or not (member.isfile() or member.isdir()):
+            if not rel or not (member.isfile() or member.isdir()) or is_skipped(rel, member.isdir()):
                 continue
             member.name = rel
             members.append(member)
@@ -132,90 +147,57 @@ def copy_tree(src: Path, dest: Path) -> None:
     init = (src / "llama_cpp" / "__init__.py").read_text()
     if f'__version__ = "{UPSTREAM["version"]}"' not in init:
         raise SourceError(f"{src} is not {UPSTREAM['package']} {UPSTREAM['version']}")
-    ignore = shutil.ignore_patterns(".git", "models", "docs", "media", "server", "tests", "examples")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        base = Path(folder).relative_to(src).as_posix()
+        prefix = "" if base == "." else base + "/"
+        return {name for name in names if is_skipped(prefix + name, Path(folder, name).is_dir())}
+
     shutil.copytree(src, dest, ignore=ignore, dirs_exist_ok=True)
 
 
-# --- unified-diff application -------------------------------------------------
+# --- patch application -------------------------------------------------------------
+# git apply, not a hand-written applier and not patch(1): it checks every hunk's line
+# counts (a truncated patch is "corrupt"), applies with no fuzz, creates and deletes
+# files, and its --check pass lets a failing patch stop before anything is written.
 
 
-@dataclass
-class Hunk:
-    old_start: int
-    header: str
-    old: list[str]
-    new: list[str]
-
-
-@dataclass
-class FilePatch:
-    path: str
-    hunks: list[Hunk]
-
-
-_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
-
-
-def parse_patch(text: str) -> list[FilePatch]:
-    files: list[FilePatch] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
-            path = lines[i + 1][4:].split("\t")[0].strip()
-            if path.startswith("b/"):
-                path = path[2:]
-            files.append(FilePatch(path, []))
-            i += 2
-            continue
-        match = _HUNK_RE.match(line)
-        if match and files:
-            hunk = Hunk(int(match.group(1)), line, [], [])
-            i += 1
-            while i < len(lines) and not lines[i].startswith(("@@", "--- ", "diff ")):
-                body = lines[i]
-                tag, content = (body[:1], body[1:]) if body else (" ", "")
-                if tag in (" ", "-"):
-                    hunk.old.append(content)
-                if tag in (" ", "+"):
-                    hunk.new.append(content)
-                i += 1
-            files[-1].hunks.append(hunk)
-            continue
-        i += 1
-    return files
-
-
-def _find(haystack: list[str], needle: list[str], hint: int) -> int:
-    """Exact match of a hunk's old lines, nearest to where the header says."""
-    n = len(needle)
-    candidates = range(len(haystack) - n + 1)
-    for pos in sorted(candidates, key=lambda p: abs(p - hint)):
-        if haystack[pos : pos + n] == needle:
-            return pos
-    return -1
+def _git_apply(args: list[str], patch_file: Path, tree: Path) -> subprocess.CompletedProcess[str]:
+    # The tree may lie inside some git checkout (our build dir does): stop git from finding
+    # it, or paths would be taken relative to that checkout and files outside cwd skipped.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_CEILING_DIRECTORIES"] = str(tree.resolve().parent)
+    try:
+        return subprocess.run(
+            ["git", "apply", *args, str(patch_file.resolve())],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError as exc:
+        raise SourceError("git is needed to apply patches/ (git apply) and was not found") from exc
 
 
 def apply_patch(patch_file: Path, tree: Path) -> None:
-    """Apply a unified diff; a hunk that does not match stops with its name."""
-    for fp in parse_patch(patch_file.read_text()):
-        target = tree / fp.path
-        if not target.is_file():
-            raise SourceError(f"{patch_file.name}: target file {fp.path} does not exist in the source tree")
-        text = target.read_text()
-        lines = text.split("\n")
-        offset = 0
-        for number, hunk in enumerate(fp.hunks, 1):
-            pos = _find(lines, hunk.old, hunk.old_start - 1 + offset)
-            if pos < 0:
-                raise SourceError(
-                    f"{patch_file.name}: hunk #{number} of {fp.path} ({hunk.header}) does not apply; "
-                    "the pinned source and the patch disagree"
-                )
-            lines[pos : pos + len(hunk.old)] = hunk.new
-            offset += len(hunk.new) - len(hunk.old)
-        target.write_text("\n".join(lines))
+    """Apply one patch to tree, all of it or (on any mismatch) nothing, naming it on failure."""
+    for args in (["--check"], []):
+        result = _git_apply(args, patch_file, tree)
+        if result.returncode != 0:
+            reason = (result.stderr or result.stdout).strip()
+            raise SourceError(
+                f"{patch_file.name} does not apply to the pinned source: {reason}"
+                if args
+                else f"{patch_file.name}: git apply failed after a clean check: {reason}"
+            )
+
+
+def patch_targets(patch_file: Path) -> list[str]:
+    """Paths (relative to llama.cpp's root) that patch_file touches."""
+    result = _git_apply(["--numstat"], patch_file, patch_file.parent)
+    if result.returncode != 0:
+        raise SourceError(f"{patch_file.name} is not a valid patch: {result.stderr.strip()}")
+    return [line.split("\t", 2)[2] for line in result.stdout.splitlines() if line]
 
 
 def patch_files() -> list[Path]:
@@ -297,7 +279,15 @@ def prepare(out: Path) -> Path:
 
 
 def _sync_changed(new: Path, old: Path) -> None:
-    """Replace only files whose bytes changed, so unchanged sources keep their mtimes."""
+    """Make old equal to new, rewriting only files whose bytes changed so unchanged
+    sources keep their mtimes (and are not recompiled); files new lacks are deleted."""
+    for path in sorted(old.rglob("*"), reverse=True):  # children before their folder
+        rel = path.relative_to(old)
+        if path.is_dir() and not path.is_symlink():
+            if not (new / rel).is_dir():
+                shutil.rmtree(path)
+        elif not (new / rel).is_file():
+            path.unlink()
     for path in new.rglob("*"):
         if path.is_dir():
             continue

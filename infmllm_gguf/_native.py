@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 ABI_VERSION = 1  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
@@ -55,14 +56,51 @@ def check_patched(lib: ctypes.CDLL, where: str) -> None:
         raise ImportError(f"{where} has infmllm ABI {found}, this package needs {ABI_VERSION}. {fix}")
 
 
+def shared_library_path(lib_dir: Path, base: str, platform: str = sys.platform) -> Path:
+    """Library `base` in lib_dir under this platform's file name.
+
+    The names and their order are those the vendored loader (_ctypes_extensions) tries, so
+    the file checked here is the file it then loads; the first name when none exists.
+    """
+    if platform == "win32":
+        names = [f"{base}.dll", f"lib{base}.dll"]
+    elif platform == "darwin":
+        names = [f"lib{base}.so", f"lib{base}.dylib"]
+    else:
+        names = [f"lib{base}.so"]
+    return next((lib_dir / n for n in names if (lib_dir / n).is_file()), lib_dir / names[0])
+
+
+_PKG_DIR = Path(__file__).resolve().parent
+
+
 def library_path() -> Path:
     """The libllama the bundled layer will load (INFMLLM_GGUF_LIB_PATH overrides the dir)."""
     override = os.environ.get("INFMLLM_GGUF_LIB_PATH")
-    lib_dir = Path(override) if override else Path(__file__).resolve().parent / "_llama_cpp" / "lib"
-    return lib_dir / "libllama.so"
+    lib_dir = Path(override) if override else _PKG_DIR / "_llama_cpp" / "lib"
+    return shared_library_path(lib_dir, "llama")
+
+
+def _check_built() -> None:
+    """Explain a package without its build products; the likeliest cause is the source tree
+    shadowing the installed package because Python was started in the repository root."""
+    if (_PKG_DIR / "_llama_cpp" / "__init__.py").is_file():
+        return
+    checkout = _PKG_DIR.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "cmake" / "prepare_source.py").is_file():
+        raise ImportError(
+            f"infmllm_gguf was imported from the source checkout at {checkout}, which has no built "
+            "library (the build puts it only into the installed package). Run Python from another "
+            f"directory so the installed infmllm-gguf is found, or install it first (pip install {checkout})."
+        )
+    raise ImportError(
+        f"{_PKG_DIR} has no bundled llama-cpp-python layer (_llama_cpp/): the install is incomplete. "
+        "Reinstall infmllm-gguf (pip install --force-reinstall . in its source tree)."
+    )
 
 
 def _load_checked() -> ctypes.CDLL:
+    _check_built()
     path = library_path()
     try:
         lib = ctypes.CDLL(str(path))

@@ -14,7 +14,7 @@ _PKG_DIR = Path(__file__).resolve().parent
 
 def _registered_backends(lib_dir: Path) -> list[str]:
     """Backends ggml actually registered at run time (e.g. CPU, CUDA)."""
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+    ggml = ctypes.CDLL(str(_native.shared_library_path(lib_dir, "ggml")))
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
     ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
@@ -27,7 +27,7 @@ def _registered_backends(lib_dir: Path) -> list[str]:
 
 
 def build_info() -> dict[str, Any]:
-    """Describe the loaded native library; `patched` is True only for our libllama."""
+    """Describe the loaded native library (_native has already refused an unpatched one)."""
     config = json.loads((_PKG_DIR / "_build_config.json").read_text())
     lib_path = Path(_native._lib._name)
     return {
@@ -40,5 +40,4 @@ def build_info() -> dict[str, Any]:
         "backends": _registered_backends(lib_path.parent),
         "build_type": config["build_type"],
         "library": str(lib_path),
-        "patched": True,  # _native refuses to import an unpatched libllama
     }

@@ -1,7 +1,9 @@
-"""The build: fetch/verify/patch steps as units, the installed package, the default model (issue 3)."""
+"""The build: fetch/verify/patch steps as units, the installed package, the default model."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -23,8 +25,12 @@ UPSTREAM = json.loads((ROOT / "cmake" / "upstream.json").read_text())
 
 def test_build_info_reports_the_patched_library():
     info = infmllm_gguf.build_info()
-    assert info["patched"] is True
     assert info["abi_version"] == _native.ABI_VERSION
+    # the file build_info names carries the marker itself (checked on its own handle)
+    reported = ctypes.CDLL(info["library"])
+    reported.infmllm_abi_version.restype = ctypes.c_int32
+    assert reported.infmllm_abi_version() == _native.ABI_VERSION
+    assert Path(info["library"]).name == _native.library_path().name
     assert info["llama_cpp_commit"] == UPSTREAM["llama_cpp_commit"]
     assert info["llama_cpp_python_version"] == UPSTREAM["version"]
     assert info["patches"] == sorted(p.name for p in (ROOT / "patches").glob("*.patch"))
@@ -35,10 +41,11 @@ def test_build_info_reports_the_patched_library():
 def test_unpatched_library_is_refused_with_instructions(tmp_path):
     # a real libllama-sized library without our marker: ggml-base from the same install
     lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
-    (tmp_path / "libllama.so").symlink_to(lib_dir / "libggml-base.so")
+    ggml_base = _native.shared_library_path(lib_dir, "ggml-base")
+    (tmp_path / _native.library_path().name).symlink_to(ggml_base)
     env = dict(os.environ, INFMLLM_GGUF_LIB_PATH=str(tmp_path))
-    out = subprocess.run(
-        [sys.executable, "-c", "import infmllm_gguf"], env=env, capture_output=True, text=True
+    out = subprocess.run(  # cwd: import the installed package, not the source tree
+        [sys.executable, "-c", "import infmllm_gguf"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode != 0
     assert "ImportError" in out.stderr
@@ -46,11 +53,80 @@ def test_unpatched_library_is_refused_with_instructions(tmp_path):
     assert "Reinstall infmllm-gguf" in out.stderr
 
 
-def test_vendored_layer_never_shadows_a_user_llama_cpp():
-    assert "llama_cpp" not in sys.modules  # our copy lives at infmllm_gguf._llama_cpp
-    from infmllm_gguf._llama_cpp import llama as vendored
+def test_vendored_layer_never_shadows_a_user_llama_cpp(tmp_path):
+    # a user's own llama_cpp package, first on sys.path
+    user = tmp_path / "user_site" / "llama_cpp"
+    user.mkdir(parents=True)
+    (user / "__init__.py").write_text("OWNER = 'user'\n")
+    code = (
+        "import sys, infmllm_gguf\n"
+        "from infmllm_gguf._llama_cpp import llama_cpp as ours\n"
+        "assert 'llama_cpp' not in sys.modules, 'infmllm_gguf imported llama_cpp'\n"
+        "assert ours._lib is infmllm_gguf._native._lib\n"
+        "import llama_cpp\n"
+        "print(llama_cpp.OWNER, llama_cpp.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "user_site"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["user", str(user / "__init__.py")]
 
-    assert vendored.__name__ == "infmllm_gguf._llama_cpp.llama"
+
+def test_import_from_the_source_checkout_says_so():
+    out = subprocess.run(
+        [sys.executable, "-c", "import infmllm_gguf"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode != 0
+    assert f"imported from the source checkout at {ROOT}, which has no built library" in out.stderr
+    assert "Run Python from another directory" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("platform", "present", "expected"),
+    [
+        ("linux", [], "libllama.so"),
+        ("darwin", [], "libllama.so"),
+        ("darwin", ["libllama.dylib"], "libllama.dylib"),
+        ("win32", [], "llama.dll"),
+        ("win32", ["libllama.dll"], "libllama.dll"),
+    ],
+)
+def test_shared_library_name_follows_the_platform(tmp_path, platform, present, expected):
+    for name in present:
+        (tmp_path / name).touch()
+    assert _native.shared_library_path(tmp_path, "llama", platform) == tmp_path / expected
+
+
+def _installed_files() -> list[str]:
+    files = importlib.metadata.files("infmllm-gguf")
+    assert files, "infmllm-gguf is not installed from a wheel (no RECORD)"
+    return [f.as_posix() for f in files]
+
+
+def test_wheel_installs_only_its_package():
+    dist_info = {f.split("/", 1)[0] for f in _installed_files() if ".dist-info/" in f}
+    assert len(dist_info) == 1
+    stray = [
+        f
+        for f in _installed_files()
+        if not f.startswith(("infmllm_gguf/", *dist_info))
+        and Path(f).name not in ("infmllm-gguf", "infmllm-gguf.exe")
+    ]
+    assert stray == []
+
+
+def test_wheel_ships_the_licenses():
+    files = set(_installed_files())
+    assert "infmllm_gguf/_llama_cpp/LICENSE-llama.cpp" in files
+    assert "infmllm_gguf/_llama_cpp/LICENSE-llama-cpp-python" in files
+    dist = importlib.metadata.distribution("infmllm-gguf")
+    ours = [f for f in dist.files if ".dist-info/" in f.as_posix() and f.name == "LICENSE"]
+    assert len(ours) == 1
+    assert "Copyright (c) 2026 infmllm-gguf contributors" in ours[0].read_text()
+    assert dist.metadata["License-Expression"] == "MIT"
+    pkg = Path(infmllm_gguf.__file__).parent / "_llama_cpp"
+    assert "The ggml authors" in (pkg / "LICENSE-llama.cpp").read_text()
+    assert "Andrei Betlen" in (pkg / "LICENSE-llama-cpp-python").read_text()
 
 
 def test_default_model_loads_and_generates():
@@ -79,29 +155,133 @@ def test_corrupted_sdist_fails_the_hash_check(tmp_path):
 def test_patch_with_missing_target_names_patch_and_file(tmp_path):
     patch = tmp_path / "0009-demo.patch"
     patch.write_text("--- a/src/nope.cpp\n+++ b/src/nope.cpp\n@@ -1,1 +1,2 @@\n x\n+y\n")
-    with pytest.raises(ps.SourceError, match=r"0009-demo.patch: target file src/nope.cpp does not exist"):
+    with pytest.raises(ps.SourceError, match=r"0009-demo.patch does not apply.*src/nope.cpp"):
         ps.apply_patch(patch, tmp_path)
 
 
-def test_patch_hunk_that_does_not_apply_names_the_hunk(tmp_path):
+def test_patch_hunk_that_does_not_apply_names_the_patch_and_changes_nothing(tmp_path):
     (tmp_path / "f.txt").write_text("alpha\nbeta\ngamma\n")
+    (tmp_path / "g.txt").write_text("one\n")
     patch = tmp_path / "0001-x.patch"
     patch.write_text(
+        "--- a/g.txt\n+++ b/g.txt\n@@ -1 +1 @@\n-one\n+two\n"
         "--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n"
         "@@ -3,1 +4,1 @@\n-delta\n+epsilon\n"
     )
-    with pytest.raises(
-        ps.SourceError, match=r"0001-x.patch: hunk #2 of f.txt \(@@ -3,1 \+4,1 @@\) does not apply"
-    ):
+    with pytest.raises(ps.SourceError, match=r"0001-x.patch does not apply.*f.txt:3"):
         ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "alpha\nbeta\ngamma\n"
+    assert (tmp_path / "g.txt").read_text() == "one\n"  # its good hunk is not applied either
+
+
+def test_truncated_patch_is_refused(tmp_path):
+    (tmp_path / "f.txt").write_text("alpha\nbeta\ngamma\n")
+    patch = tmp_path / "0002-cut.patch"
+    # the header promises 3 old lines; the file ends after 2 of them
+    patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1,3 +1,4 @@\n alpha\n+inserted\n beta\n")
+    with pytest.raises(ps.SourceError, match=r"0002-cut.patch does not apply"):
+        ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "alpha\nbeta\ngamma\n"
+
+
+def test_patch_can_create_a_file(tmp_path):
+    patch = tmp_path / "0003-new.patch"
+    patch.write_text(
+        "diff --git a/src/new.h b/src/new.h\nnew file mode 100644\n"
+        "--- /dev/null\n+++ b/src/new.h\n@@ -0,0 +1,2 @@\n+#pragma once\n+int f();\n"
+    )
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "src" / "new.h").read_text() == "#pragma once\nint f();\n"
+
+
+def test_patch_removing_a_line_that_starts_with_dashes(tmp_path):
+    (tmp_path / "q.sql").write_text("select 1;\n-- old comment\nselect 2;\n")
+    patch = tmp_path / "0004-sql.patch"
+    patch.write_text(
+        "--- a/q.sql\n+++ b/q.sql\n@@ -1,3 +1,3 @@\n"
+        " select 1;\n--- old comment\n+-- new comment\n select 2;\n"
+    )
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "q.sql").read_text() == "select 1;\n-- new comment\nselect 2;\n"
 
 
 def test_patch_applies_with_offset(tmp_path):
-    (tmp_path / "f.txt").write_text("new first line\nalpha\nbeta\ngamma\n")
+    # the hunk says line 3; two lines were added above since the patch was made
+    (tmp_path / "f.txt").write_text("new 1\nnew 2\nzero\none\nalpha\nbeta\ngamma\n")
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -3,2 +3,3 @@\n alpha\n+inserted\n beta\n")
+    ps.apply_patch(patch, tmp_path)
+    assert (tmp_path / "f.txt").read_text() == "new 1\nnew 2\nzero\none\nalpha\ninserted\nbeta\ngamma\n"
+
+
+def test_patch_applies_inside_another_git_checkout(tmp_path):
+    # the build tree lies under this repository's build/: git must not treat it as part of it
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    tree = tmp_path / "build" / "src"
+    tree.mkdir(parents=True)
+    (tree / "f.txt").write_text("alpha\nbeta\n")
     patch = tmp_path / "0001-x.patch"
     patch.write_text("--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,3 @@\n alpha\n+inserted\n beta\n")
-    ps.apply_patch(patch, tmp_path)
-    assert (tmp_path / "f.txt").read_text() == "new first line\nalpha\ninserted\nbeta\ngamma\n"
+    ps.apply_patch(patch, tree)
+    assert (tree / "f.txt").read_text() == "alpha\ninserted\nbeta\n"
+
+
+# --- one skip list for both source forms -----------------------------------------
+
+
+def _synthetic_sdist_tree(root: Path) -> Path:
+    top = root / UPSTREAM["sdist"].removesuffix(".tar.gz")
+    files = {
+        "llama_cpp/__init__.py": f'__version__ = "{UPSTREAM["version"]}"\n',
+        "llama_cpp/server/app.py": "",
+        "LICENSE.md": "MIT\n",
+        "docs/index.md": "",
+        "vendor/llama.cpp/CMakeLists.txt": "",
+        "vendor/llama.cpp/src/models/x.cpp": "// a model builder\n",
+        "vendor/llama.cpp/tools/mtmd/models/y.cpp": "",
+        "vendor/llama.cpp/models/big.gguf": "GGUF",
+        "vendor/llama.cpp/tests/test-x.cpp": "",
+        "vendor/llama.cpp/tools/server/server.cpp": "",
+    }
+    for rel, text in files.items():
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_text(text)
+    return top
+
+
+def _tree_listing(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else "") for p in root.rglob("*")}
+
+
+def test_tarball_and_directory_sources_give_the_same_tree(tmp_path):
+    top = _synthetic_sdist_tree(tmp_path / "sdist")
+    tarball = tmp_path / UPSTREAM["sdist"]
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    ps.extract_sdist(tarball, tmp_path / "from_tar")
+    ps.copy_tree(top, tmp_path / "from_dir")
+    from_tar = _tree_listing(tmp_path / "from_tar")
+    assert from_tar == _tree_listing(tmp_path / "from_dir")
+    assert "vendor/llama.cpp/src/models/x.cpp" in from_tar
+    assert "vendor/llama.cpp/tools/mtmd/models/y.cpp" in from_tar
+    assert "LICENSE.md" in from_tar
+    for skipped in ("vendor/llama.cpp/models/", "vendor/llama.cpp/tests/", "llama_cpp/server/", "docs/"):
+        assert not any(p.startswith(skipped) for p in from_tar), skipped
+
+
+def test_source_sync_deletes_what_the_new_tree_lacks(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    for rel, text in {"keep.c": "same", "edit.c": "v1", "gone.c": "x", "dir/gone.h": "y"}.items():
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_text(text)
+    for rel, text in {"keep.c": "same", "edit.c": "v2", "added/new.c": "z"}.items():
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        (new / rel).write_text(text)
+    os.utime(old / "keep.c", (1_000_000, 1_000_000))
+    ps._sync_changed(new, old)
+    assert _tree_listing(old) == _tree_listing(new)
+    assert (old / "edit.c").read_text() == "v2"
+    assert (old / "keep.c").stat().st_mtime == 1_000_000  # unchanged bytes: not rewritten
 
 
 def _cached_sdist() -> Path:
@@ -117,7 +297,7 @@ def test_real_patches_apply_to_the_pinned_source(tmp_path):
     if not sdist.is_file():
         pytest.skip("the pinned sdist is not cached (the build downloads it)")
     ps.verify_sdist(sdist)
-    targets = {fp.path for patch in ps.patch_files() for fp in ps.parse_patch(patch.read_text())}
+    targets = {rel for patch in ps.patch_files() for rel in ps.patch_targets(patch)}
     top = UPSTREAM["sdist"].removesuffix(".tar.gz")
     with tarfile.open(sdist) as tar:
         for rel in targets:
