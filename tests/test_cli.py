@@ -1,4 +1,4 @@
-"""The CLI commands run on the real model and emit the documented JSON keys (issue 5)."""
+"""The CLI commands run on the real model and emit the documented JSON keys; chat survives Ctrl-C/D."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pexpect
 import pytest
 
 from infmllm_gguf.cli import main
@@ -87,6 +88,44 @@ def test_chat_commands_over_stdin(tmp_path):
     assert out.returncode == 0, out.stderr
     stats = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert stats[0]["n_streamed"] > 0 and stats[1]["n_streamed"] == 0
+
+
+def test_chat_in_a_terminal_survives_ctrl_c_and_leaves_on_ctrl_d(tmp_path):
+    """A real pseudo-terminal: Ctrl-C during an answer stops it and the conversation goes on;
+    Ctrl-C at the prompt abandons the line; Ctrl-D leaves with status 0."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "infmllm_gguf.cli", "chat", "--budget", "256", "--max-tokens", "400"],
+        cwd=str(tmp_path),  # import the installed package, not the source tree
+        encoding="utf-8",
+        timeout=180,
+    )
+    try:
+        child.expect_exact("> ")
+        child.sendline("Write a very long story about a dragon and a king, with many chapters.")
+        child.expect_exact("chapters.\r\n")  # the terminal's echo of the line
+        child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect_exact("> ")
+        child.sendline("/stats")
+        child.expect(r"\{.*\}")
+        stats = json.loads(child.after)
+        assert stats["n_streamed"] > 20 and stats["n_cached"] == stats["n_streamed"]
+        child.sendintr()  # at the prompt
+        child.expect_exact("^C (Ctrl-D or /quit leaves)")
+        child.sendline("Say hello.")
+        child.expect_exact("hello.\r\n")
+        child.expect(r"\w+")
+        child.expect_exact("> ")
+        child.sendline("/stats")
+        child.expect(r"\{.*\}")
+        assert json.loads(child.after)["n_streamed"] > stats["n_streamed"]  # the conversation went on
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
 
 
 def test_cli_unknown_policy_is_a_usage_error(capsys):
