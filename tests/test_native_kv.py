@@ -210,3 +210,28 @@ def test_runtime_sizes_policies_by_the_kv_buffer(model_path, text_tokens):
     finally:
         llm.close()
 
+
+def test_select_keep_nan_scores_rank_lowest():
+    """NaN never reaches the ordering (undefined behaviour in nth_element): it ranks below
+    every other score, -inf below every finite one, +inf above; sums skip them."""
+    rng = np.random.default_rng(7)
+    n, budget = 200, 64
+    scores = rng.gamma(0.3, size=n).astype(np.float32)
+    nan_cells = rng.choice(np.arange(4, n - 16), size=120, replace=False)
+    scores[nan_cells] = np.nan
+    scores[nan_cells[:5]] = -np.inf
+    scores[nan_cells[5:8]] = np.inf
+    for w, bias in [(0, 0.0), (2, 1e-3)]:
+        keep = select_keep(scores, budget, 4, 16, w, bias)
+        assert keep.sum() == budget
+        np.testing.assert_array_equal(keep, reference_keep(scores, budget, 4, 16, w, bias))
+        middle = np.zeros(n, bool)
+        middle[4 : n - 16] = True
+        finite = middle & np.isfinite(scores)
+        assert keep[middle & (scores == np.inf)].all()
+        # 44 saddles: 3 +inf, then the finite cells, and no NaN or -inf while any finite is left
+        assert keep[finite].sum() == min(budget - 20 - 3, finite.sum())
+        assert not keep[middle & np.isnan(scores)].any()
+    # all NaN: still exactly budget, ties to the newer cell
+    keep = select_keep(np.full(n, np.nan, np.float32), budget, 4, 16, 0, 0.0)
+    np.testing.assert_array_equal(np.flatnonzero(keep), np.r_[0:4, n - 60 : n])

@@ -92,8 +92,11 @@ struct infmllm_select_params {
 
 // The InfMLLM rule over n cells in stream order (scores[0] = oldest): keep sinks, recent and
 // the top (budget - n_sink - n_recent) of the rest by local-sum score (normalised to sum 1
-// over all n cells) plus recency bias; ties go to the newer cell.  O(n).  Writes keep[i] in
-// {0, 1} and returns the number kept (min(n, budget)).
+// over all n cells) plus recency bias; ties go to the newer cell.  A non-finite score adds
+// nothing to the sums; its own cell ranks by it: +inf above every finite rank, -inf below,
+// NaN below everything.  O(n).  Writes keep[i] in {0, 1} and returns the number kept
+// (min(n, budget)); INFMLLM_ERR_INVALID_ARG for NULL pointers, negative counts,
+// n_sink + n_recent > budget or a non-finite bias.
 LLAMA_API int32_t infmllm_select_keep(
         const float                         * scores,
         int32_t                               n,
