@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 1  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 2  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -127,7 +127,10 @@ infmllm_abi_version = _bind("infmllm_abi_version", [], ctypes.c_int32)
 infmllm_patchset_version = _bind("infmllm_patchset_version", [], ctypes.c_char_p)
 infmllm_status_str = _bind("infmllm_status_str", [ctypes.c_int32], ctypes.c_char_p)
 infmllm_set_scoring = _bind("infmllm_set_scoring", [llama_context_p, ctypes.c_int32], ctypes.c_int32)
-infmllm_get_scoring = _bind("infmllm_get_scoring", [llama_context_p], ctypes.c_int32)
+infmllm_get_scoring = _bind(
+    "infmllm_get_scoring", [llama_context_p, ctypes.POINTER(ctypes.c_int32)], ctypes.c_int32
+)
+infmllm_kv_size = _bind("infmllm_kv_size", [llama_context_p], ctypes.c_int32)
 infmllm_kv_seq_n_cells = _bind("infmllm_kv_seq_n_cells", [llama_context_p, llama_seq_id], ctypes.c_int32)
 infmllm_kv_seq_cells = _bind(
     "infmllm_kv_seq_cells",

@@ -53,7 +53,15 @@ class KVCache:
 
     @property
     def scoring(self) -> int:
-        return _check("infmllm_get_scoring", N.infmllm_get_scoring(self.ctx))
+        """The current mode; -1 (all rows) is a mode, not an error, hence the out-parameter."""
+        mode = ctypes.c_int32()
+        _check("infmllm_get_scoring", N.infmllm_get_scoring(self.ctx, ctypes.byref(mode)))
+        return mode.value
+
+    @property
+    def size(self) -> int:
+        """Cells in the KV buffer: llama.cpp pads n_ctx, so cell indices can reach past it."""
+        return _check("infmllm_kv_size", N.infmllm_kv_size(self.ctx))
 
     def n_cells(self, seq_id: int = 0) -> int:
         return _check("infmllm_kv_seq_n_cells", N.infmllm_kv_seq_n_cells(self.ctx, seq_id))

@@ -268,7 +268,7 @@ class Llama:
             self._n_evicted = 0
             self._evictions = 0
             self._max_pos_seen = -1
-            self.policy.reset(self.n_ctx)
+            self.policy.reset(self.kv.size)  # cell indices, which reach past n_ctx (llama.cpp pads it)
 
     @property
     def history(self) -> np.ndarray:

@@ -59,7 +59,11 @@ class KVPolicy:
 
     # --- per-session state, reset by the runtime
     def reset(self, n_cells_max: int) -> None:
-        """Forget all per-session state (called on a new stream)."""
+        """Forget all per-session state (called on a new stream).
+
+        n_cells_max is the KV buffer's size in cells (KVCache.size), which bounds the cell
+        indices a view can hold; llama.cpp pads it past the requested n_ctx.
+        """
 
     def observe(self, view: CellView, n_rows: int) -> None:
         """Called after every decode with the cells' latest scores from n_rows queries."""

@@ -59,9 +59,21 @@ def make_ctx(model):
     made = []
 
     def make(
-        n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=False, n_seq_max=1, kv_unified=True, cb_eval=None
+        n_ctx=1024,
+        n_batch=512,
+        n_ubatch=512,
+        flash_attn=False,
+        n_seq_max=1,
+        kv_unified=True,
+        cb_eval=None,
+        type_k=None,
+        type_v=None,
     ):
         p = lc.llama_context_default_params()
+        if type_k is not None:  # a ggml_type; llama.cpp's default cache is F16
+            p.type_k = type_k
+        if type_v is not None:
+            p.type_v = type_v
         p.n_ctx = n_ctx
         p.n_batch = n_batch
         p.n_ubatch = n_ubatch

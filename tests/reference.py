@@ -122,7 +122,11 @@ class AttentionCapture:
 
 
 def reference_keep(scores, budget, n_sink, n_recent, w, bias):
-    """The rule of SPEC section 1, written plainly (sums in float64, in stream order)."""
+    """The rule of SPEC section 1, written plainly (sums in float64, in stream order).
+
+    A non-finite score adds nothing to the sums and ranks its own cell by itself: +inf
+    above every finite rank, -inf below, NaN below everything.
+    """
     n = len(scores)
     keep = np.zeros(n, bool)
     if n <= budget:
@@ -130,14 +134,23 @@ def reference_keep(scores, budget, n_sink, n_recent, w, bias):
         return keep
     keep[:n_sink] = True
     keep[n - n_recent :] = True
+    if budget == n_sink + n_recent:
+        return keep
     bias = float(np.float32(bias))  # the C API takes a float
-    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(scores, np.float64))])
+    a = np.asarray(scores, np.float32).astype(np.float64)
+    finite = np.where(np.isfinite(a), a, 0.0)
+    prefix = np.concatenate([[0.0], np.cumsum(finite)])
     total = prefix[n] if prefix[n] > 0 else 1.0
     ranked = []
     for j in range(n_sink, n - n_recent):
-        lo, hi = max(0, j - w), min(n, j + w + 1)
-        ranked.append(((prefix[hi] - prefix[lo]) / total + bias * (j / (n - 1)), j))
-    ranked.sort(key=lambda rj: (-rj[0], -rj[1]))  # higher first, ties to the newer
-    for _, j in ranked[: budget - n_sink - n_recent]:
+        if np.isfinite(a[j]):
+            lo, hi = max(0, j - w), min(n, j + w + 1)
+            r = (prefix[hi] - prefix[lo]) / total + bias * (j / (n - 1))
+        else:
+            r = a[j]
+        nan = bool(np.isnan(r))
+        ranked.append((nan, 0.0 if nan else -r, -j, j))
+    ranked.sort()  # not NaN first, then higher first, ties to the newer
+    for *_, j in ranked[: budget - n_sink - n_recent]:
         keep[j] = True
     return keep

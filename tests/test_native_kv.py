@@ -9,6 +9,7 @@ import pytest
 from conftest import logits_of
 from reference import AttentionCapture, reference_keep
 
+from infmllm_gguf import H2O, Llama
 from infmllm_gguf import _native as N
 from infmllm_gguf.kv import KVCache, NativeError, decode, select_keep
 
@@ -155,3 +156,82 @@ def test_bad_input_returns_errors_and_corrupts_nothing(make_ctx, model, text_tok
     decode(ctx, text_tokens[100:101], [100])
     decode(twin, text_tokens[100:101], [100])
     np.testing.assert_array_equal(logits_of(ctx, model), logits_of(twin, model))
+
+
+def test_scoring_reads_back_every_mode(make_ctx):
+    """All-rows mode is -1, which the read-back must return as a mode, not as an error."""
+    kv = KVCache(make_ctx(n_ctx=512, n_batch=128, n_ubatch=128))
+    for mode in (N.INFMLLM_SCORE_ALL_ROWS, 8, 128, N.INFMLLM_SCORE_OFF):
+        kv.set_scoring(mode)
+        assert kv.scoring == mode
+
+
+def test_kv_size_is_the_padded_buffer(make_ctx, text_tokens):
+    """llama.cpp pads n_ctx to a multiple of 256: every cell up to kv.size can be used."""
+    n_ctx = 300
+    ctx = make_ctx(n_ctx=n_ctx, n_batch=128, n_ubatch=128)
+    kv = KVCache(ctx)
+    assert kv.size == 512 > n_ctx
+    decode(ctx, text_tokens[: kv.size], np.arange(kv.size))
+    assert kv.cells().cells.max() == kv.size - 1
+
+
+def test_h2o_with_cells_past_n_ctx(make_ctx, text_tokens):
+    """H2O's accumulator is indexed by cell: sized from kv.size it ranks cells >= n_ctx
+    (here seq 1 holds the lowest cells, so seq 0 lands above n_ctx)."""
+    n_ctx = 300
+    ctx = make_ctx(n_ctx=n_ctx, n_batch=128, n_ubatch=128, n_seq_max=2)
+    kv = KVCache(ctx)
+    decode(ctx, text_tokens[:n_ctx], np.arange(n_ctx), seq_id=1)
+    kv.set_scoring(N.INFMLLM_SCORE_ALL_ROWS)
+    decode(ctx, text_tokens[n_ctx : n_ctx + 150], np.arange(150), seq_id=0)
+    view = kv.cells(0)
+    assert view.cells.min() >= n_ctx
+
+    policy = H2O(budget=64, chunk=16)
+    policy.reset(kv.size)
+    policy.observe(view, 150)
+    keep = policy.select(view)
+    assert keep.sum() == 64
+    np.testing.assert_array_equal(keep, reference_keep(view.scores, 64, 0, policy.recent, 0, 0.0))
+    kv.evict(view.positions[~keep])
+    policy.forget(view.cells[~keep])
+    assert kv.compact() == 64
+    assert np.all(policy._acc[view.cells[~keep]] == 0)
+
+
+def test_runtime_sizes_policies_by_the_kv_buffer(model_path, text_tokens):
+    llm = Llama(model_path, n_ctx=300, n_batch=64, kv_policy=H2O(budget=128, chunk=32))
+    try:
+        assert llm.kv.size > llm.n_ctx
+        assert len(llm.policy._acc) == llm.kv.size
+        llm.eval(text_tokens[:400])  # several evictions
+        assert llm.n_cached <= 160
+    finally:
+        llm.close()
+
+
+def test_select_keep_nan_scores_rank_lowest():
+    """NaN never reaches the ordering (undefined behaviour in nth_element): it ranks below
+    every other score, -inf below every finite one, +inf above; sums skip them."""
+    rng = np.random.default_rng(7)
+    n, budget = 200, 64
+    scores = rng.gamma(0.3, size=n).astype(np.float32)
+    nan_cells = rng.choice(np.arange(4, n - 16), size=120, replace=False)
+    scores[nan_cells] = np.nan
+    scores[nan_cells[:5]] = -np.inf
+    scores[nan_cells[5:8]] = np.inf
+    for w, bias in [(0, 0.0), (2, 1e-3)]:
+        keep = select_keep(scores, budget, 4, 16, w, bias)
+        assert keep.sum() == budget
+        np.testing.assert_array_equal(keep, reference_keep(scores, budget, 4, 16, w, bias))
+        middle = np.zeros(n, bool)
+        middle[4 : n - 16] = True
+        finite = middle & np.isfinite(scores)
+        assert keep[middle & (scores == np.inf)].all()
+        # 44 saddles: 3 +inf, then the finite cells, and no NaN or -inf while any finite is left
+        assert keep[finite].sum() == min(budget - 20 - 3, finite.sum())
+        assert not keep[middle & np.isnan(scores)].any()
+    # all NaN: still exactly budget, ties to the newer cell
+    keep = select_keep(np.full(n, np.nan, np.float32), budget, 4, 16, 0, 0.0)
+    np.testing.assert_array_equal(np.flatnonzero(keep), np.r_[0:4, n - 60 : n])

@@ -129,3 +129,27 @@ def test_scoring_off_changes_nothing(make_ctx, model, text_tokens):
     decode(scored, text_tokens[:120], np.arange(120))
     np.testing.assert_array_equal(logits_of(plain, model), logits_of(scored, model))
     assert np.all(KVCache(plain).cells().scores == 0)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])
+def test_scores_with_f32_cache(make_ctx, model, text_tokens, flash_attn):
+    """An F32 cache: flash attention reads it through an F16 cast, which must still be
+    recognised as the cache (it used to give all-zero scores) and scored like it."""
+    cap = AttentionCapture(flash_attn)
+    ctx = make_ctx(
+        n_ctx=512,
+        n_batch=256,
+        n_ubatch=256,
+        flash_attn=flash_attn,
+        cb_eval=cap.callback,
+        type_k=lc.GGML_TYPE_F32,
+        type_v=lc.GGML_TYPE_F32,
+    )
+    kv = KVCache(ctx)
+    kv.set_scoring(8)
+    decode(ctx, text_tokens[:300], np.arange(300))
+    view = kv.cells()
+    ref = cap.reference_scores(8)[0]
+    assert_scores_match(view.scores, ref[view.cells])
+    n_layer, n_head = model_dims(model)
+    assert view.scores.sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)

@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 1
+#define INFMLLM_ABI_VERSION 2
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
@@ -42,8 +42,20 @@ LLAMA_API const char * infmllm_status_str(int32_t status);
 
 // Enable/disable in-graph attention scoring on a context.  Changing it rebuilds the graph
 // on the next decode; while off, the graph is exactly llama.cpp's.
+// n_score_queries: INFMLLM_SCORE_ALL_ROWS, INFMLLM_SCORE_OFF or 1..n_ubatch; anything else is
+// INFMLLM_ERR_INVALID_ARG.  Scoring needs a plain KV cache with 1-D RoPE (INFMLLM_ERR_UNSUPPORTED).
 LLAMA_API int32_t infmllm_set_scoring(struct llama_context * ctx, int32_t n_score_queries);
-LLAMA_API int32_t infmllm_get_scoring(const struct llama_context * ctx);
+
+// The current mode, written to *n_score_queries (it may be INFMLLM_SCORE_ALL_ROWS, which is
+// why it is not the return value).  Returns INFMLLM_OK, or INFMLLM_ERR_INVALID_ARG for a
+// NULL pointer.
+LLAMA_API int32_t infmllm_get_scoring(const struct llama_context * ctx, int32_t * n_score_queries);
+
+// Cells in the KV buffer of one stream: the largest cell index + 1 that
+// infmllm_kv_seq_cells() can report.  llama.cpp pads the requested n_ctx (to a multiple of
+// 256), so this may exceed it.  INFMLLM_ERR_INVALID_ARG for NULL, INFMLLM_ERR_UNSUPPORTED
+// without a plain KV cache.
+LLAMA_API int32_t infmllm_kv_size(struct llama_context * ctx);
 
 // Number of cells holding seq_id.
 LLAMA_API int32_t infmllm_kv_seq_n_cells(struct llama_context * ctx, llama_seq_id seq_id);
@@ -88,8 +100,11 @@ struct infmllm_select_params {
 
 // The InfMLLM rule over n cells in stream order (scores[0] = oldest): keep sinks, recent and
 // the top (budget - n_sink - n_recent) of the rest by local-sum score (normalised to sum 1
-// over all n cells) plus recency bias; ties go to the newer cell.  O(n).  Writes keep[i] in
-// {0, 1} and returns the number kept (min(n, budget)).
+// over all n cells) plus recency bias; ties go to the newer cell.  A non-finite score adds
+// nothing to the sums; its own cell ranks by it: +inf above every finite rank, -inf below,
+// NaN below everything.  O(n).  Writes keep[i] in {0, 1} and returns the number kept
+// (min(n, budget)); INFMLLM_ERR_INVALID_ARG for NULL pointers, negative counts,
+// n_sink + n_recent > budget or a non-finite bias.
 LLAMA_API int32_t infmllm_select_keep(
         const float                         * scores,
         int32_t                               n,

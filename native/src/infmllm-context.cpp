@@ -48,8 +48,12 @@ int32_t infmllm_set_scoring(llama_context * ctx, int32_t n_score_queries) {
     return INFMLLM_OK;
 }
 
-int32_t infmllm_get_scoring(const llama_context * ctx) {
-    return ctx == nullptr ? INFMLLM_ERR_INVALID_ARG : ctx->get_cparams().infmllm_score_rows;
+int32_t infmllm_get_scoring(const llama_context * ctx, int32_t * n_score_queries) {
+    if (ctx == nullptr || n_score_queries == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    *n_score_queries = ctx->get_cparams().infmllm_score_rows;
+    return INFMLLM_OK;
 }
 
 void infmllm_scores_extract(

@@ -36,6 +36,14 @@ int32_t resolve(llama_context * ctx, llama_seq_id seq_id, seq_view & out) {
 
 } // namespace
 
+int32_t infmllm_kv_size(llama_context * ctx) {
+    if (ctx == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    const llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    return kv == nullptr ? INFMLLM_ERR_UNSUPPORTED : (int32_t) kv->get_size();
+}
+
 int32_t infmllm_kv_seq_n_cells(llama_context * ctx, llama_seq_id seq_id) {
     seq_view v;
     if (int32_t rc = resolve(ctx, seq_id, v); rc != INFMLLM_OK) {
