@@ -1,4 +1,4 @@
-"""Native in-graph scores against a numpy recomputation from captured Q/K (issue 4)."""
+"""Native in-graph scores against a numpy recomputation from captured Q/K."""
 
 from __future__ import annotations
 
