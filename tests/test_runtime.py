@@ -331,6 +331,7 @@ def test_policy_by_name_and_reset(model_path, stream_tokens):
     llm = Llama(model_path, n_ctx=2048, kv_policy="h2o")
     assert isinstance(llm.policy, H2O) and llm.policy.budget == 1024
     llm.eval(stream_tokens[:50])
+    assert llm.kv.scoring == -1  # H2O scores every query row of every decode
     llm.reset()
     assert llm.kv_stats()["n_streamed"] == 0 and llm.kv_stats()["n_cached"] == 0
     assert isinstance(Llama(model_path, n_ctx=256, kv_policy="full").policy, FullCache)
