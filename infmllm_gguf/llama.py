@@ -268,7 +268,9 @@ class Llama:
             self._n_evicted = 0
             self._evictions = 0
             self._max_pos_seen = -1
-            self.policy.reset(self.kv.size)  # cell indices, which reach past n_ctx (llama.cpp pads it)
+            # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
+            # FullCache keeps none (and runs caches that have no plain cells: iSWA, recurrent)
+            self.policy.reset(self.n_ctx if isinstance(self.policy, FullCache) else self.kv.size)
 
     @property
     def history(self) -> np.ndarray:

@@ -26,6 +26,8 @@ from infmllm_gguf.kv import KVCache, NativeError, decode
 
 N_EMBD = 64
 N_LAYER = 2
+N_HEAD, N_HEAD_KV, N_FF = 4, 2, 128  # the attention models: GQA, 2 query heads per KV head
+N_KV = N_EMBD // N_HEAD * N_HEAD_KV
 N_THREADS = 1  # models this small decode in microseconds; more threads only wait on each other
 
 
@@ -91,33 +93,37 @@ def _write_tiny(
     return _write_gguf(path, arch, tokenizer, {**shape, **hparams}, tensors)
 
 
+def _attention_block(rng: np.random.Generator, i: int, qkv_bias: bool = False) -> dict[str, np.ndarray]:
+    """Block i of a llama-like transformer: norms, Q/K/V/output (biases optional), a gated FFN."""
+    block = {
+        f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
+        f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
+        f"blk.{i}.attn_k.weight": _random(rng, N_KV, N_EMBD),
+        f"blk.{i}.attn_v.weight": _random(rng, N_KV, N_EMBD),
+        f"blk.{i}.attn_output.weight": _random(rng, N_EMBD, N_EMBD),
+        f"blk.{i}.ffn_norm.weight": _ones(N_EMBD),
+        f"blk.{i}.ffn_gate.weight": _random(rng, N_FF, N_EMBD),
+        f"blk.{i}.ffn_up.weight": _random(rng, N_FF, N_EMBD),
+        f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, N_FF),
+    }
+    if qkv_bias:
+        for name, width in (("q", N_EMBD), ("k", N_KV), ("v", N_KV)):
+            block[f"blk.{i}.attn_{name}.bias"] = _random(rng, width)
+    return block
+
+
 @pytest.fixture(scope="module")
 def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
     """A 2-layer qwen2vl (M-RoPE, GQA, q/k/v biases)."""
-    n_head, n_head_kv, n_ff = 4, 2, 128
-    n_kv = N_EMBD // n_head * n_head_kv
     rng = np.random.default_rng(0)
 
     def layer(i: int) -> dict[str, np.ndarray]:
-        return {
-            f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
-            f"blk.{i}.attn_q.bias": _random(rng, N_EMBD),
-            f"blk.{i}.attn_k.weight": _random(rng, n_kv, N_EMBD),
-            f"blk.{i}.attn_k.bias": _random(rng, n_kv),
-            f"blk.{i}.attn_v.weight": _random(rng, n_kv, N_EMBD),
-            f"blk.{i}.attn_v.bias": _random(rng, n_kv),
-            f"blk.{i}.attn_output.weight": _random(rng, N_EMBD, N_EMBD),
-            f"blk.{i}.ffn_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.ffn_gate.weight": _random(rng, n_ff, N_EMBD),
-            f"blk.{i}.ffn_up.weight": _random(rng, n_ff, N_EMBD),
-            f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, n_ff),
-        }
+        return _attention_block(rng, i, qkv_bias=True)
 
     hparams = {
-        "add_feed_forward_length": n_ff,
-        "add_head_count": n_head,
-        "add_head_count_kv": n_head_kv,
+        "add_feed_forward_length": N_FF,
+        "add_head_count": N_HEAD,
+        "add_head_count_kv": N_HEAD_KV,
         "add_layer_norm_rms_eps": 1e-6,
         "add_rope_freq_base": 10000.0,
         # half the head dim, split temporal/height/width/extra like Qwen2-VL's [16, 24, 24, 0] of 64
@@ -161,29 +167,18 @@ def mamba_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
 @pytest.fixture(scope="module")
 def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
     """A 2-layer gemma2: sliding-window and full attention layers alternate (an iSWA cache)."""
-    n_head, n_head_kv, n_ff = 4, 2, 128
-    n_kv = N_EMBD // n_head * n_head_kv
     rng = np.random.default_rng(2)
 
     def layer(i: int) -> dict[str, np.ndarray]:
-        return {
-            f"blk.{i}.attn_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.attn_q.weight": _random(rng, N_EMBD, N_EMBD),
-            f"blk.{i}.attn_k.weight": _random(rng, n_kv, N_EMBD),
-            f"blk.{i}.attn_v.weight": _random(rng, n_kv, N_EMBD),
-            f"blk.{i}.attn_output.weight": _random(rng, N_EMBD, N_EMBD),
+        return _attention_block(rng, i) | {  # gemma2 normalises after each sublayer too
             f"blk.{i}.post_attention_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.ffn_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.ffn_gate.weight": _random(rng, n_ff, N_EMBD),
-            f"blk.{i}.ffn_up.weight": _random(rng, n_ff, N_EMBD),
-            f"blk.{i}.ffn_down.weight": _random(rng, N_EMBD, n_ff),
             f"blk.{i}.post_ffw_norm.weight": _ones(N_EMBD),
         }
 
     hparams = {
-        "add_feed_forward_length": n_ff,
-        "add_head_count": n_head,
-        "add_head_count_kv": n_head_kv,
+        "add_feed_forward_length": N_FF,
+        "add_head_count": N_HEAD,
+        "add_head_count_kv": N_HEAD_KV,
         "add_layer_norm_rms_eps": 1e-6,
         "add_attn_logit_softcapping": 50.0,
         "add_final_logit_softcapping": 30.0,
