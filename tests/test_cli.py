@@ -95,7 +95,7 @@ def test_chat_in_a_terminal_survives_ctrl_c_and_leaves_on_ctrl_d(tmp_path):
     Ctrl-C at the prompt abandons the line; Ctrl-D leaves with status 0."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "infmllm_gguf.cli", "chat", "--budget", "256", "--max-tokens", "400"],
+        ["-m", "infmllm_gguf.cli", "chat", "--budget", "256", "--max-tokens", "120"],
         cwd=str(tmp_path),  # import the installed package, not the source tree
         encoding="utf-8",
         timeout=180,
