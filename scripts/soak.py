@@ -9,9 +9,10 @@ each turn is one operation drawn at random:
   chat      a chat completion over a short, growing conversation (prefix reuse, roll-backs)
   ask       a question turn inside the stream
   reset     start the stream again (rare)
-and about one turn in twelve gets a real SIGINT at a random moment (mid-decode, mid-eviction,
-between decodes), which must leave the session consistent and usable.  Process RSS is sampled
-as the streams grow; after the warm-up (the first 10 % of tokens) it must stay within +2 %.
+and about one turn in twelve (--interrupt-rate) gets a real SIGINT at a random moment
+(mid-decode, mid-eviction, between decodes), which must leave the session consistent and
+usable.  Process RSS is sampled as the streams grow; after the warm-up (the first 10 % of
+tokens) it must stay within +2 %.
 
     python scripts/soak.py --quick        # 20k tokens in all (a few minutes)
     python scripts/soak.py                # 1M tokens in all (an hour or more on 2 cores)
@@ -40,7 +41,6 @@ from infmllm_gguf.cli import current_rss_mb
 from infmllm_gguf.texts import kjv
 
 OPERATIONS = {"feed": 0.62, "generate": 0.16, "chat": 0.12, "ask": 0.08, "reset": 0.02}
-INTERRUPT_RATE = 1 / 12
 RSS_LIMIT = 1.02
 CHECKPOINT_TOKENS = 50_000
 
@@ -86,11 +86,11 @@ def interrupt_later(delay: float) -> threading.Event:
     return fired
 
 
-def run_operation(s: Session, op: str, text: np.ndarray, rng: np.random.Generator) -> None:
+def run_operation(s: Session, op: str, text: np.ndarray, rng: np.random.Generator, max_feed: int) -> None:
     llm = s.llm
     if op == "feed":
-        at = int(rng.integers(0, len(text) - 4096))
-        llm.eval(text[at : at + int(rng.integers(64, 4097))])
+        at = int(rng.integers(0, len(text) - max_feed))
+        llm.eval(text[at : at + int(rng.integers(64, max_feed + 1))])
     elif op == "generate":
         if llm.kv_stats()["n_streamed"] == 0:
             llm.feed("In the beginning")
@@ -129,10 +129,12 @@ def soak(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = N
         for s in sessions.values():
             op = str(rng.choice(ops, p=weights / weights.sum()))
             streamed, evictions = s.stats()
-            fired = interrupt_later(float(rng.uniform(0.0, 0.5))) if rng.random() < INTERRUPT_RATE else None
+            fired = (
+                interrupt_later(float(rng.uniform(0.0, 0.5))) if rng.random() < args.interrupt_rate else None
+            )
             try:
                 try:
-                    run_operation(s, op, text, rng)
+                    run_operation(s, op, text, rng, args.max_feed)
                 finally:
                     if fired is not None:
                         fired.wait()
@@ -172,10 +174,7 @@ def summary(
     ]
     return {
         "settings": {
-            "tokens": args.tokens,
-            "budget": args.budget,
-            "n_batch": args.n_batch,
-            "seed": args.seed,
+            k: getattr(args, k) for k in ("tokens", "budget", "n_batch", "seed", "max_feed", "interrupt_rate")
         },
         "seconds": seconds,
         "tokens": total,
@@ -215,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--n-batch", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-feed", type=int, default=4096, help="longest piece of text one feed streams")
+    parser.add_argument(
+        "--interrupt-rate", type=float, default=1 / 12, help="share of operations interrupted"
+    )
     parser.add_argument("--quick", action="store_true", help="20k tokens")
     parser.add_argument("--out", default=str(RESULTS / "soak"))
     parser.add_argument("--no-plot", action="store_true")

@@ -15,7 +15,10 @@ import soak  # noqa: E402
 
 @pytest.mark.slow
 def test_short_soak_keeps_every_session_consistent():
-    args = argparse.Namespace(tokens=15_000, budget=128, n_batch=128, seed=0)
+    # short feeds and many interrupts: a few minutes see every operation and many SIGINTs
+    args = argparse.Namespace(
+        tokens=15_000, budget=128, n_batch=128, seed=0, max_feed=1024, interrupt_rate=0.3
+    )
     result = soak.soak(args)  # raises InvariantError on the first violation
     assert result["tokens"] >= 15_000
     rows = {r["policy"]: r for r in result["rows"]}
