@@ -14,6 +14,7 @@ What changes compared with llama-cpp-python:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -344,7 +345,7 @@ class Llama:
         flags[-1] = 1
         if logprobs_out is not None:
             flags[:] = 1
-        with self._guard.atomic():
+        with self._unit():
             try:
                 rc = self._batch.decode(self._ctx, piece, np.arange(start, start + n), 0, flags)
                 if rc == 2:
@@ -356,6 +357,13 @@ class Llama:
                 lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, start, -1)
                 raise
             self._record(piece, start, scored, flags, logprobs_out)
+
+    @contextlib.contextmanager
+    def _unit(self) -> Iterator[None]:
+        """A native state change and its bookkeeping: SIGINT deferred over it, invariants checked
+        after it in debug mode."""
+        with self._guard.atomic():
+            yield
         if self.debug:
             self.check_invariants()
 
@@ -403,7 +411,7 @@ class Llama:
         keep = self.policy.select(view)
         if keep.sum() != self.policy.budget:
             raise RuntimeError(f"{self.policy.name} kept {keep.sum()} cells, budget is {self.policy.budget}")
-        with self._guard.atomic():
+        with self._unit():
             self.kv.evict(view.positions[~keep])  # validates everything before it changes anything
             self.kv.compact()  # cannot fail after a successful evict on the same sequence
             self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
@@ -411,8 +419,6 @@ class Llama:
             self._stream_index = self._stream_index[keep]
             self._n_evicted += int((~keep).sum())
             self._evictions += 1
-        if self.debug:
-            self.check_invariants()
 
     def _rollback(self, n_keep: int) -> bool:
         """Drop the stream's tokens from index n_keep on, if all of them are still cached."""
@@ -423,15 +429,13 @@ class Llama:
             return False
         first_pos = self.n_cached - n_drop
         freed = self.kv.cells().cells[first_pos:]
-        with self._guard.atomic():
+        with self._unit():
             if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, first_pos, -1):
                 return False
             self.policy.forget(freed)
             self._n_history = n_keep
             self._stream_index = self._stream_index[:first_pos]
             self._last_logits = None
-        if self.debug:
-            self.check_invariants()
         return True
 
     def _continue_with(self, tokens: list[int]) -> int:
