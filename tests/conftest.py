@@ -103,3 +103,11 @@ def logits_of(ctx, model) -> np.ndarray:
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     ptr = lc.llama_get_logits_ith(ctx, -1)
     return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
+
+
+@pytest.fixture(scope="session")
+def codebook_mmproj(model_path, tmp_path_factory):
+    """A codebook mmproj for the default model: default words, 4x4-word pictures (infmllm_gguf.codebook)."""
+    from infmllm_gguf.codebook import write_codebook_mmproj
+
+    return write_codebook_mmproj(model_path, tmp_path_factory.mktemp("codebook") / "mmproj-codebook.gguf")
