@@ -1,4 +1,4 @@
-"""`infmllm-gguf` command line: demo, chat, stream, ppl, passkey."""
+"""`infmllm-gguf` command line: demo, chat, stream (text or video), ppl, passkey."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from infmllm_gguf.llama import Llama
 from infmllm_gguf.policies import POLICIES, make_policy
 from infmllm_gguf.texts import kjv, load_text
+from infmllm_gguf.video import time_marker
 
 
 def peak_rss_mb() -> float:
@@ -44,7 +45,9 @@ def _read_text(path: str | None) -> str:
 def _make_llama(args: argparse.Namespace) -> Llama:
     n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
     policy = make_policy(args.policy, budget=args.budget)
-    return Llama(args.model, n_ctx=n_ctx, kv_policy=policy, flash_attn=args.flash_attn, seed=0)
+    return Llama(
+        args.model, n_ctx=n_ctx, kv_policy=policy, flash_attn=args.flash_attn, seed=0, mmproj_path=args.mmproj
+    )
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -227,8 +230,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
-    answers = stream_and_ask(llm, _read_text(args.text), args.ask, args.every, args.max_answer_tokens)
+    if args.video is not None:
+        return _stream_video(llm, args)
+    every = args.every or 2_000
+    answers = stream_and_ask(llm, _read_text(args.text), args.ask, every, args.max_answer_tokens)
     _emit(args, {"answers": answers, "kv": llm.kv_stats(), "peak_rss_mb": peak_rss_mb()})
+    return 0
+
+
+def _stream_video(llm: Llama, args: argparse.Namespace) -> int:
+    """Feed a video frame by frame, asking the questions in turn every `--every` frames."""
+    answers: list[dict] = []
+
+    def on_frame(info: dict[str, Any]) -> None:
+        if not args.ask or info["frame"] % (args.every or 60):
+            return
+        question = args.ask[len(answers) % len(args.ask)]
+        answer = llm.ask(question, max_tokens=args.max_answer_tokens)
+        stats = llm.kv_stats()
+        tqdm.write(
+            f"[{time_marker(info['time'])} frame {info['frame']}"
+            f" | cache {stats['n_cached']}/{stats['capacity']} | {stats['evictions']} evictions"
+            f" | {info['seconds_per_frame']:.2f} s/frame"
+            f" | RSS {current_rss_mb():.0f} MB]\n  Q: {question}\n  A: {answer}"
+        )
+        answers.append({"time": info["time"], "question": question, "answer": answer, "kv": stats})
+
+    stats = llm.feed_video(args.video, fps=args.fps, on_frame=on_frame)
+    print(
+        f"done: {stats['frames']} frames ({time_marker(stats['video_seconds'])} of video) in "
+        f"{stats['seconds']:.0f} s, {stats['seconds_per_frame']:.2f} s/frame, "
+        f"{stats['evictions']} evictions, cache {llm.n_cached} cells, peak RSS {peak_rss_mb():.0f} MB"
+    )
+    _emit(args, {"video": stats, "answers": answers, "kv": llm.kv_stats(), "peak_rss_mb": peak_rss_mb()})
     return 0
 
 
@@ -254,15 +288,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(
-        "infmllm-gguf chat: /stats, /reset, /quit; Ctrl-C stops an answer, Ctrl-D leaves. "
-        "The cache policy handles history; nothing is truncated."
+        "infmllm-gguf chat: /stats, /reset, /quit"
+        + (", /image PATH (attached to your next message)" if args.mmproj else "")
+        + "; Ctrl-C stops an answer, Ctrl-D leaves. The cache policy handles history; nothing is truncated."
     )
+    images: list[dict] = []
     for line in _prompts():
         line = line.strip()
         if not line:
             continue
         if line == "/quit":
             break
+        if line.startswith("/image"):
+            path = Path(line[len("/image") :].strip()).expanduser()
+            if not args.mmproj:
+                print("(images need --mmproj)")
+            elif not path.is_file():
+                print(f"(no such file: {path})")
+            else:
+                images.append({"type": "image_url", "image_url": {"url": str(path)}})
+                print(f"(image attached: {path.name})")
+            continue
         if line == "/stats":
             print(json.dumps(llm.kv_stats()))
             continue
@@ -271,7 +317,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             print("(reset)")
             continue
-        messages.append({"role": "user", "content": line})
+        content: str | list[dict] = [*images, {"type": "text", "text": line}] if images else line
+        images = []
+        messages.append({"role": "user", "content": content})
         reply = ""
         try:
             for chunk in llm.create_chat_completion(
@@ -282,6 +330,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")  # the session keeps what was said, the partial answer too
+        except (ValueError, FileNotFoundError) as exc:  # e.g. an unreadable image: the session goes on
+            print(f"(error: {exc})", end="")
         print()
         if reply:
             messages.append({"role": "assistant", "content": reply})
@@ -303,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--budget", type=int, default=budget, help="KV-cache budget in tokens")
         p.add_argument("--n-ctx", type=int, default=None, help="context cells (default: budget + chunk)")
         p.add_argument("--flash-attn", action="store_true")
+        p.add_argument("--mmproj", default=None, help="a projector (mmproj GGUF) for images and video")
         p.add_argument("--json", default=None, help="write machine-readable results here")
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")
@@ -318,11 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("stream", help="feed a text file (or - for stdin) and ask questions at intervals")
+    p = sub.add_parser(
+        "stream", help="feed a text file (or - for stdin) or a video, and ask questions at intervals"
+    )
     common(p)
     p.add_argument("--text", default="-")
+    p.add_argument("--video", default=None, help="a video file (needs --mmproj), decoded frame by frame")
+    p.add_argument("--fps", type=float, default=1.0, help="video frames fed per second of video")
     p.add_argument("--ask", action="append", default=[], help="a question (repeatable)")
-    p.add_argument("--every", type=int, default=2_000)
+    p.add_argument(
+        "--every", type=int, default=None, help="tokens (text, default 2000) or frames (video, default 60)"
+    )
     p.add_argument("--max-answer-tokens", type=int, default=32)
     p.set_defaults(func=cmd_stream)
 

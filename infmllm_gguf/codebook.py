@@ -195,7 +195,7 @@ def write_codebook_mmproj(
     w.add_uint32("clip.vision.image_size", PATCH * grid)
     w.add_uint32("clip.vision.patch_size", PATCH)
     w.add_uint32("clip.vision.embedding_length", n_v)
-    w.add_uint32("clip.vision.feed_forward_length", n_v)
+    w.add_uint32("clip.vision.feed_forward_length", 2 * n_v)
     w.add_uint32("clip.vision.block_count", 1)  # the llava graph runs block_count - 1 layers
     w.add_uint32("clip.vision.projection_dim", n_embd)
     w.add_uint32("clip.vision.attention.head_count", 1)
@@ -212,8 +212,11 @@ def write_codebook_mmproj(
     w.add_tensor("v.position_embd.weight", np.zeros((grid * grid, n_v), dtype=np.float32))
     w.add_tensor("v.pre_ln.weight", np.ones(n_v, dtype=np.float32))
     w.add_tensor("v.pre_ln.bias", np.zeros(n_v, dtype=np.float32))
-    for name in ("attn_out", "ffn_up", "ffn_down"):  # required by the loader, never run
-        w.add_tensor(f"v.blk.0.{name}.weight", zeros)
+    # required by the loader, never run; ffn shapes as a real tower's (n_ff != n_embd), else
+    # the loader takes them for swapped and says so
+    w.add_tensor("v.blk.0.attn_out.weight", zeros)
+    w.add_tensor("v.blk.0.ffn_up.weight", np.zeros((2 * n_v, n_v), dtype=np.float32))
+    w.add_tensor("v.blk.0.ffn_down.weight", np.zeros((n_v, 2 * n_v), dtype=np.float32))
     filters = np.stack([_cells(t).ravel() for t in coded]).astype(np.float32)
     w.add_tensor("mm.0.weight", GAIN * filters)
     w.add_tensor("mm.0.bias", np.full(len(coded), -GAIN * (n_v - 2), dtype=np.float32))

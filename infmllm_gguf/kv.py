@@ -6,7 +6,7 @@ Everything here is O(1) native calls per operation; no per-token loops cross cty
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,17 @@ class CellView:
     cells: np.ndarray  # int32 cell index in the KV buffer
     positions: np.ndarray  # int32 RoPE position
     scores: np.ndarray  # float32 attention mass from the latest scored decode
+    # int32 per cell: 0 for text, else the image it belongs to (1, 2, ... in stream order);
+    # the runtime fills it in (Stream.view), a bare read-back from the cache says all text
+    media: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.media is None:
+            object.__setattr__(self, "media", np.zeros(len(self.cells), np.int32))
+
+    @property
+    def is_image(self) -> np.ndarray:
+        return self.media > 0
 
 
 class KVCache:
@@ -115,11 +126,14 @@ def select_keep(
 
 
 class Batch:
-    """A reusable llama_batch filled with memmove, not per-token Python loops."""
+    """A reusable llama_batch filled with memmove, not per-token Python loops.
 
-    def __init__(self, capacity: int):
+    n_embd = 0: it carries token ids; n_embd > 0: input embeddings of that width (images)."""
+
+    def __init__(self, capacity: int, n_embd: int = 0):
         self.capacity = capacity
-        self._batch = lc.llama_batch_init(capacity, 0, 1)
+        self.n_embd = n_embd
+        self._batch = lc.llama_batch_init(capacity, n_embd, 1)
         self._seq_id: int | None = None
         self._n_seq = np.ones(capacity, np.int32)
 
@@ -132,10 +146,10 @@ class Batch:
         self.close()
 
     def decode(
-        self, ctx: int, tokens: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray
+        self, ctx: int, inputs: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray
     ) -> int:
-        """llama_decode one batch of at most capacity tokens; returns llama_decode's status."""
-        n = len(tokens)
+        """llama_decode at most capacity tokens (ids, or n x n_embd embeddings); returns its status."""
+        n = len(inputs)
         if n == 0 or n > self.capacity:
             raise ValueError(f"batch of {n} tokens, capacity {self.capacity}")
         b = self._batch
@@ -144,11 +158,17 @@ class Batch:
                 b.seq_id[i][0] = seq_id
             self._seq_id = seq_id
         # keep the converted arrays referenced until the copies are done
-        tok = np.ascontiguousarray(tokens, np.int32)
         pos = np.ascontiguousarray(positions, np.int32)
         out = np.ascontiguousarray(logits, np.int8)
+        if self.n_embd:
+            if inputs.ndim != 2 or inputs.shape[1] != self.n_embd:
+                raise ValueError(f"embeddings must be n x {self.n_embd}, got {inputs.shape}")
+            embd = np.ascontiguousarray(inputs, np.float32)
+            ctypes.memmove(b.embd, embd.ctypes.data, embd.nbytes)
+        else:
+            tok = np.ascontiguousarray(inputs, np.int32)
+            ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
         b.n_tokens = n
-        ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
         ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
         ctypes.memmove(b.n_seq_id, self._n_seq.ctypes.data, 4 * n)
         ctypes.memmove(b.logits, out.ctypes.data, n)
@@ -157,25 +177,28 @@ class Batch:
 
 def decode(
     ctx: int,
-    tokens: np.ndarray | list[int],
+    inputs: np.ndarray | list[int],
     positions: np.ndarray | list[int],
     seq_id: int = 0,
     all_logits: bool = False,
 ) -> None:
-    """llama_decode tokens at explicit positions, logits for the last (or every) token."""
-    tokens = np.asarray(tokens, np.int32)
+    """llama_decode token ids (1-D) or input embeddings (n x n_embd) at explicit positions,
+    logits for the last (or every) one."""
+    inputs = np.asarray(inputs)
+    inputs = inputs.astype(np.float32) if inputs.ndim == 2 else inputs.astype(np.int32)
     positions = np.asarray(positions, np.int32)
-    if len(tokens) != len(positions):
-        raise ValueError("tokens and positions differ in length")
-    logits = np.zeros(len(tokens), np.int8)
+    if len(inputs) != len(positions):
+        raise ValueError("inputs and positions differ in length")
+    logits = np.zeros(len(inputs), np.int8)
     logits[-1:] = 1
     if all_logits:
         logits[:] = 1
-    batch = Batch(min(lc.llama_n_batch(ctx), max(len(tokens), 1)))
+    n_embd = inputs.shape[1] if inputs.ndim == 2 else 0
+    batch = Batch(min(lc.llama_n_batch(ctx), max(len(inputs), 1)), n_embd)
     try:
-        for start in range(0, len(tokens), batch.capacity):
+        for start in range(0, len(inputs), batch.capacity):
             end = start + batch.capacity
-            rc = batch.decode(ctx, tokens[start:end], positions[start:end], seq_id, logits[start:end])
+            rc = batch.decode(ctx, inputs[start:end], positions[start:end], seq_id, logits[start:end])
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with status {rc}")
     finally:

@@ -14,7 +14,6 @@ What changes compared with llama-cpp-python:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import functools
@@ -23,12 +22,13 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from infmllm_gguf import _native
 from infmllm_gguf._llama_cpp import llama_cpp as lc
@@ -36,19 +36,16 @@ from infmllm_gguf._llama_cpp._internals import LlamaModel
 from infmllm_gguf._llama_cpp._logger import set_verbose
 from infmllm_gguf._llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from infmllm_gguf.interrupts import InterruptGuard
-from infmllm_gguf.kv import Batch, KVCache, NativeError
+from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 from infmllm_gguf.stops import StopMatcher
+from infmllm_gguf.stream import ContextFullError, InvariantError, Stream
 from infmllm_gguf.system import physical_cores
+from infmllm_gguf.video import expected_frames, frames_of, time_marker
+from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart, flatten_messages
 
-
-class ContextFullError(ValueError):
-    """The stream would exceed n_ctx under FullCache; nothing was fed."""
-
-
-class InvariantError(RuntimeError):
-    """The cache and the stream's bookkeeping disagree (raised by `check_invariants`)."""
+__all__ = ["ContextFullError", "InvariantError", "Llama", "SamplingParams"]
 
 
 def _locked(method):
@@ -77,11 +74,6 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-
-
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    shifted = rows - rows.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def _check_gguf(path: Path) -> None:
@@ -114,6 +106,7 @@ class Llama:
         seed: int | None = None,
         verbose: bool = False,
         debug: bool = False,
+        mmproj_path: str | os.PathLike | None = None,
     ):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
             raise ValueError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
@@ -183,11 +176,23 @@ class Llama:
                 name = type(policy).__name__
                 raise ValueError(f"{name} cannot evict in this model's cache: {exc}") from exc
             self.kv.set_scoring(0)
-        self._scoring = 0
-        self._batch = Batch(self.n_batch)
+        n_embd = lc.llama_model_n_embd_inp(self._model.model)
+        self._stream = Stream(self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug)
+        self._projector: Projector | None = None
+        if mmproj_path is not None:
+            try:
+                self._projector = Projector(mmproj_path, self._model.model, n_embd, n_threads)
+            except BaseException:
+                self.close()
+                raise
+            if self._projector.mrope:
+                self.close()
+                raise ValueError(
+                    f"{mmproj_path} is an M-RoPE projector (Qwen2/2.5/3-VL family): its images take "
+                    "2-D positions, which this runtime does not feed yet"
+                )
         self._rng = np.random.default_rng(seed)
         self._chat_formatter = self._make_chat_formatter()
-        self.reset()
 
     # --- model facts --------------------------------------------------------------
     def _check_architecture(self) -> None:
@@ -225,11 +230,14 @@ class Llama:
         )
 
     def close(self) -> None:
+        if getattr(self, "_projector", None) is not None:
+            self._projector.close()
+            self._projector = None
         if getattr(self, "_guard", None) is not None:
             self._guard.close()
-        if getattr(self, "_batch", None) is not None:
-            self._batch.close()
-            self._batch = None
+        if getattr(self, "_stream", None) is not None:
+            self._stream.close()
+            self._stream = None
         if getattr(self, "_ctx", None):
             lc.llama_free(self._ctx)
             self._ctx = None
@@ -260,51 +268,28 @@ class Llama:
     @_locked
     def reset(self) -> None:
         """Start a new, empty stream."""
-        with self._guard.atomic():
-            lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
-            self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
-            self._n_history = 0
-            self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
-            self._last_logits: np.ndarray | None = None
-            self._n_evicted = 0
-            self._evictions = 0
-            self._max_pos_seen = -1
-            # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
-            # FullCache keeps none (and runs caches that have no plain cells: iSWA, recurrent)
-            self.policy.reset(self.n_ctx if isinstance(self.policy, FullCache) else self.kv.size)
+        self._stream.reset()
 
     @property
     def history(self) -> np.ndarray:
-        """Every token fed to the stream so far (a read-only view)."""
-        view = self._history_buf[: self._n_history]
-        view.flags.writeable = False
-        return view
-
-    def _append_history(self, piece: np.ndarray) -> None:
-        n = self._n_history + len(piece)
-        if n > len(self._history_buf):
-            self._history_buf = np.resize(self._history_buf, max(n, 2 * len(self._history_buf)))
-        self._history_buf[self._n_history : n] = piece
-        self._n_history = n
+        """Every token fed to the stream so far (read-only); each image cell appears as a negative
+        key derived from the image's content."""
+        return self._stream.history
 
     @property
     def n_cached(self) -> int:
-        return len(self._stream_index)
-
-    @property
-    def _capacity(self) -> int:
-        return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
+        return self._stream.n_cached
 
     @_locked
     def eval(self, tokens: list[int] | np.ndarray) -> None:
         """Append tokens to the stream, evicting as the policy says."""
-        self._feed(np.asarray(tokens, np.int32))
+        self._stream.feed(np.asarray(tokens, np.int32))
 
     @_locked
     def feed(self, text: str, add_bos: bool | None = None) -> int:
         """Tokenise text (BOS only at the start of a stream) and append it; returns its token count."""
         tokens = self.tokenize(
-            text, add_bos=self._n_history == 0 if add_bos is None else add_bos, special=True
+            text, add_bos=self._stream.n_streamed == 0 if add_bos is None else add_bos, special=True
         )
         if not tokens:
             raise ValueError(f"text {text[:40]!r} tokenises to no tokens")
@@ -314,148 +299,107 @@ class Llama:
     @_locked
     def stream_logprobs(self, tokens: list[int] | np.ndarray) -> np.ndarray:
         """log p of each token given the stream before it (NaN for a stream's first token)."""
-        return self._feed(np.asarray(tokens, np.int32), logprobs=True)
+        return self._stream.feed(np.asarray(tokens, np.int32), logprobs=True)
 
-    def _feed(self, tokens: np.ndarray, logprobs: bool = False) -> np.ndarray | None:
-        if tokens.ndim != 1 or len(tokens) == 0:
-            raise ValueError("no tokens to feed")
-        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
-        if isinstance(self.policy, FullCache) and self.n_cached + len(tokens) > self.n_ctx:
-            raise ContextFullError(
-                f"the stream would hold {self.n_cached + len(tokens)} tokens but n_ctx is {self.n_ctx} "
-                "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
-            )
-        out = np.empty(len(tokens), np.float64) if logprobs else None
-        i = 0
-        while i < len(tokens):
-            if self.n_cached >= self._capacity:
-                self._evict()
-            take = min(self._capacity - self.n_cached, self.n_batch, len(tokens) - i)
-            self._decode(tokens[i : i + take], out[i : i + take] if out is not None else None)
-            i += take
-        return out
+    @_locked
+    def feed_image(self, image: ImageLike, prompt: str | None = None) -> int:
+        """Append prompt (if any) and then an image at the current position; returns the cells added.
 
-    def _decode(self, piece: np.ndarray, logprobs_out: np.ndarray | None) -> None:
-        n = len(piece)
-        start = self.n_cached
-        scored = self.policy.needs_scores(start + n)
-        self._set_scoring(self.policy.score_queries if scored else 0)
-        flags = np.zeros(n, np.int8)
-        flags[-1] = 1
-        if logprobs_out is not None:
-            flags[:] = 1
-        with self._unit():
-            try:
-                rc = self._batch.decode(self._ctx, piece, np.arange(start, start + n), 0, flags)
-                if rc == 2:
-                    raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with status {rc}")
-            except BaseException:
-                # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
-                lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, start, -1)
-                raise
-            self._record(piece, start, scored, flags, logprobs_out)
+        image: a path, encoded bytes, an H x W x 3 uint8 array or a PIL image.  The image is
+        decoded whole, the cache evicting first to make room; an image larger than the budget,
+        or one that cannot be read, raises before anything is fed."""
+        projector = self._require_projector()
+        parts = projector.tokenize((prompt or "") + projector.marker, [image], self._stream.n_streamed == 0)
+        encoded = {id(p): projector.encode(p) for p in parts if isinstance(p, ImagePart)}
+        return self._feed_parts(parts, encoded)
 
-    @contextlib.contextmanager
-    def _unit(self) -> Iterator[None]:
-        """A native state change and its bookkeeping: SIGINT deferred over it, invariants checked
-        after it in debug mode."""
-        with self._guard.atomic():
-            yield
-        if self.debug:
-            self.check_invariants()
+    @_locked
+    def feed_video(
+        self,
+        source: str | os.PathLike | Iterable[Any],
+        fps: float = 1.0,
+        timestamps: bool = True,
+        on_frame: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Stream a video file (decoded frame by frame with PyAV) or an iterable of frames.
 
-    def _record(
-        self, piece: np.ndarray, start: int, scored: bool, flags: np.ndarray, logprobs_out: np.ndarray | None
-    ) -> None:
-        """Python's side of a decode the cache has taken: history, logits, policy scores."""
-        n = len(piece)
-        n_out = int(flags.sum())
-        ptr = lc.llama_get_logits(self._ctx)
-        rows = np.ctypeslib.as_array(
-            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab)
-        )
-        if logprobs_out is not None:
-            lsm = _log_softmax(rows.astype(np.float64))
-            logprobs_out[0] = (
-                _log_softmax(self._last_logits[None, :].astype(np.float64))[0, piece[0]]
-                if self._last_logits is not None
-                else np.nan
-            )
-            logprobs_out[1:] = lsm[np.arange(n - 1), piece[1:]]
-        last_logits = rows[-1].copy()
+        Frames are sampled at `fps`; with `timestamps` each is preceded by its time marker
+        (`[00:01:05]`).  on_frame(stats) runs after each frame.  Returns the run's stats."""
+        self._require_projector()
+        frames = frames_of(source, fps)  # an unreadable or empty video fails here
+        st = self._stream.stats
+        evictions_before, t0 = st.evictions, time.perf_counter()
+        n_frames = n_cells = 0
+        t = 0.0
+        with tqdm(
+            total=expected_frames(source, fps), unit="frame", desc="video", disable=not progress
+        ) as bar:
+            for t, frame in frames:
+                n_cells += self.feed_image(frame, prompt=f"\n{time_marker(t)} " if timestamps else None)
+                n_frames += 1
+                info = {
+                    "frame": n_frames,
+                    "time": t,
+                    "n_cached": self._stream.n_cached,
+                    "evictions": st.evictions - evictions_before,
+                    "seconds_per_frame": (time.perf_counter() - t0) / n_frames,
+                }
+                bar.update()
+                bar.set_postfix(t=time_marker(t), cached=info["n_cached"], evictions=info["evictions"])
+                if on_frame is not None:
+                    on_frame(info)
+        seconds = time.perf_counter() - t0
+        return {
+            "frames": n_frames,
+            "video_seconds": t,
+            "cells": n_cells,
+            "seconds": seconds,
+            "seconds_per_frame": seconds / n_frames,
+            "evictions": st.evictions - evictions_before,
+            "n_cached": self._stream.n_cached,
+        }
 
-        # computed above, committed below: nothing here can fail halfway
-        self._append_history(piece)
-        first = self._n_history - n
-        self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
-        self._max_pos_seen = max(self._max_pos_seen, start + n - 1)
-        self._last_logits = last_logits
-        if scored:
-            queries = self.policy.score_queries
-            last_ubatch = n % self.n_ubatch or self.n_ubatch
-            n_rows = last_ubatch if queries < 0 else min(queries, last_ubatch)
-            self.policy.observe(self.kv.cells(), n_rows)
+    def _require_projector(self) -> Projector:
+        if self._projector is None:
+            raise ValueError("images need a projector: create the Llama with mmproj_path=...")
+        return self._projector
 
-    def _set_scoring(self, n_score_queries: int) -> None:
-        # switching rebuilds the graph once, so it only happens at the edges of a scored stretch
-        if n_score_queries != self._scoring:
-            self.kv.set_scoring(n_score_queries)
-            self._scoring = n_score_queries
+    def _feed_parts(self, parts: list[Part], encoded: dict[int, np.ndarray] | None = None) -> int:
+        """Feed text and image parts in order (images encoded now unless given); returns cells fed."""
+        for part in parts:
+            if isinstance(part, ImagePart):
+                self._stream.check_image_fits(part.n_tokens, part.non_causal)
+        encoded = encoded or {}
+        for part in parts:
+            if isinstance(part, ImagePart):
+                embd = encoded.get(id(part))
+                if embd is None:
+                    embd = self._require_projector().encode(part)
+                self._stream.feed_embeddings(embd, part.key, part.non_causal)
+            else:
+                self._stream.feed(part.tokens)
+        return sum(len(p) for p in parts)
 
-    def _evict(self) -> None:
-        """The one eviction path: policy picks, native evicts and compacts."""
-        view = self.kv.cells()
-        keep = self.policy.select(view)
-        if keep.sum() != self.policy.budget:
-            raise RuntimeError(f"{self.policy.name} kept {keep.sum()} cells, budget is {self.policy.budget}")
-        with self._unit():
-            self.kv.evict(view.positions[~keep])  # validates everything before it changes anything
-            self.kv.compact()  # cannot fail after a successful evict on the same sequence
-            self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
-            self.policy.forget(view.cells[~keep])
-            self._stream_index = self._stream_index[keep]
-            self._n_evicted += int((~keep).sum())
-            self._evictions += 1
-
-    def _rollback(self, n_keep: int) -> bool:
-        """Drop the stream's tokens from index n_keep on, if all of them are still cached."""
-        n_drop = self._n_history - n_keep
-        if n_drop <= 0:
-            return n_drop == 0
-        if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
-            return False
-        first_pos = self.n_cached - n_drop
-        freed = self.kv.cells().cells[first_pos:]
-        with self._unit():
-            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, first_pos, -1):
-                return False
-            self.policy.forget(freed)
-            self._n_history = n_keep
-            self._stream_index = self._stream_index[:first_pos]
-            self._last_logits = None
-        return True
-
-    def _continue_with(self, tokens: list[int]) -> int:
-        """Make the stream equal tokens with as little work as possible; returns tokens fed."""
-        tokens_np = np.asarray(tokens, np.int32)
-        hist = self.history
-        m = min(len(hist), len(tokens_np))
-        diverge = np.flatnonzero(hist[:m] != tokens_np[:m])
-        common = int(diverge[0]) if len(diverge) else m
-        if common == len(tokens_np):  # the prompt is already in the stream: re-feed its last token
-            common -= 1
-        if not self._rollback(common):
-            self.reset()
+    def _continue_with(self, parts: list[Part]) -> int:
+        """Make the stream equal the prompt's parts with as little work as possible: what the stream
+        already holds (images included, matched by content) is not fed again; returns cells fed."""
+        keys = np.concatenate([p.keys() for p in parts])
+        common = self._stream.common_prefix(keys)
+        if not self._stream.rollback(common):
+            self._stream.reset()
             common = 0
-        self._feed(tokens_np[common:])
-        return len(tokens_np) - common
+        todo, offset = [], 0
+        for part in parts:
+            if offset + len(part) > common:
+                skip = max(0, common - offset)  # never inside an image (common_prefix)
+                todo.append(TextPart(part.tokens[skip:]) if skip else part)
+            offset += len(part)
+        return self._feed_parts(todo)
 
     # --- generation -------------------------------------------------------------------
     def _sample(self, p: SamplingParams) -> int:
-        logits = self._last_logits.astype(np.float64)
+        logits = self._stream.last_logits.astype(np.float64)
         if p.temperature <= 0:
             return int(np.argmax(logits))
         logits = logits / p.temperature
@@ -470,7 +414,7 @@ class Llama:
         if p.min_p > 0:
             keep &= probs >= p.min_p * probs[0]
         probs = np.where(keep, probs, 0.0)
-        rng = self._rng if p.seed is None else np.random.default_rng(p.seed + self._n_history)
+        rng = self._rng if p.seed is None else np.random.default_rng(p.seed + self._stream.n_streamed)
         return int(order[rng.choice(len(order), p=probs / probs.sum())])
 
     def _generate(
@@ -480,7 +424,7 @@ class Llama:
 
         Text that could still become a stop string is held back until it cannot, so the
         pieces joined are exactly the generated text cut at the first stop string."""
-        if self._last_logits is None:
+        if self._stream.last_logits is None:
             raise ValueError("nothing to continue from: feed text first")
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -488,7 +432,7 @@ class Llama:
         pending = b""
         for _ in range(max_tokens):
             token = self._sample(params)
-            self._feed(np.array([token], np.int32))
+            self._stream.feed(np.array([token], np.int32))
             if self._is_eog(token):
                 yield matcher.flush(), "stop"
                 return
@@ -550,48 +494,64 @@ class Llama:
         **_ignored: Any,
     ) -> dict | Iterator[dict]:
         _warn_ignored(_ignored)
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
-        if max_tokens is None:
-            max_tokens = self.n_ctx  # llama-cpp-python's "until the context is full"
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")  # before the prompt is fed
         tokens = (
             list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=True, special=True)
         )
         if not tokens:
             raise ValueError("the prompt tokenises to no tokens")
+        prefix = prompt if (echo and isinstance(prompt, str)) else ""
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        return self._completion(
+            [TextPart(np.asarray(tokens, np.int32))], max_tokens, params, _stops(stop), stream, prefix
+        )
+
+    __call__ = create_completion
+
+    def _completion(
+        self,
+        parts: list[Part],
+        max_tokens: int | None,
+        params: SamplingParams,
+        stops: list[str],
+        stream: bool,
+        prefix: str = "",
+    ) -> dict | Iterator[dict]:
+        if max_tokens is None:
+            max_tokens = self.n_ctx  # llama-cpp-python's "until the context is full"
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")  # before the prompt is fed
         head = {
             "id": f"cmpl-{uuid.uuid4()}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": str(self.model_path),
         }
-        prefix = prompt if (echo and isinstance(prompt, str)) else ""
         if stream:
-            return self._stream_chunks(tokens, max_tokens, params, _stops(stop), head, prefix)
+            return self._stream_chunks(parts, max_tokens, params, stops, head, prefix)
+        n_prompt = sum(len(p) for p in parts)
         with self._lock:
-            self._continue_with(tokens)
-            n_before = self._n_history
+            self._continue_with(parts)
+            n_before = self._stream.n_streamed
             pieces, finish = [], "length"
-            for piece, reason in self._generate(max_tokens, params, _stops(stop)):
+            for piece, reason in self._generate(max_tokens, params, stops):
                 pieces.append(piece)
                 finish = reason or finish
-            n_gen = self._n_history - n_before
+            n_gen = self._stream.n_streamed - n_before
         return {
             **head,
             "choices": [
                 {"text": prefix + "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish}
             ],
             "usage": {
-                "prompt_tokens": len(tokens),
+                "prompt_tokens": n_prompt,
                 "completion_tokens": n_gen,
-                "total_tokens": len(tokens) + n_gen,
+                "total_tokens": n_prompt + n_gen,
             },
         }
 
     def _stream_chunks(
         self,
-        tokens: list[int],
+        parts: list[Part],
         max_tokens: int,
         params: SamplingParams,
         stops: list[str],
@@ -600,7 +560,7 @@ class Llama:
     ) -> Iterator[dict]:
         """A streamed completion; it holds the session's lock from the prompt to the last chunk."""
         with self._lock:
-            self._continue_with(tokens)
+            self._continue_with(parts)
             if prefix:
                 yield {
                     **head,
@@ -612,8 +572,6 @@ class Llama:
                         **head,
                         "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}],
                     }
-
-    __call__ = create_completion
 
     def create_chat_completion(
         self,
@@ -628,24 +586,24 @@ class Llama:
         seed: int | None = None,
         **_ignored: Any,
     ) -> dict | Iterator[dict]:
+        """OpenAI-style chat; a message's content may be a list of parts, `{"type": "text", ...}`
+        and `{"type": "image_url", "image_url": {"url": path or data: URL}}` (needs mmproj_path)."""
         _warn_ignored(_ignored)
         if self._chat_formatter is None:
             raise ValueError(f"{self.model_path.name} has no chat template")
         if not messages:
             raise ValueError("messages is empty")
-        rendered = self._chat_formatter(messages=messages)
-        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
-        result = self.create_completion(
-            tokens,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            stop=_stops(stop),
-            stream=stream,
-            seed=seed,
-        )
+        marker = self._projector.marker if self._projector is not None else None
+        flat, images = flatten_messages(messages, marker)
+        rendered = self._chat_formatter(messages=flat)
+        add_bos = not rendered.added_special
+        if images:
+            parts = self._require_projector().tokenize(rendered.prompt, images, add_bos)
+        else:
+            tokens = self.tokenize(rendered.prompt, add_bos=add_bos, special=True)
+            parts = [TextPart(np.asarray(tokens, np.int32))]
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        result = self._completion(parts, max_tokens, params, _stops(stop), stream)
         if stream:
             return _chat_chunks(result)
         choice = result["choices"][0]
@@ -667,17 +625,20 @@ class Llama:
     # --- introspection -----------------------------------------------------------------
     @_locked
     def kv_stats(self) -> dict[str, Any]:
+        st = self._stream
         return {
             "policy": self.policy.name,
             "budget": self.policy.budget if not isinstance(self.policy, FullCache) else self.n_ctx,
-            "capacity": self._capacity,
+            "capacity": st.capacity,
             "n_ctx": self.n_ctx,
-            "n_cached": self.n_cached,
-            "n_streamed": self._n_history,
-            "n_evicted": self._n_evicted,
-            "evictions": self._evictions,
-            "max_pos": self.n_cached - 1,
-            "max_pos_seen": self._max_pos_seen,
+            "n_cached": st.n_cached,
+            "n_streamed": st.n_streamed,
+            "n_evicted": st.stats.n_evicted,
+            "evictions": st.stats.evictions,
+            "max_pos": st.n_cached - 1,
+            "max_pos_seen": st.stats.max_pos_seen,
+            "images": st.stats.images,
+            "n_image_cells": st.n_image_cells,
         }
 
     def saddle_scores(self) -> tuple[np.ndarray, np.ndarray]:
@@ -691,30 +652,13 @@ class Llama:
 
     def cached_stream_indices(self) -> np.ndarray:
         """Stream index (0 = first token ever fed) of each cached token, in position order."""
-        return self._stream_index.copy()
+        return self._stream.stream_index
 
     @_locked
     def check_invariants(self) -> None:
-        """Raise InvariantError unless the native cache and the stream's records agree.
-
-        The cache holds exactly the cached tokens, at positions 0..n-1 (compacted), within
-        the capacity; they are distinct stream indices in stream order; every streamed token
-        is either cached or counted as evicted."""
-        view = self.kv.cells()
-        n = self.n_cached
-        problems = []
-        if len(view.cells) != n:
-            problems.append(f"the cache holds {len(view.cells)} cells, the stream records {n}")
-        elif not np.array_equal(view.positions, np.arange(n)):
-            problems.append("cached positions are not 0..n-1")
-        if n > self._capacity:
-            problems.append(f"{n} cells cached, capacity {self._capacity}")
-        if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):
-            problems.append("cached stream indices are not increasing within the history")
-        if n + self._n_evicted != self._n_history:
-            problems.append(f"{n} cached + {self._n_evicted} evicted != {self._n_history} streamed")
-        if problems:
-            raise InvariantError("; ".join(problems))
+        """Raise InvariantError unless the native cache and the stream's records agree
+        (see `Stream.check_invariants`)."""
+        self._stream.check_invariants()
 
 
 def _warn_ignored(kwargs: dict[str, Any]) -> None:

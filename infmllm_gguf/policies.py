@@ -2,8 +2,9 @@
 
 A policy only says how cells are scored and which to keep; the runtime owns the single
 eviction path (read cells -> policy.select -> native evict -> native compact) that every
-policy goes through, so comparisons are fair by construction.  All selection is done by
-the native rule `infmllm_select_keep` with policy-specific parameters and scores.
+policy goes through, and the base class's `select` applies the one native rule
+(`infmllm_select_keep`) to what a policy defines: its scores and its `KeepRule` (sinks, recent
+window, local window, bias).  So comparisons are fair by construction.
 
 Scores arrive per decode as the attention mass each cell received from the scored query
 rows (native, in-graph).  How a policy turns them into a ranking is its whole identity:
@@ -21,6 +22,16 @@ from typing import ClassVar
 import numpy as np
 
 from infmllm_gguf.kv import CellView, select_keep
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """The native rule's parameters besides the scores (see `infmllm_select_keep`)."""
+
+    sinks: int
+    recent: int
+    local_window: int = 0
+    bias: float = 0.0
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -71,10 +82,25 @@ class KVPolicy:
     def forget(self, freed_cells: np.ndarray) -> None:
         """Called after eviction with the cells that were freed."""
 
-    # --- the one thing each policy defines
-    def select(self, view: CellView) -> np.ndarray:
-        """Boolean keep-mask over view (stream order); exactly budget cells are kept."""
+    # --- what each policy defines: how cells rank, and the windows kept regardless
+    def rule(self) -> KeepRule:
         raise NotImplementedError
+
+    def scores(self, view: CellView) -> np.ndarray:
+        """What the cells of view are ranked by (higher is kept)."""
+        return view.scores
+
+    # --- the shared selection
+    def select(self, view: CellView, n_keep: int | None = None) -> np.ndarray:
+        """Boolean keep-mask over view (stream order) keeping exactly n_keep cells (default: budget).
+
+        The runtime asks for fewer than budget only to make room for an image larger than one
+        chunk; the sinks and then the recent window shrink to fit."""
+        n_keep = self.budget if n_keep is None else n_keep
+        rule = self.rule()
+        sinks = min(rule.sinks, n_keep)
+        recent = min(rule.recent, n_keep - sinks)
+        return select_keep(self.scores(view), n_keep, sinks, recent, rule.local_window, rule.bias)
 
 
 @dataclass
@@ -91,7 +117,7 @@ class FullCache(KVPolicy):
     def capacity(self) -> int:
         return 0  # the runtime uses n_ctx
 
-    def select(self, view: CellView) -> np.ndarray:
+    def select(self, view: CellView, n_keep: int | None = None) -> np.ndarray:
         return np.ones(len(view.positions), bool)
 
 
@@ -101,8 +127,8 @@ class SlidingWindow(KVPolicy):
 
     name: ClassVar[str] = "window"
 
-    def select(self, view: CellView) -> np.ndarray:
-        return select_keep(view.scores, self.budget, 0, self.budget, 0, 0.0)
+    def rule(self) -> KeepRule:
+        return KeepRule(sinks=0, recent=self.budget)
 
 
 @dataclass
@@ -118,8 +144,8 @@ class StreamingLLM(KVPolicy):
         if self.sinks > self.budget:
             raise ValueError(f"budget ({self.budget}) must be >= sinks ({self.sinks})")
 
-    def select(self, view: CellView) -> np.ndarray:
-        return select_keep(view.scores, self.budget, self.sinks, self.budget - self.sinks, 0, 0.0)
+    def rule(self) -> KeepRule:
+        return KeepRule(sinks=self.sinks, recent=self.budget - self.sinks)
 
 
 @dataclass
@@ -202,11 +228,14 @@ class InfMLLM(_FreshWindowPolicy):
 
     r_j = sum_{|i-j| <= local_window} a_i / sum(a) + bias * j / (n - 1), with a the fresh
     attention mass of the newest retrieval_window queries and j the cell's rank in stream
-    order (0 = oldest).  Defaults: see README ("Choosing the defaults").
+    order (0 = oldest).  Image cells are ranked like text, as in the paper;
+    `protect_newest_image` keeps the newest image (a video's latest frame) among the saddles
+    whatever its score.  Defaults: see README ("Choosing the defaults").
     """
 
     local_window: int = 0
     bias: float = 1e-3
+    protect_newest_image: bool = False
     name: ClassVar[str] = "infmllm"
     # chosen by scripts/sweep_infmllm.py: streaming perplexity favours a large recent window
     default_recent_fraction: ClassVar[float] = 0.875
@@ -214,13 +243,19 @@ class InfMLLM(_FreshWindowPolicy):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("local_window", self.local_window, 0)
+        if not isinstance(self.protect_newest_image, bool):
+            raise ValueError(f"protect_newest_image must be a bool, got {self.protect_newest_image!r}")
         if not isinstance(self.bias, (int, float)) or not math.isfinite(self.bias) or self.bias < 0:
             raise ValueError(f"bias must be a finite number >= 0, got {self.bias!r}")
 
-    def select(self, view: CellView) -> np.ndarray:
-        return select_keep(
-            self.window_scores(view), self.budget, self.sinks, self.recent, self.local_window, self.bias
-        )
+    def rule(self) -> KeepRule:
+        return KeepRule(self.sinks, self.recent, self.local_window, self.bias)
+
+    def scores(self, view: CellView) -> np.ndarray:
+        scores = self.window_scores(view)
+        if self.protect_newest_image and view.media.max(initial=0) > 0:
+            scores[view.media == view.media.max()] = np.inf  # ranked above every other saddle
+        return scores
 
 
 @dataclass
@@ -230,8 +265,11 @@ class SnapKV(_FreshWindowPolicy):
     retrieval_window: int = 16
     name: ClassVar[str] = "snapkv"
 
-    def select(self, view: CellView) -> np.ndarray:
-        return select_keep(self.window_scores(view), self.budget, self.sinks, self.recent, 0, 0.0)
+    def rule(self) -> KeepRule:
+        return KeepRule(self.sinks, self.recent)
+
+    def scores(self, view: CellView) -> np.ndarray:
+        return self.window_scores(view)
 
 
 @dataclass
@@ -263,8 +301,11 @@ class H2O(KVPolicy):
     def forget(self, freed_cells: np.ndarray) -> None:
         self._acc[freed_cells] = 0.0
 
-    def select(self, view: CellView) -> np.ndarray:
-        return select_keep(self._acc[view.cells], self.budget, 0, self.recent, 0, 0.0)
+    def rule(self) -> KeepRule:
+        return KeepRule(sinks=0, recent=self.recent)
+
+    def scores(self, view: CellView) -> np.ndarray:
+        return self._acc[view.cells]
 
 
 POLICIES: dict[str, type[KVPolicy]] = {

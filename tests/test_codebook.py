@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 import pytest
@@ -24,15 +23,8 @@ from infmllm_gguf.kv import decode
 SENTENCE = "the vault code is 4 2 7 1 . Where is the key ?"  # 14 words, 2 pads
 
 
-@lc.llama_log_callback
-def _quiet(level, text, user_data):
-    pass
-
-
 @pytest.fixture(scope="module")
 def mtmd_ctx(model, codebook_mmproj):
-    if not os.environ.get("INFMLLM_TEST_LOGS"):
-        mtmd.mtmd_log_set(_quiet, None)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = False
     params.n_threads = 1  # a few small graphs: one thread does not stall on a busy machine

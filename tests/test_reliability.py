@@ -136,7 +136,7 @@ def test_ctrl_c_stops_a_long_prefill_inside_the_decode(model_path, tokens):
     llm.eval(tokens[8:40])
     fresh = Llama(model_path, n_ctx=2048, kv_policy="full", n_batch=1024)
     fresh.eval(tokens[:40])
-    np.testing.assert_allclose(llm._last_logits, fresh._last_logits, atol=2e-3)
+    np.testing.assert_allclose(llm._stream.last_logits, fresh._stream.last_logits, atol=2e-3)
     llm.close()
     fresh.close()
 

@@ -42,8 +42,9 @@ class Recorder:
                 self.acc.pop(c, None)
             forget(cells)
 
-        def select_hook(view):
-            keep = select(view)
+        def select_hook(view, n_keep=None):
+            assert n_keep == policy.budget  # text only: every round keeps the budget
+            keep = select(view, n_keep)
             np.testing.assert_array_equal(keep, self.reference(view))
             self.rounds += 1
             return keep
@@ -215,9 +216,9 @@ def test_fresh_window_scores_only_the_decodes_an_eviction_ranks_by(model_path, s
     assert llm.kv.scoring == 0 and np.all(llm.saddle_scores()[1] == 0)
     ranked, select = [], llm.policy.select
 
-    def recording_select(view):
+    def recording_select(view, n_keep=None):
         ranked.append(llm.policy.window_scores(view))
-        return select(view)
+        return select(view, n_keep)
 
     llm.policy.select = recording_select
     for i in range(60, 80):  # single tokens: 72 .. 79 are the newest 8 rows before the eviction

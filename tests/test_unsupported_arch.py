@@ -296,3 +296,9 @@ def test_native_calls_on_recurrent_memory_are_refused(make_tiny_ctx, mamba_gguf:
         assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED, name
         decode(ctx, [200 + pos], [pos])
         assert np.isfinite(logits_of(ctx, model)).all(), name
+
+
+def test_a_projector_for_another_text_model_is_refused(iswa_gguf: str, codebook_mmproj) -> None:
+    """The codebook projector outputs SmolLM2's 576-wide embeddings; this model takes 64."""
+    with pytest.raises(ValueError, match="n_embd"):
+        Llama(iswa_gguf, n_ctx=64, kv_policy="full", mmproj_path=codebook_mmproj)

@@ -1,0 +1,362 @@
+"""`Stream`: one sequence of a llama context — its cells, its history, its policy's state.
+
+Every token ever fed is in the history; the cache holds at most the policy's budget + chunk
+of them, at compacted positions 0..n-1.  Image cells are cells like any other: they enter
+through the same decode path (as embeddings instead of token ids), are scored, evicted and
+compacted like text.  In the history an image cell is recorded as a negative key derived
+from the image's content, so a prompt that repeats an image matches it like a repeated token.
+
+Every native state change (decode, evict + compact + K-shift, roll back) and its Python
+bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
+cells the stream records (see interrupts.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+from infmllm_gguf._llama_cpp import llama_cpp as lc
+from infmllm_gguf.interrupts import InterruptGuard
+from infmllm_gguf.kv import Batch, CellView, KVCache
+from infmllm_gguf.policies import FullCache, KVPolicy
+
+
+class ContextFullError(ValueError):
+    """The stream would exceed n_ctx under FullCache; nothing was fed."""
+
+
+class InvariantError(RuntimeError):
+    """The cache and the stream's bookkeeping disagree (raised by `check_invariants`)."""
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    shifted = rows - rows.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def media_ids(keys: np.ndarray, stream_index: np.ndarray) -> np.ndarray:
+    """Per cell: 0 for text, else the number (1, 2, ... in stream order) of the image it is part of.
+
+    An image is a run of cells with the same negative key at consecutive stream indices; two
+    copies of one picture fed back to back, with nothing between them, count as one image.
+    """
+    img = keys < 0
+    same_as_previous = np.zeros(len(keys), bool)
+    same_as_previous[1:] = img[:-1] & (keys[1:] == keys[:-1]) & (np.diff(stream_index) == 1)
+    return np.where(img, np.cumsum(img & ~same_as_previous), 0).astype(np.int32)
+
+
+@dataclasses.dataclass
+class StreamStats:
+    n_streamed: int = 0
+    n_evicted: int = 0
+    evictions: int = 0
+    images: int = 0
+    max_pos_seen: int = -1
+
+
+class Stream:
+    """One sequence of `ctx` under `policy`; owned by a `Llama`, which serialises calls to it."""
+
+    def __init__(
+        self,
+        ctx: int,
+        policy: KVPolicy,
+        n_ctx: int,
+        n_vocab: int,
+        n_embd: int,
+        guard: InterruptGuard,
+        debug: bool = False,
+        seq_id: int = 0,
+    ):
+        self.ctx = ctx
+        self.policy = policy
+        self.n_ctx = n_ctx
+        self.n_vocab = n_vocab
+        self.n_embd = n_embd
+        self.seq_id = seq_id
+        self.debug = debug
+        self._guard = guard
+        self.kv = KVCache(ctx)
+        self.n_batch = lc.llama_n_batch(ctx)
+        self.n_ubatch = lc.llama_n_ubatch(ctx)
+        self._batch = Batch(self.n_batch)
+        self._embd_batch: Batch | None = None  # made on the first image
+        self._scoring = 0
+        self.reset()
+
+    def close(self) -> None:
+        for batch in (self._batch, self._embd_batch):
+            if batch is not None:
+                batch.close()
+        self._batch = self._embd_batch = None
+
+    # --- state --------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new, empty stream."""
+        with self._guard.atomic():
+            lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, -1, -1)
+            self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
+            self._n_history = 0
+            self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
+            self.last_logits: np.ndarray | None = None
+            self.stats = StreamStats()
+            # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
+            # FullCache keeps none (and runs caches that have no plain cells: iSWA, recurrent)
+            self.policy.reset(self.n_ctx if isinstance(self.policy, FullCache) else self.kv.size)
+
+    @property
+    def history(self) -> np.ndarray:
+        """Every key fed so far: token ids, and a negative key per image cell (read-only view)."""
+        view = self._history_buf[: self._n_history]
+        view.flags.writeable = False
+        return view
+
+    def _append_history(self, piece: np.ndarray) -> None:
+        n = self._n_history + len(piece)
+        if n > len(self._history_buf):
+            self._history_buf = np.resize(self._history_buf, max(n, 2 * len(self._history_buf)))
+        self._history_buf[self._n_history : n] = piece
+        self._n_history = n
+
+    @property
+    def n_streamed(self) -> int:
+        return self._n_history
+
+    @property
+    def n_cached(self) -> int:
+        return len(self._stream_index)
+
+    @property
+    def capacity(self) -> int:
+        return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
+
+    @property
+    def n_image_cells(self) -> int:
+        return int((self._history_buf[self._stream_index] < 0).sum())
+
+    @property
+    def stream_index(self) -> np.ndarray:
+        """Stream index (0 = first key ever fed) of each cached cell, in position order."""
+        return self._stream_index.copy()
+
+    def view(self) -> CellView:
+        """The cached cells in stream order, with which of them are image cells (`media`)."""
+        view = self.kv.cells(self.seq_id)
+        keys = self._history_buf[self._stream_index]
+        return dataclasses.replace(view, media=media_ids(keys, self._stream_index))
+
+    # --- feeding --------------------------------------------------------------------------
+    def feed(self, tokens: np.ndarray, logprobs: bool = False) -> np.ndarray | None:
+        """Append token ids, evicting as the policy says; with logprobs, log p of each token."""
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError("no tokens to feed")
+        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        self._check_full(len(tokens))
+        out = np.empty(len(tokens), np.float64) if logprobs else None
+        i = 0
+        while i < len(tokens):
+            if self.n_cached >= self.capacity:
+                self._evict(self.policy.budget)
+            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i)
+            piece = tokens[i : i + take]
+            self._decode(piece, piece, out[i : i + take] if out is not None else None)
+            i += take
+        return out
+
+    def feed_embeddings(self, embd: np.ndarray, key: int, non_causal: bool = False) -> None:
+        """Append one image's embeddings (n x n_embd) as n cells recorded under `key` (< 0).
+
+        The image is decoded whole: the cache evicts first to make room for all of it, and a
+        failure part-way removes the part already decoded."""
+        n = len(embd)
+        if embd.ndim != 2 or embd.shape[1] != self.n_embd or n == 0:
+            raise ValueError(f"image embeddings must be n x {self.n_embd}, got {embd.shape}")
+        if key >= 0:
+            raise ValueError("an image's key must be negative")
+        self.check_image_fits(n, non_causal)
+        if self.n_cached + n > self.capacity:
+            self._evict(min(self.policy.budget, self.capacity - n))
+        if self._embd_batch is None:
+            self._embd_batch = Batch(self.n_batch, self.n_embd)
+        n_before, logits_before = self._n_history, self.last_logits
+        keys = np.full(n, key, np.int32)
+        if non_causal:
+            lc.llama_set_causal_attn(self.ctx, False)
+        try:
+            for i in range(0, n, self.n_batch):
+                self._decode(keys[i : i + self.n_batch], embd[i : i + self.n_batch], None)
+        except BaseException:
+            if self.rollback(n_before):  # all of the image is still cached: nothing was evicted since
+                self.last_logits = logits_before
+            raise
+        finally:
+            if non_causal:
+                lc.llama_set_causal_attn(self.ctx, True)
+        self.stats.images += 1
+
+    def check_image_fits(self, n: int, non_causal: bool = False) -> None:
+        """Raise ValueError unless an image of n cells can be decoded whole into this stream now."""
+        if not isinstance(self.policy, FullCache) and n > self.policy.budget:
+            raise ValueError(
+                f"an image of {n} tokens cannot fit in the budget of {self.policy.budget} cells; "
+                "raise the budget or use a smaller image"
+            )
+        self._check_full(n)
+        if non_causal and n > self.n_ubatch:
+            raise ValueError(f"this projector's images attend non-causally and need n_batch >= {n}")
+
+    def _check_full(self, n: int) -> None:
+        if isinstance(self.policy, FullCache) and self.n_cached + n > self.n_ctx:
+            raise ContextFullError(
+                f"the stream would hold {self.n_cached + n} cells but n_ctx is {self.n_ctx} "
+                "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
+            )
+
+    def _decode(self, keys: np.ndarray, inputs: np.ndarray, logprobs_out: np.ndarray | None) -> None:
+        """Decode token ids or embeddings (`inputs`) as cells recorded under `keys`."""
+        n = len(keys)
+        start = self.n_cached
+        scored = self.policy.needs_scores(start + n)
+        self._set_scoring(self.policy.score_queries if scored else 0)
+        flags = np.zeros(n, np.int8)
+        flags[-1] = 1
+        if logprobs_out is not None:
+            flags[:] = 1
+        batch = self._batch if inputs.ndim == 1 else self._embd_batch
+        with self._unit():
+            try:
+                rc = batch.decode(self.ctx, inputs, np.arange(start, start + n), self.seq_id, flags)
+                if rc == 2:
+                    raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with status {rc}")
+            except BaseException:
+                # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
+                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, start, -1)
+                raise
+            self._record(keys, start, scored, flags, logprobs_out)
+
+    @contextlib.contextmanager
+    def _unit(self) -> Iterator[None]:
+        """A native state change and its bookkeeping: SIGINT deferred over it, invariants checked
+        after it in debug mode."""
+        with self._guard.atomic():
+            yield
+        if self.debug:
+            self.check_invariants()
+
+    def _record(
+        self, keys: np.ndarray, start: int, scored: bool, flags: np.ndarray, logprobs_out: np.ndarray | None
+    ) -> None:
+        """Python's side of a decode the cache has taken: history, logits, policy scores."""
+        n = len(keys)
+        n_out = int(flags.sum())
+        ptr = lc.llama_get_logits(self.ctx)
+        rows = np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab)
+        )
+        if logprobs_out is not None:
+            lsm = _log_softmax(rows.astype(np.float64))
+            logprobs_out[0] = (
+                _log_softmax(self.last_logits[None, :].astype(np.float64))[0, keys[0]]
+                if self.last_logits is not None
+                else np.nan
+            )
+            logprobs_out[1:] = lsm[np.arange(n - 1), keys[1:]]
+        last_logits = rows[-1].copy()
+
+        # computed above, committed below: nothing here can fail halfway
+        self._append_history(keys)
+        first = self._n_history - n
+        self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
+        self.stats.max_pos_seen = max(self.stats.max_pos_seen, start + n - 1)
+        self.last_logits = last_logits
+        if scored:
+            queries = self.policy.score_queries
+            last_ubatch = n % self.n_ubatch or self.n_ubatch
+            n_rows = last_ubatch if queries < 0 else min(queries, last_ubatch)
+            self.policy.observe(self.kv.cells(self.seq_id), n_rows)
+
+    def _set_scoring(self, n_score_queries: int) -> None:
+        # switching rebuilds the graph once, so it only happens at the edges of a scored stretch
+        if n_score_queries != self._scoring:
+            self.kv.set_scoring(n_score_queries)
+            self._scoring = n_score_queries
+
+    # --- eviction and roll-back -------------------------------------------------------------
+    def _evict(self, n_keep: int) -> None:
+        """The one eviction path: the policy picks n_keep cells, native evicts and compacts."""
+        view = self.view()
+        keep = self.policy.select(view, n_keep)
+        if keep.sum() != n_keep:
+            raise RuntimeError(f"{self.policy.name} kept {keep.sum()} cells, asked for {n_keep}")
+        with self._unit():
+            # evict validates everything before it changes anything
+            self.kv.evict(view.positions[~keep], self.seq_id)
+            self.kv.compact(self.seq_id)  # cannot fail after a successful evict on the same sequence
+            self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
+            self.policy.forget(view.cells[~keep])
+            self._stream_index = self._stream_index[keep]
+            self.stats.n_evicted += int((~keep).sum())
+            self.stats.evictions += 1
+
+    def rollback(self, n_keep: int) -> bool:
+        """Drop the stream's keys from index n_keep on, if all of them are still cached."""
+        n_drop = self._n_history - n_keep
+        if n_drop <= 0:
+            return n_drop == 0
+        if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
+            return False
+        first_pos = self.n_cached - n_drop
+        freed = self.kv.cells(self.seq_id).cells[first_pos:]
+        with self._unit():
+            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first_pos, -1):
+                return False
+            self.policy.forget(freed)
+            self._n_history = n_keep
+            self._stream_index = self._stream_index[:first_pos]
+            self.last_logits = None
+        return True
+
+    def common_prefix(self, keys: np.ndarray) -> int:
+        """How many leading keys the stream already holds, never ending inside an image or at
+        the very end (the last key is re-fed so that its logits exist)."""
+        hist = self.history
+        m = min(len(hist), len(keys))
+        diverge = np.flatnonzero(hist[:m] != keys[:m])
+        common = int(diverge[0]) if len(diverge) else m
+        if common == len(keys):
+            common -= 1
+        while common > 0 and keys[common] < 0 and keys[common - 1] == keys[common]:
+            common -= 1  # an image is fed whole or not at all
+        return common
+
+    # --- checks -------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise InvariantError unless the native cache and the stream's records agree.
+
+        The cache holds exactly the cached cells, at positions 0..n-1 (compacted), within
+        the capacity; they are distinct stream indices in stream order; every streamed key
+        is either cached or counted as evicted."""
+        view = self.kv.cells(self.seq_id)
+        n = self.n_cached
+        problems = []
+        if len(view.cells) != n:
+            problems.append(f"the cache holds {len(view.cells)} cells, the stream records {n}")
+        elif not np.array_equal(view.positions, np.arange(n)):
+            problems.append("cached positions are not 0..n-1")
+        if n > self.capacity:
+            problems.append(f"{n} cells cached, capacity {self.capacity}")
+        if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):
+            problems.append("cached stream indices are not increasing within the history")
+        if n + self.stats.n_evicted != self._n_history:
+            problems.append(f"{n} cached + {self.stats.n_evicted} evicted != {self._n_history} streamed")
+        if problems:
+            raise InvariantError("; ".join(problems))

@@ -1,0 +1,96 @@
+"""Video as a stream of frames: decoded one at a time (PyAV, which ships its own FFmpeg), sampled
+at a fixed rate, each fed as an image after a short time marker.  Nothing per frame is kept
+outside the KV cache, so an hour of video streams through the same bounded memory as a minute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def time_marker(seconds: float) -> str:
+    """`[hh:mm:ss]`, the text fed before each frame."""
+    s = int(seconds)
+    return f"[{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}]"
+
+
+def file_frames(path: str | os.PathLike, fps: float) -> Iterator[tuple[float, np.ndarray]]:
+    """(time in seconds, H x W x 3 uint8 frame) at about fps frames per second of the file's time.
+
+    Raises FileNotFoundError or ValueError (unreadable file, no video stream) before yielding."""
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError('video files need PyAV: pip install "infmllm-gguf[vision]"') from exc
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ValueError(f"could not read the video {path}: {exc}") from exc
+    return _decode(container, path, fps)
+
+
+def _decode(container: Any, path: Path, fps: float) -> Iterator[tuple[float, np.ndarray]]:
+    import av
+
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        next_t = 0.0
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else next_t
+                if t + 1e-6 < next_t:
+                    continue
+                next_t = t + 1.0 / fps
+                yield t, frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as exc:
+            raise ValueError(f"could not decode the video {path}: {exc}") from exc
+
+
+def iterable_frames(frames: Iterable[Any], fps: float) -> Iterator[tuple[float, Any]]:
+    """Frames from any iterable (a webcam loop, a list of pictures), the i-th at time i / fps."""
+    for i, frame in enumerate(frames):
+        yield i / fps, frame
+
+
+def frames_of(source: str | os.PathLike | Iterable[Any], fps: float) -> Iterator[tuple[float, Any]]:
+    """(time, frame) pairs of a video file or an iterable of frames; the first frame is read
+    before this returns, so an unreadable or empty video fails here, before anything is fed."""
+    if not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if isinstance(source, (str, os.PathLike)):
+        frames = file_frames(source, fps)
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray, np.ndarray)):
+        frames = iterable_frames(source, fps)
+    else:
+        raise TypeError(f"a video is a file path or an iterable of frames, not {type(source).__name__}")
+    first = next(frames, None)
+    if first is None:
+        name = f" {source}" if isinstance(source, (str, os.PathLike)) else ""
+        raise ValueError(f"the video{name} has no frames")
+    return itertools.chain([first], frames)
+
+
+def expected_frames(source: str | os.PathLike | Iterable[Any], fps: float) -> int | None:
+    """How many frames frames_of will give, when the container says (for a progress bar)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            import av
+
+            with av.open(str(source)) as container:
+                duration = container.duration  # microseconds
+            return max(1, int(duration / 1e6 * fps)) if duration else None
+        except Exception:  # only a progress bar's total depends on it
+            return None
+    return len(source) if hasattr(source, "__len__") else None
