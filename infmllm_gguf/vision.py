@@ -29,7 +29,6 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import _logger
 from infmllm_gguf._llama_cpp import llama_cpp as lc
-from infmllm_gguf._llama_cpp import mtmd_cpp as mt
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Any]
 """A path, encoded image bytes (PNG, JPEG, BMP, ... as stb_image reads them), an HxWx3 uint8
@@ -49,13 +48,30 @@ def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         print(message, end="", file=sys.stderr, flush=True)
 
 
+class _Mtmd:
+    """libmtmd's ctypes bindings, loaded on first use: text-only sessions never need the library
+    (the sanitizer build has none), and an error says so only where images are asked for."""
+
+    _module: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _Mtmd._module is None:
+            try:
+                from infmllm_gguf._llama_cpp import mtmd_cpp
+            except (OSError, RuntimeError) as exc:
+                raise ImportError(f"this build has no libmtmd, which images need: {exc}") from exc
+            _Mtmd._module = mtmd_cpp
+            _route_logs()
+        return getattr(_Mtmd._module, name)
+
+
+mt = _Mtmd()
+
+
 def _route_logs() -> None:
-    """(Re)install the callback: another user of libmtmd in the process may have replaced it."""
+    """(Re)install our log callback: another user of libmtmd in the process may have replaced it."""
     mt.mtmd_log_set(_log, None)
     mt.mtmd_helper_log_set(_log, None)
-
-
-_route_logs()
 
 
 def _last_error() -> str:
