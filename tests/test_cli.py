@@ -128,6 +128,53 @@ def test_chat_in_a_terminal_survives_ctrl_c_and_leaves_on_ctrl_d(tmp_path):
     assert child.exitstatus == 0, child.before
 
 
+def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
+    from test_vision import write_video
+
+    from infmllm_gguf.codebook import render_words
+
+    video = tmp_path / "clip.mp4"
+    frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(8)]
+    write_video(video, frames, fps=1)
+    result = run_json(
+        tmp_path,
+        "stream",
+        "--mmproj",
+        str(codebook_mmproj),
+        "--video",
+        str(video),
+        "--ask",
+        "What is the code?",
+        "--every",
+        "3",
+        "--budget",
+        "128",
+    )
+    assert result["video"]["frames"] == 8 and [round(a["time"]) for a in result["answers"]] == [2, 5]
+    assert result["kv"]["images"] == 8 and result["kv"]["evictions"] > 0
+
+
+def test_chat_attaches_an_image_to_the_next_message(tmp_path, codebook_mmproj):
+    from infmllm_gguf.codebook import render_words
+
+    picture = tmp_path / "note.png"
+    render_words("the vault code is 4 7 2 1 .", codebook_mmproj).save(picture)
+    script = f"/image {tmp_path / 'missing.png'}\n/image {picture}\nRead the note.\n/stats\n/quit\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "infmllm_gguf.cli", "chat", "--mmproj", str(codebook_mmproj)]
+        + ["--max-tokens", "8"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "no such file" in out.stdout and "image attached: note.png" in out.stdout
+    stats = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert stats[0]["images"] == 1 and stats[0]["n_image_cells"] == 16
+
+
 def test_cli_unknown_policy_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["ppl", "--policy", "lru"])
