@@ -1,0 +1,259 @@
+"""Video streams through the bounded cache: speed, memory and recall of frame facts, per policy.
+
+The video is synthetic and readable offline: SmolLM2 with the closed-form codebook projector
+(infmllm_gguf.codebook) reads each frame's words exactly as if they were text.  Frame i (1 fps,
+each after its `[hh:mm:ss]` marker) shows 16 random codebook words; some frames instead show a
+fact, "the code for NAME is d d d d".  Each fact is asked once, `delay` frames later, in
+completion form ("Question: what is the code for NAME? Answer: the code for NAME is"): the
+answer is right when its first four digits are the code.  The full cache is the reference while
+the stream fits in its n_ctx; its answers say what the model can do with everything in view.
+
+    python scripts/bench_video.py --quick   # 600 frames, budget 1024, delays 1/10/100 (minutes)
+    python scripts/bench_video.py           # 3600 frames (an hour at 1 fps), budgets 1024 and 2048
+
+Also times a real encoded video file (written here with PyAV): decoding alone and the whole
+feed.  Writes bench/results/video.json, video.csv (per-checkpoint rows), video_recall.csv and
+video.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from results_io import RESULTS, write_results
+
+from infmllm_gguf import ContextFullError, Llama, default_model_path
+from infmllm_gguf.cli import current_rss_mb, peak_rss_mb
+from infmllm_gguf.codebook import read_codebook, render_words, write_codebook_mmproj
+from infmllm_gguf.policies import make_policy
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def plan(words: list[str], n_frames: int, delays: list[int], per_delay: int, seed: int) -> tuple[dict, dict]:
+    """Which frames show a fact and when each fact is asked: ({frame: (name, code)}, {frame: [...]})."""
+    rng = np.random.default_rng(seed)
+    names = [w for w in words if w.isalpha() and len(w) > 3]
+    rng.shuffle(names)
+    facts: dict[int, tuple[str, str]] = {}
+    asks: dict[int, list[tuple[str, str, int]]] = {}
+    for d in delays:
+        span = n_frames - d - 2
+        for j in range(per_delay):
+            frame = 1 + int((j + 0.5) * span / per_delay)
+            while frame in facts:
+                frame += 1
+            name, code = names[len(facts)], " ".join(rng.choice(DIGITS, 4))
+            facts[frame] = (name, code)
+            asks.setdefault(frame + d, []).append((name, code, d))
+    return facts, asks
+
+
+def frames(mmproj: Path, words: list[str], facts: dict, n_frames: int, seed: int):
+    rng = np.random.default_rng(seed + 1)
+    filler = [w for w in words if w.isalpha()]
+    for i in range(n_frames):
+        if i in facts:
+            name, code = facts[i]
+            yield render_words(f"the code for {name} is {code}", mmproj)
+        else:
+            yield render_words(list(rng.choice(filler, 16)), mmproj)
+
+
+def ask(llm: Llama, name: str) -> str:
+    llm.feed(f"\nQuestion: what is the code for {name}?\nAnswer: the code for {name} is", add_bos=False)
+    answer = llm.generate_text(10, temperature=0.0, stop="\n")
+    llm.feed("\n", add_bos=False)
+    return answer
+
+
+def run(policy_name: str, budget: int, args: argparse.Namespace, mmproj: Path, words: list[str]) -> tuple:
+    facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed)
+    if policy_name == "full":
+        llm = Llama(args.model, n_ctx=args.full_ctx, kv_policy="full", mmproj_path=mmproj)
+    else:
+        policy = make_policy(policy_name, budget=budget)
+        llm = Llama(args.model, n_ctx=policy.capacity, kv_policy=policy, mmproj_path=mmproj)
+    label = f"{policy_name}@{budget}" if policy_name != "full" else f"full@{args.full_ctx}"
+    rows, recall = [], []
+    t0 = time.perf_counter()
+    last = [t0, 0]
+
+    def on_frame(info: dict) -> None:
+        n = info["frame"]
+        for name, code, delay in asks.get(n - 1, []):
+            answer = ask(llm, name)
+            got = "".join(ch for ch in answer if ch.isdigit())[:4]
+            recall.append(
+                {
+                    "run": label,
+                    "delay": delay,
+                    "name": name,
+                    "code": code,
+                    "answer": answer.strip(),
+                    "correct": got == code.replace(" ", ""),
+                }
+            )
+        if n % args.every == 0 or n == args.frames:
+            now = time.perf_counter()
+            rows.append(
+                {
+                    "run": label,
+                    "frame": n,
+                    "cached": llm.n_cached,
+                    "rss_mb": current_rss_mb(),
+                    "s_per_frame": (now - last[0]) / (n - last[1]),
+                    "evictions": llm.kv_stats()["evictions"],
+                }
+            )
+            last[:] = [now, n]
+
+    failed_at = None
+    try:
+        llm.feed_video(frames(mmproj, words, facts, args.frames, args.seed), fps=1.0, on_frame=on_frame)
+    except ContextFullError:
+        failed_at = rows[-1]["frame"] if rows else 0
+        print(f"{label}: the full cache is full after about {failed_at} frames", file=sys.stderr)
+    llm.close()
+    return label, rows, recall, failed_at, time.perf_counter() - t0
+
+
+def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
+    """A real encoded video (MPEG-4 Part 2 written with PyAV): decoding alone, then the whole feed."""
+    import av
+
+    from infmllm_gguf.video import file_frames
+
+    filler = [w for w in words if w.isalpha()]
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        pictures = [render_words(list(rng.choice(filler, 16)), mmproj) for _ in range(args.file_frames)]
+        with av.open(str(path), "w") as out:
+            stream = out.add_stream("mpeg4", rate=1)
+            stream.width, stream.height = pictures[0].size
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"qscale": "1"}
+            for picture in pictures:
+                out.mux(stream.encode(av.VideoFrame.from_image(picture)))
+            out.mux(stream.encode())
+        t0 = time.perf_counter()
+        n = sum(1 for _ in file_frames(path, fps=1.0))
+        decode_s = time.perf_counter() - t0
+        llm = Llama(args.model, n_ctx=1152, kv_policy=make_policy("infmllm", budget=1024), mmproj_path=mmproj)
+        stats = llm.feed_video(path, fps=1.0)
+        llm.close()
+    return {
+        "file_frames": n,
+        "decode_ms_per_frame": 1000 * decode_s / n,
+        "feed_s_per_frame": stats["seconds_per_frame"],
+        "feed_frames": stats["frames"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="600 frames, budget 1024, delays 1 10 100")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--frames", type=int, default=3600)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "snapkv", "infmllm"])
+    ap.add_argument("--delays", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--per-delay", type=int, default=4, help="facts asked at each delay")
+    ap.add_argument("--full-ctx", type=int, default=8192, help="n_ctx of the full-cache reference")
+    ap.add_argument("--every", type=int, default=60, help="frames between checkpoint rows")
+    ap.add_argument("--file-frames", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "video"))
+    args = ap.parse_args()
+    if args.quick:
+        args.frames, args.budgets, args.delays, args.per_delay = 600, [1024], [1, 10, 100], 3
+    args.model = args.model or str(default_model_path())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mmproj = write_codebook_mmproj(args.model, Path(tmp) / "mmproj-codebook.gguf")
+        words = list(read_codebook(mmproj))
+        runs, rows, recall = [], [], []
+        for policy_name in args.policies:
+            for budget in args.budgets if policy_name != "full" else [0]:
+                label, r_rows, r_recall, failed_at, seconds = run(policy_name, budget, args, mmproj, words)
+                rows += r_rows
+                recall += r_recall
+                by_delay = {
+                    d: float(np.mean([x["correct"] for x in r_recall if x["delay"] == d]))
+                    for d in args.delays
+                    if any(x["delay"] == d for x in r_recall)
+                }
+                runs.append(
+                    {
+                        "run": label,
+                        "seconds": seconds,
+                        "full_at_frame": failed_at,
+                        "recall_by_delay": by_delay,
+                        "s_per_frame_median": float(np.median([x["s_per_frame"] for x in r_rows])),
+                        "cached_max": max(x["cached"] for x in r_rows),
+                        "rss_first_mb": r_rows[0]["rss_mb"],
+                        "rss_last_mb": r_rows[-1]["rss_mb"],
+                    }
+                )
+                print(f"{label}: {runs[-1]}")
+        file_timing = time_file(args, mmproj, words)
+    print(f"encoded video file: {file_timing}")
+    meta = {
+        "frames": args.frames,
+        "budgets": args.budgets,
+        "delays": args.delays,
+        "per_delay": args.per_delay,
+        "full_ctx": args.full_ctx,
+        "runs": runs,
+        "file": file_timing,
+        "recall": recall,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    out = write_results(args.out, meta, rows, list(rows[0]))
+    with open(out.with_name(out.name + "_recall.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(recall[0]))
+        writer.writeheader()
+        writer.writerows(recall)
+    plot(rows, runs, args.delays, out.with_suffix(".png"))
+    print(f"wrote {out}.json/.csv/.png and {out.name}_recall.csv")
+    return 0
+
+
+def plot(rows: list[dict], runs: list[dict], delays: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run["run"]]
+        x = [r["frame"] for r in mine]
+        axes[0, 0].plot(x, [r["cached"] for r in mine], label=run["run"])
+        axes[0, 1].plot(x, [r["rss_mb"] for r in mine], label=run["run"])
+        axes[1, 0].plot(x, [r["s_per_frame"] for r in mine], label=run["run"])
+    for ax, title in zip(axes.flat[:3], ["cache cells", "process RSS (MB)", "seconds per frame"]):
+        ax.set_title(title)
+        ax.set_xlabel("frame (1 fps)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        ys = [run["recall_by_delay"].get(d, np.nan) for d in delays]
+        axes[1, 1].bar(np.arange(len(delays)) + i * width, ys, width, label=run["run"])
+    axes[1, 1].set_xticks(np.arange(len(delays)) + 0.4 - width / 2, [f"{d} frames" for d in delays])
+    axes[1, 1].set_title("recall of a frame's fact, asked later")
+    axes[1, 1].set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
