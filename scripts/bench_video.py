@@ -126,23 +126,14 @@ def run(policy_name: str, budget: int, args: argparse.Namespace, mmproj: Path, w
 
 def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
     """A real encoded video (MPEG-4 Part 2 written with PyAV): decoding alone, then the whole feed."""
-    import av
-
-    from infmllm_gguf.video import file_frames
+    from infmllm_gguf.video import file_frames, write_video
 
     filler = [w for w in words if w.isalpha()]
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clip.mp4"
         pictures = [render_words(list(rng.choice(filler, 16)), mmproj) for _ in range(args.file_frames)]
-        with av.open(str(path), "w") as out:
-            stream = out.add_stream("mpeg4", rate=1)
-            stream.width, stream.height = pictures[0].size
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"qscale": "1"}
-            for picture in pictures:
-                out.mux(stream.encode(av.VideoFrame.from_image(picture)))
-            out.mux(stream.encode())
+        write_video(path, pictures)
         t0 = time.perf_counter()
         n = sum(1 for _ in file_frames(path, fps=1.0))
         decode_s = time.perf_counter() - t0

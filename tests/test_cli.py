@@ -129,9 +129,8 @@ def test_chat_in_a_terminal_survives_ctrl_c_and_leaves_on_ctrl_d(tmp_path):
 
 
 def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
-    from test_vision import write_video
-
     from infmllm_gguf.codebook import render_words
+    from infmllm_gguf.video import write_video
 
     video = tmp_path / "clip.mp4"
     frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(8)]

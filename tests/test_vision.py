@@ -15,6 +15,7 @@ from reference import AttentionCapture
 from infmllm_gguf import Llama, StreamingLLM
 from infmllm_gguf.codebook import load_codebook, render_words
 from infmllm_gguf.kv import KVCache, decode
+from infmllm_gguf.video import write_video
 from infmllm_gguf.vision import Projector
 
 QUESTION = "\nQuestion: what is the vault code?\nAnswer: the vault code is"
@@ -250,19 +251,6 @@ def test_bad_projectors_are_refused(model_path, tmp_path):
         Llama(model_path, n_ctx=256, mmproj_path=tmp_path / "missing.gguf")
     with pytest.raises(ValueError, match="projector"):
         Llama(model_path, n_ctx=256, mmproj_path=model_path)  # a GGUF, but a text model
-
-
-def write_video(path, pictures, fps: int = 4) -> None:
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = pictures[0].size
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"qscale": "1"}
-        for picture in pictures:
-            out.mux(stream.encode(av.VideoFrame.from_image(picture)))
-        out.mux(stream.encode())
 
 
 def test_video_file_streams_frame_by_frame(model_path, codebook_mmproj, tmp_path):
