@@ -128,17 +128,28 @@ def select_keep(
 class Batch:
     """A reusable llama_batch filled with memmove, not per-token Python loops.
 
-    n_embd = 0: it carries token ids; n_embd > 0: input embeddings of that width (images)."""
+    n_embd = 0: it carries token ids; n_embd > 0: input embeddings of that width (images).
+    n_pos > 1: each embedding has n_pos positions (M-RoPE's sections), passed section-major."""
 
-    def __init__(self, capacity: int, n_embd: int = 0):
+    def __init__(self, capacity: int, n_embd: int = 0, n_pos: int = 1):
         self.capacity = capacity
         self.n_embd = n_embd
+        self.n_pos = n_pos
         self._batch = lc.llama_batch_init(capacity, n_embd, 1)
         self._seq_id: int | None = None
         self._n_seq = np.ones(capacity, np.int32)
+        # llama_batch_init allocates one position per token; more sections get a buffer of
+        # ours, swapped back before llama_batch_free frees the batch's own
+        self._own_pos = ctypes.cast(
+            self._batch.pos, ctypes.c_void_p
+        ).value  # an address: a field read is a view
+        self._pos_buf = np.zeros(capacity * n_pos, np.int32) if n_pos > 1 else None
+        if self._pos_buf is not None:
+            self._batch.pos = self._pos_buf.ctypes.data_as(_I32P)
 
     def close(self) -> None:
         if self._batch is not None:
+            self._batch.pos = ctypes.cast(self._own_pos, _I32P)
             lc.llama_batch_free(self._batch)
             self._batch = None
 
@@ -148,10 +159,14 @@ class Batch:
     def decode(
         self, ctx: int, inputs: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray
     ) -> int:
-        """llama_decode at most capacity tokens (ids, or n x n_embd embeddings); returns its status."""
+        """llama_decode at most capacity tokens (ids, or n x n_embd embeddings) at `positions`
+        (n, or n_pos x n for embeddings with several position sections); returns its status."""
         n = len(inputs)
         if n == 0 or n > self.capacity:
             raise ValueError(f"batch of {n} tokens, capacity {self.capacity}")
+        n_pos = self.n_pos if self.n_embd else 1
+        if np.shape(positions) != ((n,) if n_pos == 1 else (n_pos, n)):
+            raise ValueError(f"positions of shape {np.shape(positions)} for {n} inputs of {n_pos} sections")
         b = self._batch
         if self._seq_id != seq_id:
             for i in range(self.capacity):
@@ -169,7 +184,7 @@ class Batch:
             tok = np.ascontiguousarray(inputs, np.int32)
             ctypes.memmove(b.token, tok.ctypes.data, 4 * n)
         b.n_tokens = n
-        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n)
+        ctypes.memmove(b.pos, pos.ctypes.data, 4 * n * n_pos)
         ctypes.memmove(b.n_seq_id, self._n_seq.ctypes.data, 4 * n)
         ctypes.memmove(b.logits, out.ctypes.data, n)
         return lc.llama_decode(ctx, b)

@@ -185,12 +185,6 @@ class Llama:
             except BaseException:
                 self.close()
                 raise
-            if self._projector.mrope:
-                self.close()
-                raise ValueError(
-                    f"{mmproj_path} is an M-RoPE projector (Qwen2/2.5/3-VL family): its images take "
-                    "2-D positions, which this runtime does not feed yet"
-                )
         self._rng = np.random.default_rng(seed)
         self._chat_formatter = self._make_chat_formatter()
 
@@ -279,6 +273,29 @@ class Llama:
     @property
     def n_cached(self) -> int:
         return self._stream.n_cached
+
+    @property
+    def n_streamed(self) -> int:
+        """Keys fed to the stream so far (tokens and image cells, cached or evicted)."""
+        return self._stream.n_streamed
+
+    @_locked
+    def rewind(self, n_streamed: int) -> bool:
+        """Take back everything fed after the stream's first n_streamed keys, e.g. a question
+        asked aside that should not stay in the stream (a model copies earlier answers).
+
+        Possible only while all of it is still cached: returns False and changes nothing once
+        an eviction has taken part of it.  Feed something before generating again."""
+        if not isinstance(n_streamed, int) or not 0 <= n_streamed <= self._stream.n_streamed:
+            raise ValueError(
+                f"n_streamed must be an int in [0, {self._stream.n_streamed}], got {n_streamed!r}"
+            )
+        hist = self._stream.history
+        if 0 < n_streamed < len(hist) and hist[n_streamed] < 0 and hist[n_streamed - 1] == hist[n_streamed]:
+            raise ValueError(
+                f"n_streamed={n_streamed} falls inside an image: an image goes whole or not at all"
+            )
+        return self._stream.rollback(n_streamed)
 
     @_locked
     def eval(self, tokens: list[int] | np.ndarray) -> None:
@@ -376,7 +393,10 @@ class Llama:
                 embd = encoded.get(id(part))
                 if embd is None:
                     embd = self._require_projector().encode(part)
-                self._stream.feed_embeddings(embd, part.key, part.non_causal)
+                mrope = None
+                if self._stream.mrope:
+                    mrope = (self._projector.mrope_positions(part, self._stream.next_pos), part.n_pos)
+                self._stream.feed_embeddings(embd, part.key, part.non_causal, mrope)
             else:
                 self._stream.feed(part.tokens)
         return sum(len(p) for p in parts)

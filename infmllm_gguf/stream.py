@@ -5,6 +5,8 @@ of them, at compacted positions 0..n-1.  Image cells are cells like any other: t
 through the same decode path (as embeddings instead of token ids), are scored, evicted and
 compacted like text.  In the history an image cell is recorded as a negative key derived
 from the image's content, so a prompt that repeats an image matches it like a repeated token.
+(An M-RoPE model's image takes fewer positions than cells, so there positions run ahead of
+the cell count; such a stream never evicts.)
 
 Every native state change (decode, evict + compact + K-shift, roll back) and its Python
 bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
@@ -87,6 +89,8 @@ class Stream:
         self.n_ubatch = lc.llama_n_ubatch(ctx)
         self._batch = Batch(self.n_batch)
         self._embd_batch: Batch | None = None  # made on the first image
+        rope = lc.llama_model_rope_type(lc.llama_get_model(ctx))
+        self.mrope = rope in (lc.LLAMA_ROPE_TYPE_MROPE, lc.LLAMA_ROPE_TYPE_IMROPE)
         self._scoring = 0
         self.reset()
 
@@ -104,6 +108,7 @@ class Stream:
             self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
             self._n_history = 0
             self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
+            self.next_pos = 0  # the position of the next key: n_cached unless M-RoPE images came
             self.last_logits: np.ndarray | None = None
             self.stats = StreamStats()
             # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
@@ -166,32 +171,49 @@ class Stream:
                 self._evict(self.policy.budget)
             take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i)
             piece = tokens[i : i + take]
-            self._decode(piece, piece, out[i : i + take] if out is not None else None)
+            pos = np.arange(self.next_pos, self.next_pos + take)
+            self._decode(piece, piece, pos, out[i : i + take] if out is not None else None)
             i += take
         return out
 
-    def feed_embeddings(self, embd: np.ndarray, key: int, non_causal: bool = False) -> None:
+    def feed_embeddings(
+        self,
+        embd: np.ndarray,
+        key: int,
+        non_causal: bool = False,
+        mrope: tuple[np.ndarray, int] | None = None,
+    ) -> None:
         """Append one image's embeddings (n x n_embd) as n cells recorded under `key` (< 0).
 
-        The image is decoded whole: the cache evicts first to make room for all of it, and a
-        failure part-way removes the part already decoded."""
+        `mrope` = (positions, n_pos) for an M-RoPE model: the image's 4 x n positions, which
+        start at `next_pos`, and the positions it takes (mtmd's count, less than n).  The image
+        is decoded whole: the cache evicts first to make room for all of it, and a failure
+        part-way removes the part already decoded."""
         n = len(embd)
         if embd.ndim != 2 or embd.shape[1] != self.n_embd or n == 0:
             raise ValueError(f"image embeddings must be n x {self.n_embd}, got {embd.shape}")
         if key >= 0:
             raise ValueError("an image's key must be negative")
+        if (mrope is not None) != self.mrope:
+            raise ValueError("M-RoPE positions are needed for an M-RoPE model's images, and only there")
+        if mrope is not None and (mrope[0].shape != (4, n) or mrope[0][:3].min() != self.next_pos):
+            raise ValueError(f"M-RoPE positions must be 4 x {n}, from next_pos {self.next_pos}")
         self.check_image_fits(n, non_causal)
         if self.n_cached + n > self.capacity:
             self._evict(min(self.policy.budget, self.capacity - n))
         if self._embd_batch is None:
-            self._embd_batch = Batch(self.n_batch, self.n_embd)
+            self._embd_batch = Batch(self.n_batch, self.n_embd, 4 if self.mrope else 1)
         n_before, logits_before = self._n_history, self.last_logits
         keys = np.full(n, key, np.int32)
+        pos, n_pos = mrope if mrope is not None else (np.arange(self.next_pos, self.next_pos + n), n)
         if non_causal:
             lc.llama_set_causal_attn(self.ctx, False)
         try:
+            pos_0 = self.next_pos
             for i in range(0, n, self.n_batch):
-                self._decode(keys[i : i + self.n_batch], embd[i : i + self.n_batch], None)
+                piece = slice(i, i + self.n_batch)
+                last = i + self.n_batch >= n
+                self._decode(keys[piece], embd[piece], pos[..., piece], None, pos_0 + n_pos if last else None)
         except BaseException:
             if self.rollback(n_before):  # all of the image is still cached: nothing was evicted since
                 self.last_logits = logits_before
@@ -211,6 +233,9 @@ class Stream:
         self._check_full(n)
         if non_causal and n > self.n_ubatch:
             raise ValueError(f"this projector's images attend non-causally and need n_batch >= {n}")
+        if self.mrope and n > self.n_batch:
+            # its cells share one position, so a part decoded before a failure could not be told apart
+            raise ValueError(f"an M-RoPE image is decoded in one batch: it needs n_batch >= {n}")
 
     def _check_full(self, n: int) -> None:
         if isinstance(self.policy, FullCache) and self.n_cached + n > self.n_ctx:
@@ -219,8 +244,16 @@ class Stream:
                 "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
             )
 
-    def _decode(self, keys: np.ndarray, inputs: np.ndarray, logprobs_out: np.ndarray | None) -> None:
-        """Decode token ids or embeddings (`inputs`) as cells recorded under `keys`."""
+    def _decode(
+        self,
+        keys: np.ndarray,
+        inputs: np.ndarray,
+        positions: np.ndarray,
+        logprobs_out: np.ndarray | None,
+        next_pos: int | None = None,
+    ) -> None:
+        """Decode token ids or embeddings (`inputs`) at `positions` as cells recorded under `keys`;
+        the stream's next position becomes `next_pos` (default: one past the largest position)."""
         n = len(keys)
         start = self.n_cached
         scored = self.policy.needs_scores(start + n)
@@ -232,16 +265,21 @@ class Stream:
         batch = self._batch if inputs.ndim == 1 else self._embd_batch
         with self._unit():
             try:
-                rc = batch.decode(self.ctx, inputs, np.arange(start, start + n), self.seq_id, flags)
+                rc = batch.decode(self.ctx, inputs, positions, self.seq_id, flags)
                 if rc == 2:
                     raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
                 if rc != 0:
                     raise RuntimeError(f"llama_decode failed with status {rc}")
             except BaseException:
                 # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
-                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, start, -1)
+                # an M-RoPE image's cells all sit at its first (t) position
+                first = int(positions.min() if positions.ndim == 1 else positions[0].min())
+                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first, -1)
                 raise
-            self._record(keys, start, scored, flags, logprobs_out)
+            max_pos = int(positions.max() if positions.ndim == 1 else positions[:3].max())  # t, y, x
+            self._record(
+                keys, max_pos, max_pos + 1 if next_pos is None else next_pos, scored, flags, logprobs_out
+            )
 
     @contextlib.contextmanager
     def _unit(self) -> Iterator[None]:
@@ -253,7 +291,13 @@ class Stream:
             self.check_invariants()
 
     def _record(
-        self, keys: np.ndarray, start: int, scored: bool, flags: np.ndarray, logprobs_out: np.ndarray | None
+        self,
+        keys: np.ndarray,
+        max_pos: int,
+        next_pos: int,
+        scored: bool,
+        flags: np.ndarray,
+        logprobs_out: np.ndarray | None,
     ) -> None:
         """Python's side of a decode the cache has taken: history, logits, policy scores."""
         n = len(keys)
@@ -276,7 +320,8 @@ class Stream:
         self._append_history(keys)
         first = self._n_history - n
         self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
-        self.stats.max_pos_seen = max(self.stats.max_pos_seen, start + n - 1)
+        self.stats.max_pos_seen = max(self.stats.max_pos_seen, max_pos)
+        self.next_pos = next_pos
         self.last_logits = last_logits
         if scored:
             queries = self.policy.score_queries
@@ -304,6 +349,7 @@ class Stream:
             self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
             self.policy.forget(view.cells[~keep])
             self._stream_index = self._stream_index[keep]
+            self.next_pos = n_keep
             self.stats.n_evicted += int((~keep).sum())
             self.stats.evictions += 1
 
@@ -314,14 +360,16 @@ class Stream:
             return n_drop == 0
         if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
             return False
-        first_pos = self.n_cached - n_drop
-        freed = self.kv.cells(self.seq_id).cells[first_pos:]
+        first = self.n_cached - n_drop
+        view = self.kv.cells(self.seq_id)
+        first_pos = int(view.positions[first])  # == first, unless M-RoPE images came before
         with self._unit():
             if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first_pos, -1):
                 return False
-            self.policy.forget(freed)
+            self.policy.forget(view.cells[first:])
             self._n_history = n_keep
-            self._stream_index = self._stream_index[:first_pos]
+            self._stream_index = self._stream_index[:first]
+            self.next_pos = first_pos
             self.last_logits = None
         return True
 
@@ -342,16 +390,19 @@ class Stream:
     def check_invariants(self) -> None:
         """Raise InvariantError unless the native cache and the stream's records agree.
 
-        The cache holds exactly the cached cells, at positions 0..n-1 (compacted), within
-        the capacity; they are distinct stream indices in stream order; every streamed key
-        is either cached or counted as evicted."""
+        The cache holds exactly the cached cells, at positions 0..n-1 (compacted; M-RoPE:
+        non-decreasing, below next_pos), within the capacity; they are distinct stream indices
+        in stream order; every streamed key is either cached or counted as evicted."""
         view = self.kv.cells(self.seq_id)
         n = self.n_cached
         problems = []
         if len(view.cells) != n:
             problems.append(f"the cache holds {len(view.cells)} cells, the stream records {n}")
-        elif not np.array_equal(view.positions, np.arange(n)):
-            problems.append("cached positions are not 0..n-1")
+        elif self.mrope:
+            if n and (np.any(np.diff(view.positions) < 0) or view.positions[-1] >= self.next_pos):
+                problems.append(f"cached positions are not non-decreasing below {self.next_pos}")
+        elif not np.array_equal(view.positions, np.arange(n)) or self.next_pos != n:
+            problems.append(f"cached positions are not 0..n-1 = next_pos - 1 ({self.next_pos - 1})")
         if n > self.capacity:
             problems.append(f"{n} cells cached, capacity {self.capacity}")
         if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):

@@ -104,6 +104,7 @@ class ImagePart:
     n_tokens: int
     key: int
     non_causal: bool
+    n_pos: int  # positions it takes: n_tokens, or fewer for M-RoPE (max of its grid's sides)
 
     def __post_init__(self) -> None:
         weakref.finalize(self, mt.mtmd_input_chunk_free, self.chunk)
@@ -145,7 +146,6 @@ class Projector:
         if not mt.mtmd_support_vision(ctx):
             self.close()
             raise ValueError(f"{self.path} has no vision encoder (audio-only projectors are not supported)")
-        self.mrope = bool(mt.mtmd_decode_use_mrope(ctx))
         self.n_embd = n_embd
         self._marker = (mt.mtmd_default_marker() or b"<__media__>").decode()
 
@@ -241,12 +241,23 @@ class Projector:
             n_tokens=n_tokens,
             key=image_key(bytes.fromhex(chunk_id.decode())) if chunk_id else image_key(os.urandom(4)),
             non_causal=bool(mt.mtmd_decode_use_non_causal(self._ctx, chunk)),
+            n_pos=mt.mtmd_input_chunk_get_n_pos(chunk),
         )
 
     @property
     def marker(self) -> str:
         """The text that stands for an image in a prompt."""
         return self._marker
+
+    def mrope_positions(self, part: ImagePart, pos_0: int) -> np.ndarray:
+        """An M-RoPE image's decoder positions from pos_0: 4 x n_tokens (sections t, y, x, z, as
+        llama_batch takes them section-major)."""
+        tokens = mt.mtmd_input_chunk_get_tokens_image(part.chunk)
+        out = np.empty((4, part.n_tokens), np.int32)
+        for i in range(part.n_tokens):
+            p = mt.mtmd_image_tokens_get_decoder_pos(tokens, pos_0, i)
+            out[:, i] = (p.t, p.y, p.x, p.z)
+        return out
 
     def encode(self, part: ImagePart) -> np.ndarray:
         """The image's embeddings in the text model's input space (n_tokens x n_embd, float32)."""

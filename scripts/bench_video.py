@@ -2,11 +2,12 @@
 
 The video is synthetic and readable offline: SmolLM2 with the closed-form codebook projector
 (infmllm_gguf.codebook) reads each frame's words exactly as if they were text.  Frame i (1 fps,
-each after its `[hh:mm:ss]` marker) shows 16 random codebook words; some frames instead show a
-fact, "the code for NAME is d d d d".  Each fact is asked once, `delay` frames later, in
-completion form ("Question: what is the code for NAME? Answer: the code for NAME is"): the
-answer is right when its first four digits are the code.  The full cache is the reference while
-the stream fits in its n_ctx; its answers say what the model can do with everything in view.
+each after its `[hh:mm:ss]` marker) shows 16 random codebook words; some frames show a fact
+instead, "the code for NAME is NAME d d d d", asked once `delay` frames later in completion form
+("Question: what is the code for NAME? Answer: the code for NAME is NAME") and taken back after
+the answer.  An answer is right when its first four digits are the code.  The full cache is the
+reference while the stream fits in its n_ctx: its answers say what the model can do with
+everything in view.
 
     python scripts/bench_video.py --quick   # 600 frames, budget 1024, delays 1/10/100 (minutes)
     python scripts/bench_video.py           # 3600 frames (an hour at 1 fps), budgets 1024 and 2048
@@ -31,68 +32,80 @@ from results_io import RESULTS, write_results
 from infmllm_gguf import ContextFullError, Llama, default_model_path
 from infmllm_gguf.cli import current_rss_mb, peak_rss_mb
 from infmllm_gguf.codebook import read_codebook, render_words, write_codebook_mmproj
-from infmllm_gguf.policies import make_policy
+from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 
 DIGITS = [str(d) for d in range(10)]
 
 
+# The name right before the code lets the model find the fact by its name alone: the 135M model
+# copies it so 21 times in 24 with four such facts in view, 13 in 24 with "... NAME is d d d d".
+FACT = "the code for {name} is {name} {code}"
+QUESTION = "\nQuestion: what is the code for {name}?\nAnswer: the code for {name} is {name}"
+
+
 def plan(words: list[str], n_frames: int, delays: list[int], per_delay: int, seed: int) -> tuple[dict, dict]:
-    """Which frames show a fact and when each fact is asked: ({frame: (name, code)}, {frame: [...]})."""
+    """Which frames show a fact and when each is asked.
+
+    Returns ({frame: (name, code)}, {frame: (name, code, delay)})."""
     rng = np.random.default_rng(seed)
     names = [w for w in words if w.isalpha() and len(w) > 3]
     rng.shuffle(names)
     facts: dict[int, tuple[str, str]] = {}
-    asks: dict[int, list[tuple[str, str, int]]] = {}
+    asks: dict[int, tuple[str, str, int]] = {}
     for d in delays:
         span = n_frames - d - 2
         for j in range(per_delay):
-            frame = 1 + int((j + 0.5) * span / per_delay)
-            while frame in facts:
+            frame = 1 + int(j * span / per_delay)  # the first ones early, while the full cache fits
+            while frame in facts or frame + d in asks:
                 frame += 1
             name, code = names[len(facts)], " ".join(rng.choice(DIGITS, 4))
-            facts[frame] = (name, code)
-            asks.setdefault(frame + d, []).append((name, code, d))
+            facts[frame], asks[frame + d] = (name, code), (name, code, d)
     return facts, asks
 
 
 def frames(mmproj: Path, words: list[str], facts: dict, n_frames: int, seed: int):
+    """The stream's pictures; fact names never appear in the filler."""
     rng = np.random.default_rng(seed + 1)
-    filler = [w for w in words if w.isalpha()]
+    names = {name for name, _ in facts.values()}
+    filler = [w for w in words if w.isalpha() and w not in names]
     for i in range(n_frames):
         if i in facts:
             name, code = facts[i]
-            yield render_words(f"the code for {name} is {code}", mmproj)
+            yield render_words(FACT.format(name=name, code=code), mmproj)
         else:
             yield render_words(list(rng.choice(filler, 16)), mmproj)
 
 
 def ask(llm: Llama, name: str) -> str:
-    llm.feed(f"\nQuestion: what is the code for {name}?\nAnswer: the code for {name} is", add_bos=False)
+    """Ask aside: the question and answer are taken back afterwards (while still cached), since
+    a small model copies an earlier answer instead of reading the frame."""
+    mark = llm.n_streamed
+    llm.feed(QUESTION.format(name=name), add_bos=False)
     answer = llm.generate_text(10, temperature=0.0, stop="\n")
-    llm.feed("\n", add_bos=False)
+    if not llm.rewind(mark):
+        llm.feed("\n", add_bos=False)  # the question made the cache evict: it stays, closed
     return answer
 
 
-def run(policy_name: str, budget: int, args: argparse.Namespace, mmproj: Path, words: list[str]) -> tuple:
+def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, words: list[str]) -> tuple:
+    """One stream of args.frames frames through `policy`; the full cache gets n_ctx args.full_ctx."""
     facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed)
-    if policy_name == "full":
-        llm = Llama(args.model, n_ctx=args.full_ctx, kv_policy="full", mmproj_path=mmproj)
-    else:
-        policy = make_policy(policy_name, budget=budget)
-        llm = Llama(args.model, n_ctx=policy.capacity, kv_policy=policy, mmproj_path=mmproj)
-    label = f"{policy_name}@{budget}" if policy_name != "full" else f"full@{args.full_ctx}"
+    n_ctx = args.full_ctx if isinstance(policy, FullCache) else policy.capacity
+    llm = Llama(args.model, n_ctx=n_ctx, kv_policy=policy, mmproj_path=mmproj)
     rows, recall = [], []
     t0 = time.perf_counter()
     last = [t0, 0]
 
     def on_frame(info: dict) -> None:
         n = info["frame"]
-        for name, code, delay in asks.get(n - 1, []):
+        if n - 1 in asks:
+            name, code, delay = asks[n - 1]
             answer = ask(llm, name)
             got = "".join(ch for ch in answer if ch.isdigit())[:4]
             recall.append(
                 {
                     "run": label,
+                    "frame": n - 1,
                     "delay": delay,
                     "name": name,
                     "code": code,
@@ -121,7 +134,22 @@ def run(policy_name: str, budget: int, args: argparse.Namespace, mmproj: Path, w
         failed_at = rows[-1]["frame"] if rows else 0
         print(f"{label}: the full cache is full after about {failed_at} frames", file=sys.stderr)
     llm.close()
-    return label, rows, recall, failed_at, time.perf_counter() - t0
+    summary = {
+        "run": label,
+        "seconds": time.perf_counter() - t0,
+        "full_at_frame": failed_at,
+        "recall_by_delay": {
+            d: float(np.mean([x["correct"] for x in recall if x["delay"] == d]))
+            for d in args.delays
+            if any(x["delay"] == d for x in recall)
+        },
+        "s_per_frame_median": float(np.median([x["s_per_frame"] for x in rows])),
+        "cached_max": max(x["cached"] for x in rows),
+        "rss_first_mb": rows[0]["rss_mb"],
+        "rss_last_mb": rows[-1]["rss_mb"],
+    }
+    print(f"{label}: {summary}")
+    return summary, rows, recall
 
 
 def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
@@ -156,15 +184,15 @@ def main() -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "snapkv", "infmllm"])
     ap.add_argument("--delays", type=int, nargs="+", default=[1, 10, 100, 1000])
-    ap.add_argument("--per-delay", type=int, default=4, help="facts asked at each delay")
-    ap.add_argument("--full-ctx", type=int, default=8192, help="n_ctx of the full-cache reference")
+    ap.add_argument("--per-delay", type=int, default=3, help="facts asked at each delay")
+    ap.add_argument("--full-ctx", type=int, default=16384, help="n_ctx of the full-cache reference")
     ap.add_argument("--every", type=int, default=60, help="frames between checkpoint rows")
     ap.add_argument("--file-frames", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "video"))
     args = ap.parse_args()
     if args.quick:
-        args.frames, args.budgets, args.delays, args.per_delay = 600, [1024], [1, 10, 100], 3
+        args.frames, args.budgets, args.delays, args.per_delay = 600, [1024], [1, 10, 100], 5
     args.model = args.model or str(default_model_path())
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,27 +201,12 @@ def main() -> int:
         runs, rows, recall = [], [], []
         for policy_name in args.policies:
             for budget in args.budgets if policy_name != "full" else [0]:
-                label, r_rows, r_recall, failed_at, seconds = run(policy_name, budget, args, mmproj, words)
+                policy = make_policy(policy_name, budget=budget or None)
+                label = f"{policy_name}@{budget}" if budget else f"full@{args.full_ctx}"
+                summary, r_rows, r_recall = run(label, policy, args, mmproj, words)
+                runs.append(summary)
                 rows += r_rows
                 recall += r_recall
-                by_delay = {
-                    d: float(np.mean([x["correct"] for x in r_recall if x["delay"] == d]))
-                    for d in args.delays
-                    if any(x["delay"] == d for x in r_recall)
-                }
-                runs.append(
-                    {
-                        "run": label,
-                        "seconds": seconds,
-                        "full_at_frame": failed_at,
-                        "recall_by_delay": by_delay,
-                        "s_per_frame_median": float(np.median([x["s_per_frame"] for x in r_rows])),
-                        "cached_max": max(x["cached"] for x in r_rows),
-                        "rss_first_mb": r_rows[0]["rss_mb"],
-                        "rss_last_mb": r_rows[-1]["rss_mb"],
-                    }
-                )
-                print(f"{label}: {runs[-1]}")
         file_timing = time_file(args, mmproj, words)
     print(f"encoded video file: {file_timing}")
     meta = {

@@ -141,6 +141,30 @@ def test_ctrl_c_stops_a_long_prefill_inside_the_decode(model_path, tokens):
     fresh.close()
 
 
+def test_ctrl_c_inside_an_image_takes_the_whole_image_back(model_path, tmp_path):
+    """A 1024-cell picture decoded in four batches: Ctrl-C after the first batches must take
+    back the batches already decoded, restore the logits before the image and leave the stream
+    able to take the same picture whole."""
+    from infmllm_gguf.codebook import DEFAULT_WORDS, render_words, write_codebook_mmproj
+
+    mmproj = write_codebook_mmproj(model_path, tmp_path / "mmproj-32.gguf", grid=32)
+    picture = render_words([DEFAULT_WORDS[i % 400] for i in range(1024)], mmproj)
+    llm = Llama(model_path, n_ctx=2048, kv_policy="full", n_batch=256, mmproj_path=mmproj, debug=True)
+    try:
+        llm.feed("A picture:")
+        history, logits = llm.history.copy(), llm._stream.last_logits.copy()
+        timer = Interrupter(1.6).start()  # each batch takes about a second on 2 cores
+        with pytest.raises(KeyboardInterrupt):
+            llm.feed_image(picture)
+            timer.settle()
+        assert np.array_equal(llm.history, history)
+        np.testing.assert_array_equal(llm._stream.last_logits, logits)
+        llm.check_invariants()
+        assert llm.feed_image(picture) == 1024 and llm.n_cached == len(history) + 1024
+    finally:
+        llm.close()
+
+
 def test_stop_matcher_holds_back_a_stop_that_spans_pieces():
     matcher = StopMatcher(["\n\nUser:"])
     out = []

@@ -349,3 +349,33 @@ def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_token
     llm.feed("\nAnd the story goes on.")
     assert llm.kv_stats()["max_pos"] < llm.n_ctx
     llm.close()
+
+
+def test_rewind_takes_back_a_question_asked_aside(model_path, stream_tokens):
+    """After a rewind the stream is as if the question had never been fed: same history, same
+    next logits; once an eviction has taken part of what followed, nothing is taken back."""
+    llm = Llama(model_path, n_ctx=384, kv_policy=InfMLLM(budget=256, chunk=64), debug=True)
+    twin = Llama(model_path, n_ctx=384, kv_policy=InfMLLM(budget=256, chunk=64))
+    try:
+        for stream in (llm, twin):
+            stream.eval(stream_tokens[:340])  # one eviction each, alike; 276 of 320 cells then
+        mark = llm.n_streamed
+        llm.feed("\nQuestion: who made the earth?\nAnswer:", add_bos=False)
+        llm.generate_text(8, temperature=0.0)
+        assert llm.rewind(mark)
+        assert np.array_equal(llm.history, twin.history)
+        for stream in (llm, twin):
+            stream.eval(stream_tokens[340:350])
+        np.testing.assert_allclose(llm._stream.last_logits, twin._stream.last_logits, atol=1e-3)
+
+        mark = llm.n_streamed
+        llm.eval(stream_tokens[350:1000])  # more than the budget: part of it is evicted
+        n = llm.n_streamed
+        assert not llm.rewind(mark) and llm.n_streamed == n
+        for bad in (-1, n + 1, 1.5):
+            with pytest.raises(ValueError, match="n_streamed"):
+                llm.rewind(bad)
+        llm.check_invariants()
+    finally:
+        llm.close()
+        twin.close()

@@ -10,6 +10,7 @@ written here with the real SmolLM2 vocabulary, so no extra download is needed.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,58 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     }
     path = tmp_path_factory.mktemp("gguf") / "qwen2vl.gguf"
     return _write_tiny(path, "qwen2vl", tokenizer_fields, rng, layer, hparams)
+
+
+@pytest.fixture(scope="module")
+def mrope_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-layer random Qwen2-VL vision tower for the qwen2vl model: its images take M-RoPE
+    positions (t, y, x) and fewer positions than tokens."""
+    rng = np.random.default_rng(3)
+    n_v, n_ff, n_hidden = 16, 32, 64
+    path = tmp_path_factory.mktemp("gguf") / "mmproj-qwen2vl.gguf"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "qwen2vl_merger")
+    for key, value in {
+        "image_size": 56,
+        "patch_size": 14,
+        "embedding_length": n_v,
+        "feed_forward_length": n_ff,
+        "block_count": 1,
+        "projection_dim": N_EMBD,
+        "attention.head_count": 1,
+    }.items():
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    tensors = {
+        "v.patch_embd.weight": _random(rng, n_v, 3, 14, 14).astype(np.float16),
+        "v.patch_embd.weight.1": _random(rng, n_v, 3, 14, 14).astype(np.float16),
+        "mm.0.weight": _random(rng, n_hidden, 4 * n_v),
+        "mm.0.bias": _random(rng, n_hidden),
+        "mm.2.weight": _random(rng, N_EMBD, n_hidden),
+        "mm.2.bias": _random(rng, N_EMBD),
+    }
+    for name, shape in {
+        "ln1": (n_v,),
+        "ln2": (n_v,),
+        "attn_q": (n_v, n_v),
+        "attn_k": (n_v, n_v),
+        "attn_v": (n_v, n_v),
+        "attn_out": (n_v, n_v),
+        "ffn_up": (n_ff, n_v),
+        "ffn_down": (n_v, n_ff),
+    }.items():
+        tensors[f"v.blk.0.{name}.weight"] = _ones(n_v) if name.startswith("ln") else _random(rng, *shape)
+        tensors[f"v.blk.0.{name}.bias"] = _random(rng, shape[0])
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +355,85 @@ def test_a_projector_for_another_text_model_is_refused(iswa_gguf: str, codebook_
     """The codebook projector outputs SmolLM2's 576-wide embeddings; this model takes 64."""
     with pytest.raises(ValueError, match="n_embd"):
         Llama(iswa_gguf, n_ctx=64, kv_policy="full", mmproj_path=codebook_mmproj)
+
+
+def _picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (112, 84, 3), dtype=np.uint8)
+
+
+def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str, mrope_mmproj: str) -> None:
+    """An M-RoPE model's image takes 2-D positions and fewer positions than cells; after it,
+    text goes on from mtmd's position count.  The logits must equal those of llama.cpp's own
+    mtmd helper (mtmd_helper_eval_chunks) on a fresh context given the same prompt."""
+    from infmllm_gguf.vision import mt
+
+    llm = Llama(
+        mrope_gguf, n_ctx=512, kv_policy="full", mmproj_path=mrope_mmproj, n_threads=N_THREADS, debug=True
+    )
+    ref = Llama(mrope_gguf, n_ctx=512, kv_policy="full", mmproj_path=mrope_mmproj, n_threads=N_THREADS)
+    try:
+        image = _picture(0)
+        prompt = f"A picture: {ref._projector.marker} and what it shows"
+        parts = llm._projector.tokenize(prompt, [image], add_special=True)
+        (picture,) = [p for p in parts if not hasattr(p, "tokens")]
+        assert picture.n_pos < picture.n_tokens  # the merger's grid: max(w, h) positions, w * h cells
+        llm._feed_parts(parts)
+        n_cells = sum(len(p) for p in parts)
+        assert llm.n_cached == n_cells
+        assert llm._stream.next_pos == n_cells - picture.n_tokens + picture.n_pos
+        llm.check_invariants()
+
+        # the reference: mtmd's own tokenizer and helper on a fresh context of the same model
+        with ref._projector.bitmap(image) as bmp:
+            chunks = mt.mtmd_input_chunks_init()
+            data = prompt.encode()
+            text = mt.mtmd_input_text(data, len(data), True, True)
+            assert (
+                mt.mtmd_tokenize(
+                    ref._projector._ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bmp), 1
+                )
+                == 0
+            )
+        new_n_past = lc.llama_pos(0)
+        rc = mt.mtmd_helper_eval_chunks(
+            ref._projector._ctx, ref._ctx, chunks, 0, 0, 512, True, ctypes.byref(new_n_past)
+        )
+        mt.mtmd_input_chunks_free(chunks)
+        assert rc == 0 and new_n_past.value == llm._stream.next_pos
+        expected = logits_of(ref._ctx, ref._model.model)
+        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+
+        # text goes on; a rewind to before the image gives its positions back, and feeding it
+        # again gives the same logits
+        llm.feed(" and more text", add_bos=False)
+        assert llm.rewind(len(parts[0]))
+        assert llm._stream.next_pos == llm.n_cached == len(parts[0])
+        llm.check_invariants()
+        llm._feed_parts(parts[1:])
+        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+        assert llm.n_streamed == n_cells
+    finally:
+        llm.close()
+        ref.close()
+
+
+def test_mrope_images_with_an_evicting_policy_are_refused(mrope_gguf: str, mrope_mmproj: str) -> None:
+    with pytest.raises(ValueError, match="M-RoPE"):
+        Llama(mrope_gguf, n_ctx=512, kv_policy="infmllm", mmproj_path=mrope_mmproj, n_threads=N_THREADS)
+
+
+def test_an_mrope_image_larger_than_a_batch_is_refused(mrope_gguf: str, mrope_mmproj: str) -> None:
+    """Its cells share one position, so a half-decoded image could not be taken back: it must
+    fit in one batch, and the stream is unchanged when it does not."""
+    llm = Llama(
+        mrope_gguf, n_ctx=256, n_batch=8, kv_policy="full", mmproj_path=mrope_mmproj, n_threads=N_THREADS
+    )
+    try:
+        llm.feed("Before the picture")
+        before = llm.history.copy()
+        with pytest.raises(ValueError, match="n_batch >= 12"):
+            llm.feed_image(_picture(1))
+        assert np.array_equal(llm.history, before) and llm.n_cached == len(before)
+        llm.check_invariants()
+    finally:
+        llm.close()

@@ -292,3 +292,14 @@ def test_300_frame_video_stays_bounded(model_path, codebook_mmproj):
     assert stats["frames"] == 300 and stats["evictions"] > 0
     assert max(sizes) <= llm.policy.capacity
     llm.close()
+
+
+def test_rewind_never_splits_an_image(vlm, codebook_mmproj):
+    vlm.reset()
+    n = vlm.feed_image(render_words("the vault code is 4 7 2 1", codebook_mmproj), prompt="A picture:")
+    with pytest.raises(ValueError, match="inside an image"):
+        vlm.rewind(n - 3)
+    assert vlm.n_streamed == n
+    n_text = len(vlm.tokenize("A picture:", add_bos=True, special=True))
+    assert vlm.rewind(n_text) and vlm.n_streamed == vlm.n_cached == n_text
+    vlm.check_invariants()
