@@ -43,8 +43,11 @@ FACT = "the code for {name} is {name} {code}"
 QUESTION = "\nQuestion: what is the code for {name}?\nAnswer: the code for {name} is {name}"
 
 
-def plan(words: list[str], n_frames: int, delays: list[int], per_delay: int, seed: int) -> tuple[dict, dict]:
-    """Which frames show a fact and when each is asked.
+def plan(
+    words: list[str], n_frames: int, delays: list[int], per_delay: int, seed: int, offset: float = 0.0
+) -> tuple[dict, dict]:
+    """Which frames show a fact and when each is asked: the facts of each delay are spread
+    evenly, the first `offset` of a spacing in (0: from the start, while the full cache fits).
 
     Returns ({frame: (name, code)}, {frame: (name, code, delay)})."""
     rng = np.random.default_rng(seed)
@@ -55,7 +58,7 @@ def plan(words: list[str], n_frames: int, delays: list[int], per_delay: int, see
     for d in delays:
         span = n_frames - d - 2
         for j in range(per_delay):
-            frame = 1 + int(j * span / per_delay)  # the first ones early, while the full cache fits
+            frame = 1 + int((j + offset) * span / per_delay)
             while frame in facts or frame + d in asks:
                 frame += 1
             name, code = names[len(facts)], " ".join(rng.choice(DIGITS, 4))
@@ -89,7 +92,7 @@ def ask(llm: Llama, name: str) -> str:
 
 def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, words: list[str]) -> tuple:
     """One stream of args.frames frames through `policy`; the full cache gets n_ctx args.full_ctx."""
-    facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed)
+    facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed, args.offset)
     n_ctx = args.full_ctx if isinstance(policy, FullCache) else policy.capacity
     llm = Llama(args.model, n_ctx=n_ctx, kv_policy=policy, mmproj_path=mmproj)
     rows, recall = [], []
@@ -185,6 +188,9 @@ def main() -> int:
     ap.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "snapkv", "infmllm"])
     ap.add_argument("--delays", type=int, nargs="+", default=[1, 10, 100, 1000])
     ap.add_argument("--per-delay", type=int, default=3, help="facts asked at each delay")
+    ap.add_argument(
+        "--offset", type=float, default=0.0, help="first fact of a delay at this part of a spacing"
+    )
     ap.add_argument("--full-ctx", type=int, default=16384, help="n_ctx of the full-cache reference")
     ap.add_argument("--every", type=int, default=60, help="frames between checkpoint rows")
     ap.add_argument("--file-frames", type=int, default=120)

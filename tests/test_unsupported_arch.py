@@ -4,8 +4,10 @@ Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys 
 a recurrent model has no per-token cache to evict, and a sliding-window model keeps two
 caches (full and windowed) that the native calls do not handle yet.  Both must be refused with the reason
 before a stream starts, must still run without eviction (kv_policy='full'), and the native
-calls must refuse rather than corrupt the context.  The models are tiny random-weight GGUFs
-written here with the real SmolLM2 vocabulary, so no extra download is needed.
+calls must refuse rather than corrupt the context.  Under 'full', an M-RoPE model also takes
+images (a tiny random Qwen2-VL projector here), at the positions llama.cpp's own mtmd helper
+gives them.  The models are tiny random-weight GGUFs written here with the real SmolLM2
+vocabulary, so no extra download is needed.
 """
 
 from __future__ import annotations
@@ -44,20 +46,11 @@ def _n_vocab(tokenizer: list[gguf.ReaderField]) -> int:
 
 
 def _write_gguf(
-    path: Path,
-    arch: str,
-    tokenizer: list[gguf.ReaderField],
-    hparams: dict[str, Any],
-    tensors: dict[str, np.ndarray],
+    path: Path, arch: str, tensors: dict[str, np.ndarray], write_kv: Callable[[gguf.GGUFWriter], None]
 ) -> str:
-    """hparams maps a GGUFWriter add_* method to its argument; tensors are in numpy (reversed ggml) order."""
+    """A GGUF of `tensors` (numpy, i.e. reversed ggml, order); write_kv adds its metadata."""
     writer = gguf.GGUFWriter(str(path), arch)
-    for field in tokenizer:
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type)
-    for method, value in hparams.items():
-        getattr(writer, method)(value)
+    write_kv(writer)
     for name, data in tensors.items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()
@@ -65,6 +58,23 @@ def _write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
+
+
+def _model_kv(
+    tokenizer: list[gguf.ReaderField], hparams: dict[str, Any]
+) -> Callable[[gguf.GGUFWriter], None]:
+    """A text model's metadata: the real tokenizer's fields, and hparams, which maps a
+    GGUFWriter add_* method to its argument."""
+
+    def write(writer: gguf.GGUFWriter) -> None:
+        for field in tokenizer:
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type)
+        for method, value in hparams.items():
+            getattr(writer, method)(value)
+
+    return write
 
 
 def _random(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -91,7 +101,7 @@ def _write_tiny(
     for i in range(N_LAYER):
         tensors |= layer(i)
     shape = {"add_context_length": 1024, "add_embedding_length": N_EMBD, "add_block_count": N_LAYER}
-    return _write_gguf(path, arch, tokenizer, {**shape, **hparams}, tensors)
+    return _write_gguf(path, arch, tensors, _model_kv(tokenizer, {**shape, **hparams}))
 
 
 def _attention_block(rng: np.random.Generator, i: int, qkv_bias: bool = False) -> dict[str, np.ndarray]:
@@ -134,29 +144,41 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     return _write_tiny(path, "qwen2vl", tokenizer_fields, rng, layer, hparams)
 
 
+def _vit_block(rng: np.random.Generator, n_v: int, n_ff: int) -> dict[str, np.ndarray]:
+    """Block 0 of a CLIP-format vision tower: layer norms, attention and FFN, all with biases."""
+    shapes = {"ln1": (n_v,), "ln2": (n_v,), "ffn_up": (n_ff, n_v), "ffn_down": (n_v, n_ff)}
+    shapes |= {name: (n_v, n_v) for name in ("attn_q", "attn_k", "attn_v", "attn_out")}
+    block = {}
+    for name, shape in shapes.items():
+        block[f"v.blk.0.{name}.weight"] = _ones(n_v) if name.startswith("ln") else _random(rng, *shape)
+        block[f"v.blk.0.{name}.bias"] = _random(rng, shape[0])
+    return block
+
+
 @pytest.fixture(scope="module")
 def mrope_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 1-layer random Qwen2-VL vision tower for the qwen2vl model: its images take M-RoPE
     positions (t, y, x) and fewer positions than tokens."""
     rng = np.random.default_rng(3)
     n_v, n_ff, n_hidden = 16, 32, 64
-    path = tmp_path_factory.mktemp("gguf") / "mmproj-qwen2vl.gguf"
-    w = gguf.GGUFWriter(str(path), "clip")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "qwen2vl_merger")
-    for key, value in {
-        "image_size": 56,
-        "patch_size": 14,
-        "embedding_length": n_v,
-        "feed_forward_length": n_ff,
-        "block_count": 1,
-        "projection_dim": N_EMBD,
-        "attention.head_count": 1,
-    }.items():
-        w.add_uint32(f"clip.vision.{key}", value)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    def write_kv(w: gguf.GGUFWriter) -> None:
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_string("clip.projector_type", "qwen2vl_merger")
+        for key, value in {
+            "image_size": 56,
+            "patch_size": 14,
+            "embedding_length": n_v,
+            "feed_forward_length": n_ff,
+            "block_count": 1,
+            "projection_dim": N_EMBD,
+            "attention.head_count": 1,
+        }.items():
+            w.add_uint32(f"clip.vision.{key}", value)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
     tensors = {
         "v.patch_embd.weight": _random(rng, n_v, 3, 14, 14).astype(np.float16),
         "v.patch_embd.weight.1": _random(rng, n_v, 3, 14, 14).astype(np.float16),
@@ -164,26 +186,45 @@ def mrope_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
         "mm.0.bias": _random(rng, n_hidden),
         "mm.2.weight": _random(rng, N_EMBD, n_hidden),
         "mm.2.bias": _random(rng, N_EMBD),
-    }
-    for name, shape in {
-        "ln1": (n_v,),
-        "ln2": (n_v,),
-        "attn_q": (n_v, n_v),
-        "attn_k": (n_v, n_v),
-        "attn_v": (n_v, n_v),
-        "attn_out": (n_v, n_v),
-        "ffn_up": (n_ff, n_v),
-        "ffn_down": (n_v, n_ff),
-    }.items():
-        tensors[f"v.blk.0.{name}.weight"] = _ones(n_v) if name.startswith("ln") else _random(rng, *shape)
-        tensors[f"v.blk.0.{name}.bias"] = _random(rng, shape[0])
-    for name, data in tensors.items():
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    } | _vit_block(rng, n_v, n_ff)
+    return _write_gguf(tmp_path_factory.mktemp("gguf") / "mmproj-qwen2vl.gguf", "clip", tensors, write_kv)
+
+
+@pytest.fixture(scope="module")
+def gemma3_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-layer random Gemma 3 (SigLIP) vision tower for the gemma2-shaped model: 4x4 patches
+    average-pooled 2x2 into 4 image tokens, which mtmd decodes non-causally."""
+    rng = np.random.default_rng(4)
+    n_v, n_ff = 16, 32
+
+    def write_kv(w: gguf.GGUFWriter) -> None:
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_string("clip.projector_type", "gemma3")
+        for key, value in {
+            "image_size": 56,
+            "patch_size": 14,
+            "embedding_length": n_v,
+            "feed_forward_length": n_ff,
+            "block_count": 1,
+            "projection_dim": N_EMBD,
+            "attention.head_count": 1,
+            "projector.scale_factor": 2,
+        }.items():
+            w.add_uint32(f"clip.vision.{key}", value)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    tensors = {
+        "v.patch_embd.weight": _random(rng, n_v, 3, 14, 14).astype(np.float16),
+        "v.patch_embd.bias": _random(rng, n_v),
+        "v.position_embd.weight": _random(rng, 16, n_v),
+        "v.post_ln.weight": _ones(n_v),
+        "v.post_ln.bias": _random(rng, n_v),
+        "mm.soft_emb_norm.weight": _ones(n_v),
+        "mm.input_projection.weight": _random(rng, n_v, N_EMBD),
+    } | _vit_block(rng, n_v, n_ff)
+    return _write_gguf(tmp_path_factory.mktemp("gguf") / "mmproj-gemma3.gguf", "clip", tensors, write_kv)
 
 
 @pytest.fixture(scope="module")
@@ -361,16 +402,37 @@ def _picture(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (112, 84, 3), dtype=np.uint8)
 
 
+def _vlm_pair(model: str, mmproj: str) -> tuple[Llama, Llama]:
+    """Two full-cache sessions of one model and projector: ours, and a fresh reference."""
+    kwargs = {"n_ctx": 512, "kv_policy": "full", "mmproj_path": mmproj, "n_threads": N_THREADS}
+    return Llama(model, **kwargs), Llama(model, **kwargs)
+
+
+def _mtmd_reference(ref: Llama, prompt: str, image: np.ndarray) -> tuple[np.ndarray, int]:
+    """llama.cpp's own way: mtmd's tokenizer and mtmd_helper_eval_chunks on a fresh context;
+    (the last logits, the next position)."""
+    from infmllm_gguf.vision import mt
+
+    mctx = ref._projector._ctx
+    chunks = mt.mtmd_input_chunks_init()
+    try:
+        with ref._projector.bitmap(image) as bmp:
+            data = prompt.encode()
+            text = mt.mtmd_input_text(data, len(data), True, True)
+            bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bmp)
+            assert mt.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
+        n_past = lc.llama_pos(0)
+        assert mt.mtmd_helper_eval_chunks(mctx, ref._ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+    finally:
+        mt.mtmd_input_chunks_free(chunks)
+    return logits_of(ref._ctx, ref._model.model), n_past.value
+
+
 def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str, mrope_mmproj: str) -> None:
     """An M-RoPE model's image takes 2-D positions and fewer positions than cells; after it,
     text goes on from mtmd's position count.  The logits must equal those of llama.cpp's own
-    mtmd helper (mtmd_helper_eval_chunks) on a fresh context given the same prompt."""
-    from infmllm_gguf.vision import mt
-
-    llm = Llama(
-        mrope_gguf, n_ctx=512, kv_policy="full", mmproj_path=mrope_mmproj, n_threads=N_THREADS, debug=True
-    )
-    ref = Llama(mrope_gguf, n_ctx=512, kv_policy="full", mmproj_path=mrope_mmproj, n_threads=N_THREADS)
+    mtmd helper on a fresh context given the same prompt."""
+    llm, ref = _vlm_pair(mrope_gguf, mrope_mmproj)
     try:
         image = _picture(0)
         prompt = f"A picture: {ref._projector.marker} and what it shows"
@@ -382,25 +444,8 @@ def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str,
         assert llm.n_cached == n_cells
         assert llm._stream.next_pos == n_cells - picture.n_tokens + picture.n_pos
         llm.check_invariants()
-
-        # the reference: mtmd's own tokenizer and helper on a fresh context of the same model
-        with ref._projector.bitmap(image) as bmp:
-            chunks = mt.mtmd_input_chunks_init()
-            data = prompt.encode()
-            text = mt.mtmd_input_text(data, len(data), True, True)
-            assert (
-                mt.mtmd_tokenize(
-                    ref._projector._ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bmp), 1
-                )
-                == 0
-            )
-        new_n_past = lc.llama_pos(0)
-        rc = mt.mtmd_helper_eval_chunks(
-            ref._projector._ctx, ref._ctx, chunks, 0, 0, 512, True, ctypes.byref(new_n_past)
-        )
-        mt.mtmd_input_chunks_free(chunks)
-        assert rc == 0 and new_n_past.value == llm._stream.next_pos
-        expected = logits_of(ref._ctx, ref._model.model)
+        expected, n_past = _mtmd_reference(ref, prompt, image)
+        assert n_past == llm._stream.next_pos
         np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
 
         # text goes on; a rewind to before the image gives its positions back, and feeding it
@@ -415,6 +460,29 @@ def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str,
     finally:
         llm.close()
         ref.close()
+
+
+def test_gemma3_images_attend_non_causally_in_a_full_iswa_cache(iswa_gguf: str, gemma3_mmproj: str) -> None:
+    """A Gemma 3 projector's image attends to itself both ways (mtmd says non-causal) and the
+    model's cache is iSWA: under 'full' it streams, with the logits of llama.cpp's own helper;
+    an evicting policy is refused (the iSWA cache)."""
+    llm, ref = _vlm_pair(iswa_gguf, gemma3_mmproj)
+    try:
+        image = _picture(1)
+        prompt = f"A picture: {ref._projector.marker} and what it shows"
+        parts = llm._projector.tokenize(prompt, [image], add_special=True)
+        assert any(getattr(p, "non_causal", False) for p in parts)
+        llm._feed_parts(parts)
+        expected, n_past = _mtmd_reference(ref, prompt, image)
+        assert n_past == llm.n_cached == sum(len(p) for p in parts)
+        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+        llm.feed(" and more text", add_bos=False)
+        assert np.isfinite(llm._stream.last_logits).all()
+    finally:
+        llm.close()
+        ref.close()
+    with pytest.raises(ValueError, match="sliding-window"):
+        Llama(iswa_gguf, n_ctx=512, kv_policy="infmllm", mmproj_path=gemma3_mmproj, n_threads=N_THREADS)
 
 
 def test_mrope_images_with_an_evicting_policy_are_refused(mrope_gguf: str, mrope_mmproj: str) -> None:
