@@ -139,10 +139,9 @@ class Batch:
         self._seq_id: int | None = None
         self._n_seq = np.ones(capacity, np.int32)
         # llama_batch_init allocates one position per token; more sections get a buffer of
-        # ours, swapped back before llama_batch_free frees the batch's own
-        self._own_pos = ctypes.cast(
-            self._batch.pos, ctypes.c_void_p
-        ).value  # an address: a field read is a view
+        # ours, swapped back before llama_batch_free frees the batch's own (kept as an address:
+        # reading a ctypes pointer field gives a view of the field, not a copy)
+        self._own_pos = ctypes.cast(self._batch.pos, ctypes.c_void_p).value
         self._pos_buf = np.zeros(capacity * n_pos, np.int32) if n_pos > 1 else None
         if self._pos_buf is not None:
             self._batch.pos = self._pos_buf.ctypes.data_as(_I32P)
