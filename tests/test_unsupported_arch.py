@@ -144,6 +144,26 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     return _write_tiny(path, "qwen2vl", tokenizer_fields, rng, layer, hparams)
 
 
+def _tower_kv(
+    projector: str, n_v: int, n_ff: int, extra: dict[str, int]
+) -> Callable[[gguf.GGUFWriter], None]:
+    """A 1-layer, 1-head CLIP-format vision tower's metadata: 56x56 pictures of 14x14 patches,
+    width n_v, projected to the tiny models' N_EMBD; `extra` adds clip.vision.* integers."""
+
+    def write(w: gguf.GGUFWriter) -> None:
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_string("clip.projector_type", projector)
+        ints = {"image_size": 56, "patch_size": 14, "embedding_length": n_v, "feed_forward_length": n_ff}
+        ints |= {"block_count": 1, "projection_dim": N_EMBD, "attention.head_count": 1} | extra
+        for key, value in ints.items():
+            w.add_uint32(f"clip.vision.{key}", value)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+
+    return write
+
+
 def _vit_block(rng: np.random.Generator, n_v: int, n_ff: int) -> dict[str, np.ndarray]:
     """Block 0 of a CLIP-format vision tower: layer norms, attention and FFN, all with biases."""
     shapes = {"ln1": (n_v,), "ln2": (n_v,), "ffn_up": (n_ff, n_v), "ffn_down": (n_v, n_ff)}
@@ -162,23 +182,6 @@ def mrope_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
     rng = np.random.default_rng(3)
     n_v, n_ff, n_hidden = 16, 32, 64
 
-    def write_kv(w: gguf.GGUFWriter) -> None:
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_string("clip.projector_type", "qwen2vl_merger")
-        for key, value in {
-            "image_size": 56,
-            "patch_size": 14,
-            "embedding_length": n_v,
-            "feed_forward_length": n_ff,
-            "block_count": 1,
-            "projection_dim": N_EMBD,
-            "attention.head_count": 1,
-        }.items():
-            w.add_uint32(f"clip.vision.{key}", value)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-
     tensors = {
         "v.patch_embd.weight": _random(rng, n_v, 3, 14, 14).astype(np.float16),
         "v.patch_embd.weight.1": _random(rng, n_v, 3, 14, 14).astype(np.float16),
@@ -187,7 +190,8 @@ def mrope_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
         "mm.2.weight": _random(rng, N_EMBD, n_hidden),
         "mm.2.bias": _random(rng, N_EMBD),
     } | _vit_block(rng, n_v, n_ff)
-    return _write_gguf(tmp_path_factory.mktemp("gguf") / "mmproj-qwen2vl.gguf", "clip", tensors, write_kv)
+    path = tmp_path_factory.mktemp("gguf") / "mmproj-qwen2vl.gguf"
+    return _write_gguf(path, "clip", tensors, _tower_kv("qwen2vl_merger", n_v, n_ff, {}))
 
 
 @pytest.fixture(scope="module")
@@ -196,24 +200,6 @@ def gemma3_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
     average-pooled 2x2 into 4 image tokens, which mtmd decodes non-causally."""
     rng = np.random.default_rng(4)
     n_v, n_ff = 16, 32
-
-    def write_kv(w: gguf.GGUFWriter) -> None:
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_string("clip.projector_type", "gemma3")
-        for key, value in {
-            "image_size": 56,
-            "patch_size": 14,
-            "embedding_length": n_v,
-            "feed_forward_length": n_ff,
-            "block_count": 1,
-            "projection_dim": N_EMBD,
-            "attention.head_count": 1,
-            "projector.scale_factor": 2,
-        }.items():
-            w.add_uint32(f"clip.vision.{key}", value)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
-        w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-        w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
 
     tensors = {
         "v.patch_embd.weight": _random(rng, n_v, 3, 14, 14).astype(np.float16),
@@ -224,7 +210,8 @@ def gemma3_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
         "mm.soft_emb_norm.weight": _ones(n_v),
         "mm.input_projection.weight": _random(rng, n_v, N_EMBD),
     } | _vit_block(rng, n_v, n_ff)
-    return _write_gguf(tmp_path_factory.mktemp("gguf") / "mmproj-gemma3.gguf", "clip", tensors, write_kv)
+    path = tmp_path_factory.mktemp("gguf") / "mmproj-gemma3.gguf"
+    return _write_gguf(path, "clip", tensors, _tower_kv("gemma3", n_v, n_ff, {"projector.scale_factor": 2}))
 
 
 @pytest.fixture(scope="module")
