@@ -40,7 +40,7 @@ from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 from infmllm_gguf.stops import StopMatcher
-from infmllm_gguf.stream import ContextFullError, InvariantError, Stream
+from infmllm_gguf.stream import ContextFullError, InvariantError, Stream, inside_image
 from infmllm_gguf.system import physical_cores
 from infmllm_gguf.video import expected_frames, frames_of, time_marker
 from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart, flatten_messages
@@ -290,8 +290,7 @@ class Llama:
             raise ValueError(
                 f"n_streamed must be an int in [0, {self._stream.n_streamed}], got {n_streamed!r}"
             )
-        hist = self._stream.history
-        if 0 < n_streamed < len(hist) and hist[n_streamed] < 0 and hist[n_streamed - 1] == hist[n_streamed]:
+        if inside_image(self._stream.history, n_streamed):
             raise ValueError(
                 f"n_streamed={n_streamed} falls inside an image: an image goes whole or not at all"
             )

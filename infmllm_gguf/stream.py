@@ -53,6 +53,11 @@ def media_ids(keys: np.ndarray, stream_index: np.ndarray) -> np.ndarray:
     return np.where(img, np.cumsum(img & ~same_as_previous), 0).astype(np.int32)
 
 
+def inside_image(keys: np.ndarray, i: int) -> bool:
+    """Whether a cut before keys[i] falls inside an image (between two of its cells)."""
+    return 0 < i < len(keys) and keys[i] < 0 and keys[i - 1] == keys[i]
+
+
 @dataclasses.dataclass
 class StreamStats:
     n_streamed: int = 0
@@ -382,7 +387,7 @@ class Stream:
         common = int(diverge[0]) if len(diverge) else m
         if common == len(keys):
             common -= 1
-        while common > 0 and keys[common] < 0 and keys[common - 1] == keys[common]:
+        while inside_image(keys, common):
             common -= 1  # an image is fed whole or not at all
         return common
 

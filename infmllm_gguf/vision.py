@@ -253,11 +253,11 @@ class Projector:
         """An M-RoPE image's decoder positions from pos_0: 4 x n_tokens (sections t, y, x, z, as
         llama_batch takes them section-major)."""
         tokens = mt.mtmd_input_chunk_get_tokens_image(part.chunk)
-        out = np.empty((4, part.n_tokens), np.int32)
-        for i in range(part.n_tokens):
-            p = mt.mtmd_image_tokens_get_decoder_pos(tokens, pos_0, i)
-            out[:, i] = (p.t, p.y, p.x, p.z)
-        return out
+        txyz = np.empty((part.n_tokens, 4), np.uint32)  # mtmd_decoder_pos {t, x, y, z} per token
+        mt.mtmd_helper_image_get_decoder_pos(
+            tokens, pos_0, txyz.ctypes.data_as(ctypes.POINTER(mt.mtmd_decoder_pos))
+        )
+        return np.ascontiguousarray(txyz[:, [0, 2, 1, 3]].T, np.int32)
 
     def encode(self, part: ImagePart) -> np.ndarray:
         """The image's embeddings in the text model's input space (n_tokens x n_embd, float32)."""
