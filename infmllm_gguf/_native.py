@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 2  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 3  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -21,6 +21,7 @@ INFMLLM_ERR_INVALID_SEQ = -3
 INFMLLM_ERR_POS_NOT_FOUND = -4
 INFMLLM_ERR_SHARED_CELLS = -5
 INFMLLM_ERR_BUFFER_TOO_SMALL = -6
+INFMLLM_ERR_NO_FREE_CELLS = -7
 
 INFMLLM_SCORE_OFF = 0
 INFMLLM_SCORE_ALL_ROWS = -1
@@ -37,6 +38,24 @@ class infmllm_select_params(ctypes.Structure):  # noqa: N801 - mirrors the C nam
         ("n_recent", ctypes.c_int32),
         ("local_window", ctypes.c_int32),
         ("bias", ctypes.c_float),
+    ]
+
+
+class infmllm_kv_layer(ctypes.Structure):  # noqa: N801 - mirrors the C name
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "il",
+            "type_k",
+            "type_v",
+            "n_head",
+            "n_head_kv",
+            "head_dim",
+            "n_embd_k",
+            "n_embd_v",
+            "k_row_bytes",
+            "v_row_bytes",
+        )
     ]
 
 
@@ -161,6 +180,52 @@ infmllm_select_keep = _bind(
     ctypes.c_int32,
 )
 
+infmllm_kv_layers = _bind(
+    "infmllm_kv_layers", [llama_context_p, ctypes.POINTER(infmllm_kv_layer), ctypes.c_int32], ctypes.c_int32
+)
+infmllm_kv_seq_read = _bind(
+    "infmllm_kv_seq_read",
+    [
+        llama_context_p,
+        llama_seq_id,
+        ctypes.POINTER(llama_pos),
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_write = _bind(
+    "infmllm_kv_seq_write",
+    [
+        llama_context_p,
+        llama_seq_id,
+        ctypes.POINTER(llama_pos),
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_int32),
+    ],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_arrange = _bind(
+    "infmllm_kv_seq_arrange",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
+    ctypes.c_int32,
+)
+infmllm_set_query_capture = _bind(
+    "infmllm_set_query_capture", [llama_context_p, ctypes.c_int32], ctypes.c_int32
+)
+infmllm_get_queries = _bind(
+    "infmllm_get_queries",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t],
+    ctypes.c_int32,
+)
+infmllm_clear_queries = _bind("infmllm_clear_queries", [llama_context_p, llama_seq_id], ctypes.c_int32)
 infmllm_kv_update = _bind("infmllm_kv_update", [llama_context_p], ctypes.c_int32)
 infmllm_abort_on_fd = _bind("infmllm_abort_on_fd", [ctypes.c_void_p], ctypes.c_bool)
 

@@ -52,8 +52,24 @@ class CellView:
         return self.media > 0
 
 
+@dataclass(frozen=True)
+class LayerLayout:
+    """One layer of the KV cache as the row transfers lay it out (see `infmllm_kv_layer`)."""
+
+    il: int
+    type_k: int  # ggml_type
+    type_v: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_embd_k: int
+    n_embd_v: int
+    k_row_bytes: int
+    v_row_bytes: int
+
+
 class KVCache:
-    """Scoring, read-back, eviction and compaction on one llama_context."""
+    """Scoring, read-back, eviction, compaction and row transfers on one llama_context."""
 
     def __init__(self, ctx: int):
         self.ctx = ctx
@@ -103,6 +119,86 @@ class KVCache:
     def compact(self, seq_id: int = 0) -> int:
         """Renumber to 0..n-1; returns n, the position the next token takes."""
         return _check("infmllm_kv_seq_compact", N.infmllm_kv_seq_compact(self.ctx, seq_id))
+
+    def arrange(self, cells: np.ndarray, seq_id: int = 0) -> int:
+        """Give the sequence's cells positions 0..n-1 in the order listed (all of them, once each);
+        the moved keys are re-rotated by the next `update`."""
+        c = np.ascontiguousarray(cells, dtype=np.int32)
+        return _check(
+            "infmllm_kv_seq_arrange",
+            N.infmllm_kv_seq_arrange(self.ctx, seq_id, c.ctypes.data_as(_I32P), len(c)),
+        )
+
+    def layers(self) -> list[LayerLayout]:
+        """The cache's layers in the order every row buffer uses."""
+        n = _check("infmllm_kv_layers", N.infmllm_kv_layers(self.ctx, None, 0))
+        out = (N.infmllm_kv_layer * n)()
+        _check("infmllm_kv_layers", N.infmllm_kv_layers(self.ctx, out, n))
+        return [LayerLayout(*(getattr(layer, f) for f, _ in N.infmllm_kv_layer._fields_)) for layer in out]
+
+    def read_rows(
+        self, positions: np.ndarray, k_bytes: int, v_bytes: int, seq_id: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """K and V rows of the cells at positions, as uint8 [layer][i][row] (flat per layer),
+        given the summed row bytes of all layers; the cache is unchanged."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        n = len(pos)
+        k = np.empty(n * k_bytes, np.uint8)
+        v = np.empty(n * v_bytes, np.uint8)
+        _check(
+            "infmllm_kv_seq_read",
+            N.infmllm_kv_seq_read(
+                self.ctx,
+                seq_id,
+                pos.ctypes.data_as(_I32P),
+                n,
+                k.ctypes.data,
+                k.nbytes,
+                v.ctypes.data,
+                v.nbytes,
+            ),
+        )
+        return k, v
+
+    def write_rows(self, positions: np.ndarray, k: np.ndarray, v: np.ndarray, seq_id: int = 0) -> np.ndarray:
+        """Put rows laid out as `read_rows` gives them into free cells at positions (where their
+        keys were rotated); returns the cells used."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        k = np.ascontiguousarray(k, np.uint8)
+        v = np.ascontiguousarray(v, np.uint8)
+        cells = np.empty(len(pos), np.int32)
+        _check(
+            "infmllm_kv_seq_write",
+            N.infmllm_kv_seq_write(
+                self.ctx,
+                seq_id,
+                pos.ctypes.data_as(_I32P),
+                len(pos),
+                k.ctypes.data,
+                k.nbytes,
+                v.ctypes.data,
+                v.nbytes,
+                cells.ctypes.data_as(_I32P),
+            ),
+        )
+        return cells
+
+    def set_query_capture(self, n_rows: int) -> None:
+        """Keep the newest n_rows query rows of every layer (0: off)."""
+        _check("infmllm_set_query_capture", N.infmllm_set_query_capture(self.ctx, n_rows))
+
+    def queries(self, n_floats: int, seq_id: int = 0) -> tuple[np.ndarray, int]:
+        """The kept queries as a flat float32 array of n_floats ([layer][head][row][dim]) and the
+        number of rows held (the newest ones, at the end of each window)."""
+        out = np.zeros(n_floats, np.float32)
+        held = _check(
+            "infmllm_get_queries",
+            N.infmllm_get_queries(self.ctx, seq_id, out.ctypes.data_as(_F32P), n_floats),
+        )
+        return out, held
+
+    def clear_queries(self, seq_id: int = 0) -> None:
+        _check("infmllm_clear_queries", N.infmllm_clear_queries(self.ctx, seq_id))
 
     def update(self) -> bool:
         """Re-rotate compacted keys now, uninterruptibly; True if there was a K-shift to apply."""

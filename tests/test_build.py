@@ -308,7 +308,7 @@ def test_real_patches_apply_to_the_pinned_source(tmp_path):
     for patch in ps.patch_files():
         ps.apply_patch(patch, tmp_path)
     graph = (tmp_path / "src" / "llama-graph.cpp").read_text()
-    assert graph.count("infmllm_graph_scores(") == 2  # flash and non-flash branches
+    assert graph.count("infmllm_graph_attn(") == 2  # flash and non-flash branches
 
 
 def test_vendored_python_layer_is_renamed():

@@ -1,8 +1,8 @@
 // infmllm.h - public C API of infmllm-gguf's additions to libllama.
 //
 // Attention-saddle scoring computed inside the compute graph, per-cell bookkeeping,
-// arbitrary-set eviction, position compaction and the InfMLLM selection rule for
-// llama.cpp's KV cache.  Every symbol carries the infmllm_ prefix.  Functions that
+// arbitrary-set eviction, position compaction, the InfMLLM selection rule, and the K/V row
+// transfers and query capture a host-memory recall tier is built on, for llama.cpp's KV cache.  Every symbol carries the infmllm_ prefix.  Functions that
 // return int32_t return a count (>= 0) or a negative INFMLLM_ERR_* code; on error
 // nothing has been changed.
 #pragma once
@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 2
+#define INFMLLM_ABI_VERSION 3
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
@@ -28,6 +28,7 @@ enum infmllm_status {
     INFMLLM_ERR_POS_NOT_FOUND   = -4, // a position is not cached for that sequence (or repeated)
     INFMLLM_ERR_SHARED_CELLS    = -5, // compaction would move cells other sequences share
     INFMLLM_ERR_BUFFER_TOO_SMALL = -6,
+    INFMLLM_ERR_NO_FREE_CELLS   = -7, // fewer free cells than rows to write
 };
 
 // Scoring modes for infmllm_set_scoring(): n_score_queries > 0 scores the last n query
@@ -110,6 +111,99 @@ LLAMA_API int32_t infmllm_select_keep(
         int32_t                               n,
         const struct infmllm_select_params  * params,
         uint8_t                             * keep);
+
+// --- K/V rows in host memory ----------------------------------------------------------
+
+// One layer of the KV cache as infmllm_kv_seq_read() lays it out.  A cell's K row is its
+// n_embd_k keys (n_head_kv heads of head_dim) in the cache's type_k (a ggml_type), rotated
+// at the cell's position; its V row is n_embd_v values in type_v, gathered into a row even
+// where llama.cpp stores V transposed.  Quantized types are copied as their blocks.
+struct infmllm_kv_layer {
+    int32_t il;          // the model's layer index
+    int32_t type_k;
+    int32_t type_v;
+    int32_t n_head;      // query heads (the layout of infmllm_get_queries())
+    int32_t n_head_kv;
+    int32_t head_dim;    // of keys and queries
+    int32_t n_embd_k;    // n_head_kv * head_dim
+    int32_t n_embd_v;
+    int32_t k_row_bytes;
+    int32_t v_row_bytes;
+};
+
+// The layers of the KV cache in cache order (the order every buffer below uses).  Writes
+// up to n_max entries and returns the number of layers; INFMLLM_ERR_UNSUPPORTED without a
+// plain KV cache.
+LLAMA_API int32_t infmllm_kv_layers(
+        struct llama_context    * ctx,
+        struct infmllm_kv_layer * out,
+        int32_t                   n_max);
+
+// Copy the K and V rows of the cells of seq_id at the n given positions to host memory:
+// k_out[layer][i][k_row_bytes] and v_out[layer][i][v_row_bytes], layers in cache order, row i
+// for positions[i].  Nothing in the cache changes.  INFMLLM_ERR_BUFFER_TOO_SMALL unless the
+// sizes are exactly n times the summed row bytes; INFMLLM_ERR_POS_NOT_FOUND as for evict.
+// Backend-agnostic (ggml_backend_tensor_get): one copy per run of adjacent cells, per value
+// channel as well where V is transposed.
+LLAMA_API int32_t infmllm_kv_seq_read(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const llama_pos      * positions,
+        int32_t                n,
+        void                 * k_out,
+        size_t                 k_size,
+        void                 * v_out,
+        size_t                 v_size);
+
+// Write n rows laid out as infmllm_kv_seq_read() reads them into n free cells of seq_id's
+// stream, row i at position positions[i] (the position its keys were rotated at, so the
+// cell is consistent as written).  Cells holding other sequences are never touched.  The
+// cells used are written to cells_out (may be NULL).  Returns n; INFMLLM_ERR_NO_FREE_CELLS
+// (nothing written) when fewer than n cells are free; INFMLLM_ERR_UNSUPPORTED where keys
+// cannot be re-rotated (the rows only make sense re-positioned, see infmllm_kv_seq_arrange).
+LLAMA_API int32_t infmllm_kv_seq_write(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const llama_pos      * positions,
+        int32_t                n,
+        const void           * k_rows,
+        size_t                 k_size,
+        const void           * v_rows,
+        size_t                 v_size,
+        int32_t              * cells_out);
+
+// Renumber the cells of seq_id to positions 0..n-1 in the order listed (cells[0] takes 0).
+// Every cell of seq_id must be listed exactly once; they must hold seq_id alone.  The keys'
+// re-rotation is the K-shift that compaction leaves (apply it with infmllm_kv_update).
+// Returns n; INFMLLM_ERR_INVALID_ARG for a list that is not exactly the sequence's cells,
+// INFMLLM_ERR_SHARED_CELLS, INFMLLM_ERR_UNSUPPORTED as for compact.  Nothing changes on error.
+LLAMA_API int32_t infmllm_kv_seq_arrange(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const int32_t        * cells,
+        int32_t                n);
+
+// --- queries ------------------------------------------------------------------------------
+
+// Keep the queries (after RoPE, before the attention scale) of the newest n_rows query rows
+// decoded into each KV stream, across ubatches and decodes, for infmllm_get_queries().
+// 0 turns it off (and empties what was kept); 1..n_ubatch, else INFMLLM_ERR_INVALID_ARG.
+// Changing it rebuilds the graph on the next decode.  Needs a plain KV cache.
+LLAMA_API int32_t infmllm_set_query_capture(struct llama_context * ctx, int32_t n_rows);
+
+// Copy the kept queries of seq_id's stream: out[layer][head][row][head_dim] floats, layers
+// in cache order with infmllm_kv_layers()' n_head and head_dim, rows oldest first, n_rows as
+// set (rows not yet decoded are zero).  Returns the rows held (<= n_rows);
+// INFMLLM_ERR_BUFFER_TOO_SMALL unless n_floats covers every layer's n_head * n_rows * head_dim.
+LLAMA_API int32_t infmllm_get_queries(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        float                * out,
+        size_t                 n_floats);
+
+// Forget the kept queries of seq_id's stream (e.g. after the tokens they belong to were
+// taken back); returns INFMLLM_OK.
+LLAMA_API int32_t infmllm_clear_queries(struct llama_context * ctx, llama_seq_id seq_id);
 
 // Abort callback for llama_set_abort_callback(): data points to an int32_t file descriptor;
 // returns true once a byte is waiting on it (e.g. the signal wakeup fd that Python writes to

@@ -8,6 +8,7 @@
 #include "llama-kv-cache.h"
 
 #include <utility>
+#include <vector>
 
 struct infmllm_access {
     static llama_cparams & cparams(llama_context & ctx) { return ctx.cparams; }
@@ -22,6 +23,12 @@ struct infmllm_access {
     static llama_kv_cells & cells(llama_kv_cache & kv, uint32_t stream) { return kv.v_cells[stream]; }
 
     static uint32_t & head(llama_kv_cache & kv, uint32_t stream) { return kv.v_heads[stream]; }
+
+    static const llama_hparams & hparams(const llama_kv_cache & kv) { return kv.hparams; }
+
+    static const std::vector<llama_kv_cache::kv_layer> & layers(const llama_kv_cache & kv) { return kv.layers; }
+
+    static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
 
     static const llama_kv_cache & cache(const llama_kv_cache_context & kv_ctx) { return *kv_ctx.kv; }
 

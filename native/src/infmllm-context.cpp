@@ -1,4 +1,5 @@
-// Per-context scoring switch and the read-back of scores after each computed ubatch.
+// Per-context switches (scoring, query capture) and the read-back of scores and queries
+// after each computed ubatch.
 #include "infmllm.h"
 #include "infmllm-access.h"
 
@@ -19,7 +20,8 @@ const char * infmllm_status_str(int32_t status) {
         case INFMLLM_ERR_INVALID_SEQ:      return "invalid sequence id";
         case INFMLLM_ERR_POS_NOT_FOUND:    return "position not cached for that sequence (or repeated)";
         case INFMLLM_ERR_SHARED_CELLS:     return "cells are shared with other sequences";
-        case INFMLLM_ERR_BUFFER_TOO_SMALL: return "output buffer too small";
+        case INFMLLM_ERR_BUFFER_TOO_SMALL: return "buffer size does not match";
+        case INFMLLM_ERR_NO_FREE_CELLS:    return "not enough free cells in the KV cache";
         default:                           return status >= 0 ? "ok" : "unknown error";
     }
 }
@@ -56,14 +58,135 @@ int32_t infmllm_get_scoring(const llama_context * ctx, int32_t * n_score_queries
     return INFMLLM_OK;
 }
 
-void infmllm_scores_extract(
+int32_t infmllm_set_query_capture(llama_context * ctx, int32_t n_rows) {
+    if (ctx == nullptr || n_rows < 0) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    llama_cparams & cparams = infmllm_access::cparams(*ctx);
+    if (n_rows > (int32_t) cparams.n_ubatch) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    if (kv == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    auto & st = ctx->infmllm;
+    const auto & hparams = infmllm_access::hparams(*kv);
+    st.query_offset.assign(hparams.n_layer(), -1);
+    st.query_heads.assign(hparams.n_layer(), 0);
+    st.query_head_dim = hparams.n_embd_head_k();
+    int64_t n_floats = 0;
+    for (const auto & layer : infmllm_access::layers(*kv)) {
+        st.query_offset[layer.il] = n_floats;
+        st.query_heads[layer.il]  = hparams.n_head(layer.il);
+        n_floats += (int64_t) hparams.n_head(layer.il) * n_rows * st.query_head_dim;
+    }
+    st.queries.assign(kv->get_n_stream(), std::vector<float>(n_floats, 0.0f));
+    st.query_rows_held.assign(kv->get_n_stream(), 0);
+    if (cparams.infmllm_query_rows != n_rows) {
+        cparams.infmllm_query_rows = n_rows;
+        infmllm_access::request_reserve(*ctx);
+    }
+    return INFMLLM_OK;
+}
+
+int32_t infmllm_get_queries(llama_context * ctx, llama_seq_id seq_id, float * out, size_t n_floats) {
+    if (ctx == nullptr || (out == nullptr && n_floats > 0)) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    if (kv == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return INFMLLM_ERR_INVALID_SEQ;
+    }
+    const auto & st = ctx->infmllm;
+    if (st.queries.empty()) {
+        return n_floats == 0 ? 0 : INFMLLM_ERR_BUFFER_TOO_SMALL;
+    }
+    const uint32_t stream = kv->get_stream(seq_id);
+    const auto & q = st.queries[stream];
+    if (n_floats != q.size()) {
+        return INFMLLM_ERR_BUFFER_TOO_SMALL;
+    }
+    std::copy(q.begin(), q.end(), out);
+    return st.query_rows_held[stream];
+}
+
+int32_t infmllm_clear_queries(llama_context * ctx, llama_seq_id seq_id) {
+    if (ctx == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    if (kv == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return INFMLLM_ERR_INVALID_SEQ;
+    }
+    auto & st = ctx->infmllm;
+    if (!st.queries.empty()) {
+        const uint32_t stream = kv->get_stream(seq_id);
+        std::fill(st.queries[stream].begin(), st.queries[stream].end(), 0.0f);
+        st.query_rows_held[stream] = 0;
+    }
+    return INFMLLM_OK;
+}
+
+// Append the ubatch's captured rows to each stream's kept window, oldest rows dropping out.
+static void infmllm_queries_extract(llama_context & lctx, const llm_graph_result & res, uint32_t s0) {
+    auto & st = lctx.infmllm;
+    const int64_t n_keep = lctx.get_cparams().infmllm_query_rows;
+    const int64_t d      = st.query_head_dim;
+    std::vector<float> buf;
+    int64_t n_rows = 0;
+    int64_t n_ns   = 0;
+    for (size_t il = 0; il < res.t_infmllm_queries.size(); ++il) {
+        ggml_tensor * t = res.t_infmllm_queries[il];
+        if (t == nullptr || il >= st.query_offset.size() || st.query_offset[il] < 0) {
+            continue;
+        }
+        // t: [head_dim, rows, n_head, n_streams]
+        n_rows = t->ne[1];
+        n_ns   = t->ne[3];
+        const int64_t n_head = t->ne[2];
+        buf.resize(ggml_nelements(t));
+        ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(lctx.get_sched(), t);
+        ggml_backend_tensor_get_async(backend, t, buf.data(), 0, buf.size()*sizeof(float));
+        ggml_backend_synchronize(backend);
+        for (int64_t s = 0; s < n_ns; ++s) {
+            float * dst = st.queries[s0 + s].data() + st.query_offset[il];
+            for (int64_t h = 0; h < n_head; ++h) {
+                float * win = dst + h*n_keep*d;
+                // shift the window up by n_rows rows, then the new rows at its end
+                std::copy(win + n_rows*d, win + n_keep*d, win);
+                const float * src = buf.data() + ((s*n_head + h)*n_rows)*d;
+                std::copy(src, src + n_rows*d, win + (n_keep - n_rows)*d);
+            }
+        }
+    }
+    for (int64_t s = 0; s < n_ns; ++s) {
+        int32_t & held = st.query_rows_held[s0 + s];
+        held = (int32_t) std::min<int64_t>(n_keep, held + n_rows);
+    }
+}
+
+void infmllm_ubatch_done(
         llama_context                & lctx,
         const llm_graph_result       & res,
         const llama_memory_context_i * mctx,
         bool                           first_ubatch) {
-    ggml_tensor * t = res.t_infmllm_scores;
     const auto * kv_ctx = dynamic_cast<const llama_kv_cache_context *>(mctx);
-    if (t == nullptr || kv_ctx == nullptr) {
+    if (kv_ctx == nullptr) {
+        return;
+    }
+    const uint32_t s0 = infmllm_access::slot(*kv_ctx).s0;
+    if (!res.t_infmllm_queries.empty() && !lctx.infmllm.queries.empty()) {
+        infmllm_queries_extract(lctx, res, s0);
+    }
+    ggml_tensor * t = res.t_infmllm_scores;
+    if (t == nullptr) {
         return;
     }
     auto & st = lctx.infmllm;
@@ -80,7 +203,6 @@ void infmllm_scores_extract(
     ggml_backend_synchronize(backend);
 
     const bool accumulate = lctx.get_cparams().infmllm_score_rows == INFMLLM_SCORE_ALL_ROWS;
-    const uint32_t s0 = infmllm_access::slot(*kv_ctx).s0;
     for (int64_t s = 0; s < n_ns; ++s) {
         const uint32_t stream = s0 + (uint32_t) s;
         auto & dst = st.scores[stream];

@@ -1,7 +1,9 @@
 // In-graph attention-saddle scoring: for the last n_score_queries query rows of a ubatch,
 // softmax(K·q·scale + mask) over every KV cell in view, summed over heads and rows, and
 // accumulated over layers into one float per cell (llm_graph_result::t_infmllm_scores).
-// Built from ggml ops only, so every backend computes it.
+// And query capture: the newest query rows of each layer copied out as F32
+// (llm_graph_result::t_infmllm_queries), for the recall tier to score stored keys with.
+// Built from ggml ops only, so every backend computes them.
 #include "infmllm-hooks.h"
 
 #include "llama-graph.h"
@@ -31,7 +33,24 @@ static bool infmllm_k_is_cache(const llm_graph_context & gctx, const ggml_tensor
     return infmllm_access::is_k_storage(infmllm_access::cache(*kv_ctx), root);
 }
 
-void infmllm_graph_scores(
+// q: [head_dim, rows, n_head, n_stream]; its last n_keep rows, contiguous F32
+static void infmllm_capture_queries(const llm_graph_context & gctx, ggml_tensor * q, int64_t n_keep, int il) {
+    ggml_context * ctx0 = gctx.ctx0;
+    const int64_t n_rows = std::min<int64_t>(n_keep, q->ne[1]);
+    ggml_tensor * rows = ggml_view_4d(ctx0, q, q->ne[0], n_rows, q->ne[2], q->ne[3],
+            q->nb[1], q->nb[2], q->nb[3], (q->ne[1] - n_rows)*q->nb[1]);
+    ggml_tensor * t = rows->type == GGML_TYPE_F32 ? ggml_cont(ctx0, rows) : ggml_cast(ctx0, rows, GGML_TYPE_F32);
+    gctx.cb(t, "infmllm_queries", il);
+    ggml_set_output(t);
+    ggml_build_forward_expand(gctx.gf, t);
+    auto & kept = gctx.res->t_infmllm_queries;
+    if (kept.size() <= (size_t) il) {
+        kept.resize(il + 1, nullptr);
+    }
+    kept[il] = t;
+}
+
+void infmllm_graph_attn(
         const llm_graph_context & gctx,
         ggml_tensor * q,
         ggml_tensor * k,
@@ -40,8 +59,15 @@ void infmllm_graph_scores(
         ggml_tensor * probs,
         float         kq_scale,
         int           il) {
-    const int32_t mode = gctx.cparams.infmllm_score_rows;
-    if (mode == 0 || !infmllm_k_is_cache(gctx, k)) {
+    const int32_t mode   = gctx.cparams.infmllm_score_rows;
+    const int32_t n_keep = gctx.cparams.infmllm_query_rows;
+    if ((mode == 0 && n_keep == 0) || !infmllm_k_is_cache(gctx, k)) {
+        return;
+    }
+    if (n_keep > 0) {
+        infmllm_capture_queries(gctx, q, n_keep, il);
+    }
+    if (mode == 0) {
         return;
     }
 
