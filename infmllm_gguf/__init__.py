@@ -17,12 +17,15 @@ from infmllm_gguf.policies import (
     SnapKV,
     StreamingLLM,
 )
+from infmllm_gguf.recall import Recall, RecallError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "H2O",
     "POLICIES",
+    "Recall",
+    "RecallError",
     "ContextFullError",
     "FullCache",
     "InfMLLM",

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from infmllm_gguf.llama import Llama
 from infmllm_gguf.policies import POLICIES, make_policy
+from infmllm_gguf.recall import Recall
 from infmllm_gguf.texts import kjv, load_text
 from infmllm_gguf.video import time_marker
 
@@ -45,8 +46,15 @@ def _read_text(path: str | None) -> str:
 def _make_llama(args: argparse.Namespace) -> Llama:
     n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
     policy = make_policy(args.policy, budget=args.budget)
+    recall = Recall(when=args.recall_when) if args.recall else None
     return Llama(
-        args.model, n_ctx=n_ctx, kv_policy=policy, flash_attn=args.flash_attn, seed=0, mmproj_path=args.mmproj
+        args.model,
+        n_ctx=n_ctx,
+        kv_policy=policy,
+        flash_attn=args.flash_attn,
+        seed=0,
+        mmproj_path=args.mmproj,
+        recall=recall,
     )
 
 
@@ -355,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--flash-attn", action="store_true")
         p.add_argument("--mmproj", default=None, help="a projector (mmproj GGUF) for images and video")
         p.add_argument("--json", default=None, help="write machine-readable results here")
+        p.add_argument(
+            "--recall",
+            action="store_true",
+            help="keep evicted pages in host memory and bring back relevant ones",
+        )
+        p.add_argument(
+            "--recall-when",
+            default="turn",
+            choices=Recall.WHEN,
+            help="recall once per question (turn) or also after every eviction (chunk)",
+        )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")
     common(p)

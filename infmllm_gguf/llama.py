@@ -39,6 +39,7 @@ from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
+from infmllm_gguf.recall import Recall
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.stream import ContextFullError, InvariantError, Stream, inside_image
 from infmllm_gguf.system import physical_cores
@@ -107,6 +108,7 @@ class Llama:
         verbose: bool = False,
         debug: bool = False,
         mmproj_path: str | os.PathLike | None = None,
+        recall: Recall | None = None,
     ):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
             raise ValueError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
@@ -125,7 +127,24 @@ class Llama:
                 f"retrieval_window ({policy.score_queries}) exceeds n_ubatch ({n_ubatch}, the scored "
                 "query rows of one ubatch); lower retrieval_window or raise n_batch"
             )
+        if recall is not None:
+            if not isinstance(recall, Recall):
+                raise ValueError(f"recall must be a Recall(...), got {recall!r}")
+            if isinstance(policy, FullCache):
+                raise ValueError(
+                    "recall brings back evicted pages: it needs an evicting kv_policy, not 'full'"
+                )
+            if recall.reserve_for(policy.budget) >= policy.budget:
+                raise ValueError(
+                    f"recall's reserve ({recall.reserve_for(policy.budget)}) must be below the budget "
+                    f"({policy.budget}): the policy keeps the rest"
+                )
+            if recall.query_window > n_ubatch:
+                raise ValueError(
+                    f"recall's query_window ({recall.query_window}) exceeds n_ubatch ({n_ubatch})"
+                )
         self.policy = policy
+        self.recall = recall
         self.n_ctx = n_ctx
         self.verbose = verbose
         self.debug = debug
@@ -177,7 +196,13 @@ class Llama:
                 raise ValueError(f"{name} cannot evict in this model's cache: {exc}") from exc
             self.kv.set_scoring(0)
         n_embd = lc.llama_model_n_embd_inp(self._model.model)
-        self._stream = Stream(self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug)
+        try:
+            self._stream = Stream(
+                self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug, 0, recall
+            )
+        except ValueError:
+            self.close()
+            raise
         self._projector: Projector | None = None
         if mmproj_path is not None:
             try:
@@ -447,6 +472,7 @@ class Llama:
             raise ValueError("nothing to continue from: feed text first")
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        self._stream.recall_turn()
         matcher = StopMatcher(stop)
         pending = b""
         for _ in range(max_tokens):
@@ -658,7 +684,31 @@ class Llama:
             "max_pos_seen": st.stats.max_pos_seen,
             "images": st.stats.images,
             "n_image_cells": st.n_image_cells,
+            **self._recall_stats(),
         }
+
+    def _recall_stats(self) -> dict[str, Any]:
+        st = self._stream
+        if st.store is None:
+            return {}
+        return {
+            "recall_reserve": st.reserve,
+            "n_recalled": st.n_recalled,
+            "pages_stored": st.store.n_pages,
+            "store_mb": st.store.nbytes / 2**20,
+            "spilled_mb": st.store.spilled_bytes / 2**20,
+            "pages_dropped": st.store.stats.pages_dropped,
+            "pages_spilled": st.store.stats.pages_spilled,
+            "recalls": st.stats.recalls,
+            "pages_recalled": st.stats.pages_recalled,
+            "recall_error": st.recall_error,
+        }
+
+    @_locked
+    def recalled(self) -> list[tuple[int, int]]:
+        """Stream-index ranges [start, end) of the pages the recall tier has brought back into
+        the cache now (empty without a recall tier)."""
+        return self._stream.recalled_ranges()
 
     def saddle_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, raw attention mass per cell) from the latest decode, before local sum and bias.

@@ -8,8 +8,13 @@ from the image's content, so a prompt that repeats an image matches it like a re
 (An M-RoPE model's image takes fewer positions than cells, so there positions run ahead of
 the cell count; such a stream never evicts.)
 
-Every native state change (decode, evict + compact + K-shift, roll back) and its Python
-bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
+With a recall tier (recall.py), what the policy evicts is copied to a host-memory store
+first, and recalled pages sit in a reserve of the budget beside the policy's cells, in stream
+order: the policy ranks and evicts only its own cells; recalled ones leave when the next
+recall replaces them.
+
+Every native state change (decode, evict + compact + K-shift, roll back, recall) and its
+Python bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
 cells the stream records (see interrupts.py).
 """
 
@@ -26,6 +31,7 @@ from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, CellView, KVCache
 from infmllm_gguf.policies import FullCache, KVPolicy
+from infmllm_gguf.recall import PageStore, Recall, RecallError
 
 
 class ContextFullError(ValueError):
@@ -65,6 +71,12 @@ class StreamStats:
     evictions: int = 0
     images: int = 0
     max_pos_seen: int = -1
+    recalls: int = 0
+    pages_recalled: int = 0  # summed over recalls: pages written back into the cache
+
+
+def _subview(view: CellView, mask: np.ndarray) -> CellView:
+    return CellView(view.cells[mask], view.positions[mask], view.scores[mask], view.media[mask])
 
 
 class Stream:
@@ -80,6 +92,7 @@ class Stream:
         guard: InterruptGuard,
         debug: bool = False,
         seq_id: int = 0,
+        recall: Recall | None = None,
     ):
         self.ctx = ctx
         self.policy = policy
@@ -97,9 +110,19 @@ class Stream:
         rope = lc.llama_model_rope_type(lc.llama_get_model(ctx))
         self.mrope = rope in (lc.LLAMA_ROPE_TYPE_MROPE, lc.LLAMA_ROPE_TYPE_IMROPE)
         self._scoring = 0
+        self.recall = recall
+        self.store: PageStore | None = None
+        self.recall_error: str | None = None
+        if recall is not None:
+            self.reserve = recall.reserve_for(policy.budget)
+            self._q_layers = self.kv.layers()
+            self.store = PageStore(self._q_layers, recall.page, recall.store_limit_mb, recall.spill_dir)
+            self.kv.set_query_capture(recall.query_window)
         self.reset()
 
     def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
         for batch in (self._batch, self._embd_batch):
             if batch is not None:
                 batch.close()
@@ -113,12 +136,17 @@ class Stream:
             self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
             self._n_history = 0
             self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
+            self._recalled = np.zeros(0, bool)  # per cached position: a recalled cell
+            self._n_turn = 0  # n_streamed at the last turn's recall
             self.next_pos = 0  # the position of the next key: n_cached unless M-RoPE images came
             self.last_logits: np.ndarray | None = None
             self.stats = StreamStats()
             # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
             # FullCache keeps none (and runs caches that have no plain cells: iSWA, recurrent)
             self.policy.reset(self.n_ctx if isinstance(self.policy, FullCache) else self.kv.size)
+            if self.store is not None:
+                self.store.clear()
+                self.kv.clear_queries(self.seq_id)
 
     @property
     def history(self) -> np.ndarray:
@@ -145,6 +173,19 @@ class Stream:
     @property
     def capacity(self) -> int:
         return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
+
+    @property
+    def n_recalled(self) -> int:
+        return int(self._recalled.sum())
+
+    def recalled_ranges(self) -> list[tuple[int, int]]:
+        """Stream-index ranges [start, end) of the pages now recalled (a page's cells that are
+        cached anyway, e.g. as saddles, are inside its range too)."""
+        if self.recall is None or not self._recalled.any():
+            return []
+        page = self.recall.page
+        pages = np.unique(self._stream_index[self._recalled] // page)
+        return [(int(p) * page, (int(p) + 1) * page) for p in pages]
 
     @property
     def n_image_cells(self) -> int:
@@ -325,6 +366,7 @@ class Stream:
         self._append_history(keys)
         first = self._n_history - n
         self._stream_index = np.concatenate([self._stream_index, np.arange(first, first + n)])
+        self._recalled = np.concatenate([self._recalled, np.zeros(n, bool)])
         self.stats.max_pos_seen = max(self.stats.max_pos_seen, max_pos)
         self.next_pos = next_pos
         self.last_logits = last_logits
@@ -341,12 +383,27 @@ class Stream:
             self._scoring = n_score_queries
 
     # --- eviction and roll-back -------------------------------------------------------------
-    def _evict(self, n_keep: int) -> None:
-        """The one eviction path: the policy picks n_keep cells, native evicts and compacts."""
+    def _evict(self, n_keep: int, then_recall: bool = True) -> None:
+        """The one eviction path: the policy picks n_keep cells, native evicts and compacts.
+
+        With a recall tier the policy ranks only its own cells and keeps n_keep - reserve of
+        them; the recalled cells stay (all of them, or none where n_keep cannot hold them), and
+        whatever the policy evicts is copied to the store first."""
         view = self.view()
-        keep = self.policy.select(view, n_keep)
-        if keep.sum() != n_keep:
-            raise RuntimeError(f"{self.policy.name} kept {keep.sum()} cells, asked for {n_keep}")
+        own = ~self._recalled
+        n_own_keep = n_keep
+        if self.store is not None:
+            n_own_keep = max(0, n_keep - self.reserve)
+            if n_own_keep + self.n_recalled > n_keep:
+                own[:] = True  # too little room (a large image): recalled cells go too
+        keep = ~own
+        keep[own] = self.policy.select(_subview(view, own), n_own_keep)
+        if keep[own].sum() != n_own_keep:
+            raise RuntimeError(f"{self.policy.name} kept {keep[own].sum()} cells, asked for {n_own_keep}")
+        out = own & ~keep & ~self._recalled  # recalled cells are in the store already
+        if self.store is not None and self.recall_error is None and out.any():
+            k, v = self.kv.read_rows(view.positions[out], self._row_bytes[0], self._row_bytes[1], self.seq_id)
+            self.store.add(self._stream_index[out], view.positions[out], k, v)
         with self._unit():
             # evict validates everything before it changes anything
             self.kv.evict(view.positions[~keep], self.seq_id)
@@ -354,9 +411,94 @@ class Stream:
             self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
             self.policy.forget(view.cells[~keep])
             self._stream_index = self._stream_index[keep]
-            self.next_pos = n_keep
-            self.stats.n_evicted += int((~keep).sum())
+            self._recalled = self._recalled[keep]
+            self.next_pos = int(keep.sum())
+            self.stats.n_evicted += int(out.sum())
             self.stats.evictions += 1
+        if then_recall and self.recall is not None and self.recall.when == "chunk":
+            self.recall_pages()
+
+    # --- recall ------------------------------------------------------------------------------
+    @property
+    def _row_bytes(self) -> tuple[int, int]:
+        return sum(la.k_row_bytes for la in self._q_layers), sum(la.v_row_bytes for la in self._q_layers)
+
+    def _queries(self, rows: int) -> np.ndarray | None:
+        """The newest captured query rows (at most `rows`) as [layer, head, rows, dim], or None."""
+        la = self._q_layers[0]
+        w = self.recall.query_window
+        flat, held = self.kv.queries(len(self._q_layers) * la.n_head * w * la.head_dim, self.seq_id)
+        held = min(held, rows)
+        if held == 0:
+            return None
+        return flat.reshape(len(self._q_layers), la.n_head, w, la.head_dim)[:, :, w - held :]
+
+    def recall_pages(self, rows: int | None = None) -> bool:
+        """Score the stored pages with the newest queries and make the best ones the recalled
+        cells (replacing the previous ones), in stream order among the cached cells; returns
+        whether anything changed.  A store that fails (RecallError) is switched off: the error
+        is raised once, with nothing changed, and the stream goes on without recall."""
+        if self.store is None or self.recall_error is not None or self.store.n_pages == 0:
+            return False
+        queries = self._queries(rows or self.recall.query_window)
+        if queries is None:
+            return False
+        room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
+        try:
+            pids = self.store.select(queries, room, self.recall.shortlist)
+            cached = set(self._stream_index.tolist())
+            sidx, pos, k, v = self.store.rows(pids)
+        except RecallError as exc:
+            self.recall_error = str(exc)
+            self.store.clear()
+            raise
+        new = np.array([s not in cached for s in sidx.tolist()], bool)
+        wanted = np.isin(self._stream_index, sidx)
+        drop = self._recalled & ~wanted
+        if not new.any() and not drop.any():
+            return False
+        n_k, n_v = self._row_bytes
+        k = k.reshape(-1, len(sidx), n_k // len(self._q_layers))[:, new].ravel()
+        v = v.reshape(-1, len(sidx), n_v // len(self._q_layers))[:, new].ravel()
+        view = self.kv.cells(self.seq_id)
+        with self._unit():
+            self.kv.evict(view.positions[drop], self.seq_id)
+            cells = self.kv.write_rows(pos[new], k, v, self.seq_id)
+            all_cells = np.concatenate([view.cells[~drop], cells])
+            all_index = np.concatenate([self._stream_index[~drop], sidx[new]])
+            all_recalled = np.concatenate([self._recalled[~drop], np.ones(len(cells), bool)])
+            order = np.argsort(all_index, kind="stable")
+            self.kv.arrange(all_cells[order], self.seq_id)
+            self.kv.update()
+            self.policy.forget(view.cells[drop])
+            self._stream_index = all_index[order]
+            self._recalled = all_recalled[order]
+            self.next_pos = len(order)
+            self.stats.recalls += 1
+            self.stats.pages_recalled += len(pids)
+        return True
+
+    def recall_turn(self) -> None:
+        """Before answering: recall with the queries of the turn's newest text (at most
+        query_window rows, none from before the turn), making room in the reserve first, then
+        decode those last tokens again with the recalled pages in place, so that the answer's
+        first token sees them too.  Only text is decoded again, never part of an image."""
+        if self.store is None or self._n_history == self._n_turn:
+            return
+        rows = min(self.recall.query_window, self._n_history - self._n_turn)
+        tail = np.array(self.history[self._n_history - rows :])
+        images = np.flatnonzero(tail < 0)
+        if len(images):
+            tail = tail[images[-1] + 1 :]  # the text after the last image
+        redo = len(tail) > 0 and self.rollback(self._n_history - len(tail))
+        try:
+            if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
+                self._evict(self.policy.budget, then_recall=False)
+            self.recall_pages(rows)
+        finally:
+            if redo:
+                self.feed(tail)
+            self._n_turn = self._n_history
 
     def rollback(self, n_keep: int) -> bool:
         """Drop the stream's keys from index n_keep on, if all of them are still cached."""
@@ -374,6 +516,8 @@ class Stream:
             self.policy.forget(view.cells[first:])
             self._n_history = n_keep
             self._stream_index = self._stream_index[:first]
+            self._recalled = self._recalled[:first]
+            self._n_turn = min(self._n_turn, n_keep)
             self.next_pos = first_pos
             self.last_logits = None
         return True
@@ -412,7 +556,10 @@ class Stream:
             problems.append(f"{n} cells cached, capacity {self.capacity}")
         if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):
             problems.append("cached stream indices are not increasing within the history")
-        if n + self.stats.n_evicted != self._n_history:
-            problems.append(f"{n} cached + {self.stats.n_evicted} evicted != {self._n_history} streamed")
+        n_own = n - self.n_recalled  # recalled cells were counted as evicted
+        if n_own + self.stats.n_evicted != self._n_history:
+            problems.append(f"{n_own} cached + {self.stats.n_evicted} evicted != {self._n_history} streamed")
+        if len(self._recalled) != n:
+            problems.append(f"{len(self._recalled)} recalled flags for {n} cells")
         if problems:
             raise InvariantError("; ".join(problems))

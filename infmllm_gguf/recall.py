@@ -1,0 +1,381 @@
+"""The recall tier: evicted K/V rows wait in host memory and come back when the stream needs them.
+
+Eviction that cannot know the next question cannot keep its answer.  So what a policy evicts
+is copied out first (native row reads), kept in position-aligned pages of `page` stream
+tokens, and scored against the queries of the newest text: a per-page, per-head bound on
+q·k from the element-wise min/max of the page's keys (Quest, ArkVale) shortlists pages,
+the real stored keys re-rank the shortlist, and a page counts by its strongest single
+layer/head/query row (a sum over heads would dilute a needle).  The best pages, each with
+the page after it, are written back into a reserve of the budget, in stream order, and
+re-positioned with the rest of the cache by llama.cpp's own K-shift.
+
+Scores are standardised per (layer, kv head, query row) over the stored pages, so heads of
+different scale compare.  Keys are compared as stored: rotated at their compacted position at
+eviction time, which lies within the cache's window like the query's own, so the relative
+distances seen are those the model sees in the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from infmllm_gguf.kv import LayerLayout
+
+GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16 = 0, 1, 30
+
+
+class RecallError(RuntimeError):
+    """The recall store cannot be used (e.g. a corrupt spill file); the stream goes on without it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recall:
+    """Configuration of the recall tier (one per `Llama`; the store itself lives in the stream).
+
+    reserve: cells of the budget that recalled pages may occupy (default budget // 4); the
+      policy keeps the rest.  page: stream tokens per page.  when: "turn" recalls once per
+      question or prompt, before answering (the prompt's last `query_window` tokens are
+      decoded again with the pages in place); "chunk" also recalls after every eviction,
+      scored by the newest `query_window` query rows.  store_limit_mb: host memory for stored
+      rows; past it the oldest pages are dropped, or spilled to a file in `spill_dir`.
+      shortlist: pages each of the two summary rankings passes on to the exact re-rank with
+      the stored keys (which bounds a recall's cost however large the store grows).
+    """
+
+    reserve: int | None = None
+    page: int = 16
+    when: str = "turn"
+    store_limit_mb: float = 1024.0
+    spill_dir: str | os.PathLike | None = None
+    query_window: int = 8
+    shortlist: int = 64
+
+    WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("page", 1), ("query_window", 1), ("shortlist", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.reserve is not None and (
+            isinstance(self.reserve, bool) or not isinstance(self.reserve, int) or self.reserve < 1
+        ):
+            raise ValueError(f"reserve must be an integer >= 1 or None, got {self.reserve!r}")
+        if self.when not in self.WHEN:
+            raise ValueError(f"when must be one of {', '.join(self.WHEN)}, got {self.when!r}")
+        limit = self.store_limit_mb
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError(f"store_limit_mb must be a number > 0, got {limit!r}")
+        if self.spill_dir is not None and not Path(self.spill_dir).is_dir():
+            raise ValueError(f"spill_dir {self.spill_dir} is not a directory")
+
+    def reserve_for(self, budget: int) -> int:
+        return self.reserve if self.reserve is not None else max(self.page, budget // 4)
+
+
+def keys_as_float(rows: np.ndarray, type_k: int) -> np.ndarray:
+    """K rows (uint8, last axis the bytes of n_embd_k keys) as float32 keys."""
+    if type_k == GGML_TYPE_F32:
+        return rows.view(np.float32)
+    if type_k == GGML_TYPE_F16:
+        return rows.view(np.float16).astype(np.float32)
+    if type_k == GGML_TYPE_BF16:
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"no float view of ggml type {type_k}")
+
+
+@dataclasses.dataclass
+class _Page:
+    stream_index: np.ndarray  # int64, sorted
+    rot_pos: np.ndarray  # int32: the position each key was rotated at
+    k: np.ndarray | None  # uint8 [m, layers * k_row]; None once spilled
+    v: np.ndarray | None
+    spill: tuple[int, int, int] | None = None  # (offset, bytes, crc32) in the spill file
+
+    @property
+    def n(self) -> int:
+        return len(self.stream_index)
+
+
+@dataclasses.dataclass
+class StoreStats:
+    pages_dropped: int = 0
+    pages_spilled: int = 0
+    tokens_stored: int = 0  # ever added
+
+
+class PageStore:
+    """Evicted rows of one stream in pages of `page` stream tokens, with min/max key bounds."""
+
+    SAMPLE: ClassVar[int] = 64  # pages whose exact scores set the standardisation
+
+    def __init__(self, layers: list[LayerLayout], page: int, limit_mb: float, spill_dir: str | None):
+        first = layers[0]
+        shape = (first.n_head, first.n_head_kv, first.head_dim, first.k_row_bytes, first.v_row_bytes)
+        if any(
+            (la.n_head, la.n_head_kv, la.head_dim, la.k_row_bytes, la.v_row_bytes) != shape for la in layers
+        ):
+            raise ValueError("the recall tier needs layers of one shape (heads, head size, row bytes)")
+        if first.type_k not in (GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16):
+            raise ValueError("the recall tier scores F32, F16 or BF16 keys; this cache's keys are quantized")
+        self.n_layer = len(layers)
+        self.n_head, self.n_head_kv, self.head_dim = first.n_head, first.n_head_kv, first.head_dim
+        self.type_k = first.type_k
+        self.k_row, self.v_row = first.k_row_bytes, first.v_row_bytes
+        self.page = page
+        self.limit_bytes = int(limit_mb * 2**20)
+        self.spill_dir = spill_dir
+        self._spill_file = None
+        self._spill_map: mmap.mmap | None = None
+        self._spill_size = 0
+        self.clear()
+
+    # --- contents -------------------------------------------------------------------------
+    def clear(self) -> None:
+        self._pages: dict[int, _Page] = {}
+        # bounds, dense over slots 0..n_pages-1: [layer, kv head, slot, dim]
+        self._center = np.zeros((self.n_layer, self.n_head_kv, 0, self.head_dim), np.float32)
+        self._radius = np.zeros_like(self._center)
+        self._slot_page: list[int] = []  # slot -> page id
+        self._page_slot: dict[int, int] = {}
+        self._mem_bytes = 0
+        self.stats = StoreStats()
+        self._close_spill()
+
+    def close(self) -> None:
+        self._close_spill()
+
+    @property
+    def n_pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held: rows in memory plus the bounds of every page."""
+        return self._mem_bytes + 2 * self._center[:, :, : self.n_pages].nbytes
+
+    @property
+    def spilled_bytes(self) -> int:
+        return self._spill_size
+
+    def page_ids(self) -> np.ndarray:
+        return np.fromiter(self._pages, np.int64, len(self._pages))
+
+    def add(self, stream_index: np.ndarray, rot_pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store n evicted cells: stream indices, positions their keys were rotated at, and their
+        rows as `KVCache.read_rows` gives them ([layer][i][row])."""
+        n = len(stream_index)
+        if n == 0:
+            return
+        k = k.reshape(self.n_layer, n, self.k_row).transpose(1, 0, 2).reshape(n, -1)
+        v = v.reshape(self.n_layer, n, self.v_row).transpose(1, 0, 2).reshape(n, -1)
+        page_of = np.asarray(stream_index, np.int64) // self.page
+        for pid in np.unique(page_of):
+            sel = page_of == pid
+            self._merge(int(pid), stream_index[sel], rot_pos[sel], k[sel], v[sel])
+        self.stats.tokens_stored += n
+        self._enforce_limit()
+
+    def _merge(self, pid: int, sidx: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        old = self._pages.get(pid)
+        if old is not None:
+            ok, ov = self._rows(old)
+            fresh = ~np.isin(sidx, old.stream_index)  # a cell stored twice keeps its first copy
+            sidx = np.concatenate([old.stream_index, sidx[fresh]])
+            pos, k, v = (np.concatenate([a, b[fresh]]) for a, b in ((old.rot_pos, pos), (ok, k), (ov, v)))
+            self._forget_rows(old)
+        order = np.argsort(sidx, kind="stable")
+        page = _Page(
+            sidx[order].astype(np.int64), pos[order].astype(np.int32), k[order].copy(), v[order].copy()
+        )
+        self._pages[pid] = page
+        self._mem_bytes += page.k.nbytes + page.v.nbytes
+        keys = keys_as_float(page.k, self.type_k).reshape(page.n, self.n_layer, self.n_head_kv, self.head_dim)
+        lo, hi = keys.min(axis=0), keys.max(axis=0)  # [layer, kv head, dim]
+        slot = self._page_slot.get(pid)
+        if slot is None:
+            slot = self._new_slot(pid)
+        self._center[:, :, slot] = (hi + lo) / 2
+        self._radius[:, :, slot] = (hi - lo) / 2
+
+    def _new_slot(self, pid: int) -> int:
+        slot = len(self._slot_page)
+        if slot == self._center.shape[2]:
+            grow = max(64, slot)
+            pad = np.zeros((self.n_layer, self.n_head_kv, grow, self.head_dim), np.float32)
+            self._center = np.concatenate([self._center, pad], axis=2)
+            self._radius = np.concatenate([self._radius, pad], axis=2)
+        self._slot_page.append(pid)
+        self._page_slot[pid] = slot
+        return slot
+
+    def _drop(self, pid: int) -> None:
+        page = self._pages.pop(pid)
+        self._forget_rows(page)
+        slot = self._page_slot.pop(pid)
+        last = len(self._slot_page) - 1
+        if slot != last:  # keep the slots dense: the last one moves into the hole
+            moved = self._slot_page[last]
+            self._center[:, :, slot] = self._center[:, :, last]
+            self._radius[:, :, slot] = self._radius[:, :, last]
+            self._slot_page[slot] = moved
+            self._page_slot[moved] = slot
+        self._slot_page.pop()
+        self.stats.pages_dropped += 1
+
+    def _forget_rows(self, page: _Page) -> None:
+        if page.k is not None:
+            self._mem_bytes -= page.k.nbytes + page.v.nbytes
+
+    # --- bounded memory -----------------------------------------------------------------------
+    def _enforce_limit(self) -> None:
+        if self.nbytes <= self.limit_bytes:
+            return
+        for pid in sorted(self._pages):  # oldest first
+            if self.nbytes <= self.limit_bytes:
+                return
+            page = self._pages[pid]
+            if self.spill_dir is not None and page.k is not None:
+                self._spill(page)
+            elif self.spill_dir is None:
+                self._drop(pid)
+        # spilled pages still hold their bounds in memory: drop the oldest of them if need be
+        for pid in sorted(self._pages):
+            if self.nbytes <= self.limit_bytes:
+                return
+            self._drop(pid)
+
+    def _spill(self, page: _Page) -> None:
+        if self._spill_file is None:
+            self._spill_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the store
+                prefix="infmllm-recall-", suffix=".spill", dir=self.spill_dir
+            )
+        data = page.k.tobytes() + page.v.tobytes()
+        self._spill_file.seek(self._spill_size)
+        self._spill_file.write(data)
+        self._spill_file.flush()
+        page.spill = (self._spill_size, len(data), zlib.crc32(data))
+        self._spill_size += len(data)
+        self._forget_rows(page)
+        page.k = page.v = None
+        self.stats.pages_spilled += 1
+
+    def _rows(self, page: _Page) -> tuple[np.ndarray, np.ndarray]:
+        if page.k is not None:
+            return page.k, page.v
+        offset, size, crc = page.spill
+        if self._spill_map is None or len(self._spill_map) < offset + size:
+            if self._spill_map is not None:
+                self._spill_map.close()
+            if os.fstat(self._spill_file.fileno()).st_size < offset + size:
+                raise RecallError(f"the spill file {self._spill_file.name} is truncated")
+            self._spill_map = mmap.mmap(self._spill_file.fileno(), 0, access=mmap.ACCESS_READ)
+        data = self._spill_map[offset : offset + size]
+        if zlib.crc32(data) != crc:
+            raise RecallError(
+                f"the spill file {self._spill_file.name} is corrupt (a page fails its checksum)"
+            )
+        kb = page.n * self.n_layer * self.k_row
+        k = np.frombuffer(data[:kb], np.uint8).reshape(page.n, -1)
+        v = np.frombuffer(data[kb:], np.uint8).reshape(page.n, -1)
+        return k, v
+
+    def _close_spill(self) -> None:
+        if self._spill_map is not None:
+            self._spill_map.close()
+            self._spill_map = None
+        if self._spill_file is not None:
+            self._spill_file.close()  # a NamedTemporaryFile: deleted on close
+            self._spill_file = None
+        self._spill_size = 0
+
+    # --- selection ------------------------------------------------------------------------
+    def select(self, queries: np.ndarray, room: int, shortlist: int = 64) -> list[int]:
+        """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
+        by their strongest head, each with the pages after and before it, best first, at most
+        `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
+        head, query row) less its mean over them: a page every head attends to (the text right
+        after the sinks) is generic, not an answer."""
+        if self.n_pages == 0 or room <= 0:
+            return []
+        n = self.n_pages
+        group = self.n_head // self.n_head_kv
+        rows = queries.shape[2]
+        # per layer [kv head, dim, group * rows]: the query heads that read each kv head
+        q = queries.reshape(self.n_layer, self.n_head_kv, group * rows, self.head_dim).transpose(0, 1, 3, 2)
+        # two cheap rankings from the min/max summary: the upper bound of q·k (Quest's), loose
+        # where a page's keys spread, and q·(min + max)/2, the page's centre
+        z_bound = np.full(n, -np.inf, np.float32)
+        z_center = np.full(n, -np.inf, np.float32)
+        for layer in range(self.n_layer):  # one layer at a time keeps the matrices small
+            center = self._center[layer, :, :n] @ q[layer]  # [kv head, pages, q]
+            bound = center + self._radius[layer, :, :n] @ np.abs(q[layer])
+            for z, s in ((z_bound, bound), (z_center, center)):
+                s -= s.mean(axis=1, keepdims=True)
+                s /= s.std(axis=1, keepdims=True) + 1e-6
+                np.maximum(z, s.max(axis=(0, 2)), out=z)
+        short = np.union1d(
+            np.argsort(-z_bound, kind="stable")[:shortlist], np.argsort(-z_center, kind="stable")[:shortlist]
+        )
+        # exact: the real keys of the shortlisted pages, max over each page's keys, standardised
+        # like the bound but over an even sample of all pages (the shortlist alone is biased)
+        sample = np.unique(np.linspace(0, n - 1, min(n, self.SAMPLE)).astype(np.int64))
+        slots = np.union1d(short, sample)
+        exact = self._exact(slots, q)  # [l, k, slots, q]
+        in_sample = np.isin(slots, sample)
+        mean = exact[:, :, in_sample].mean(axis=2, keepdims=True)
+        std = exact[:, :, in_sample].std(axis=2, keepdims=True) + 1e-6
+        z = ((exact - mean) / std).transpose(2, 0, 1, 3).reshape(len(slots), -1)
+        score = np.full(n, -np.inf, np.float32)
+        score[slots] = z.max(axis=1) - z.mean(axis=1)
+        score[np.setdiff1d(slots, short)] = -np.inf  # sampled only: not shortlisted
+        pids = self._slot_page
+        # only pages that stand out: at least halfway from the shortlist's median to its best
+        # (pages of ordinary score crowd the answer out, the 135M model then copies them)
+        cut = (score[short].max() + np.median(score[short])) / 2
+        chosen: list[int] = []
+        used = 0
+        for i in np.argsort(-score, kind="stable")[: len(short)]:
+            if score[i] < cut:
+                break
+            for pid in (pids[i], pids[i] + 1, pids[i] - 1):
+                page = self._pages.get(pid)
+                if page is None or pid in chosen:
+                    continue
+                if used + page.n > room:
+                    return chosen
+                chosen.append(pid)
+                used += page.n
+        return chosen
+
+    def _exact(self, slots: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Per layer, kv head, page (slot) and query: the largest q·k over the page's real keys."""
+        pages = [self._pages[self._slot_page[s]] for s in slots]
+        rows_k = np.concatenate([self._rows(p)[0] for p in pages])
+        keys = keys_as_float(rows_k, self.type_k).reshape(-1, self.n_layer, self.n_head_kv, self.head_dim)
+        logits = np.einsum("tlkd,lkdq->lktq", keys, q, optimize=True)  # [l, k, tokens, q]
+        starts = np.cumsum([0] + [p.n for p in pages])[:-1]
+        return np.maximum.reduceat(logits, starts, axis=2)
+
+    def rows(self, pids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(stream index, rotation position, K, V) of the pages' cells in stream order, K and V in
+        `KVCache.write_rows`' layout ([layer][i][row])."""
+        pages = sorted((self._pages[p] for p in pids), key=lambda p: p.stream_index[0])
+        if not pages:
+            empty = np.zeros(0, np.uint8)
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), empty, empty
+        kv = [self._rows(p) for p in pages]
+        sidx = np.concatenate([p.stream_index for p in pages])
+        pos = np.concatenate([p.rot_pos for p in pages])
+        n = len(sidx)
+        k = np.concatenate([k for k, _ in kv]).reshape(n, self.n_layer, self.k_row).transpose(1, 0, 2)
+        v = np.concatenate([v for _, v in kv]).reshape(n, self.n_layer, self.v_row).transpose(1, 0, 2)
+        return sidx, pos, np.ascontiguousarray(k).ravel(), np.ascontiguousarray(v).ravel()

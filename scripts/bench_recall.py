@@ -1,0 +1,149 @@
+"""Passkey retrieval with the recall tier: a 5-digit key planted at several depths of KJV
+haystacks 4x ... 32x the budget, asked for at the end (one turn, so one recall).
+
+Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a control whose
+recall brings back random stored pages into the same reserve (what the selection is worth),
+and the full cache (n_ctx = stream length) where it fits, as the model's own reference.
+
+    python scripts/bench_recall.py --quick    # budget 256, 4x/8x, 3 depths, 1 key (minutes)
+    python scripts/bench_recall.py            # budget 512, 4x..32x, 3 depths, 2 keys
+
+Writes bench/results/recall_passkey.json, .csv and .png (accuracy per run and length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from results_io import RESULTS, write_results
+
+from infmllm_gguf import Llama, Recall
+from infmllm_gguf.cli import run_passkey
+from infmllm_gguf.policies import make_policy
+
+
+def random_pages(llm: Llama, seed: int) -> None:
+    """Make the stream's recall pick random stored pages (same room, same neighbours rule)."""
+    store = llm._stream.store
+    rng = np.random.default_rng(seed)
+
+    def pick(queries: np.ndarray, room: int, shortlist: int = 0) -> list[int]:
+        chosen, used = [], 0
+        for pid in rng.permutation(store.page_ids()):
+            n = store._pages[int(pid)].n
+            if used + n > room:
+                break
+            chosen.append(int(pid))
+            used += n
+        return chosen
+
+    store.select = pick
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--policy", default="infmllm")
+    ap.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--trials", type=int, default=2, help="keys per depth with recall")
+    ap.add_argument("--control-trials", type=int, default=1, help="keys per depth for the other runs")
+    ap.add_argument("--max-full-ctx", type=int, default=4096, help="longest stream 'full' is run on")
+    ap.add_argument("--max-control-multiple", type=int, default=16, help="longest random-page control")
+    ap.add_argument("--out", default=str(RESULTS / "recall_passkey"))
+    args = ap.parse_args()
+    if args.quick:
+        args.budget, args.multiples, args.trials, args.control_trials = 256, [4, 8], 1, 1
+
+    rows = []
+    for multiple in args.multiples:
+        length = args.budget * multiple
+        runs = [("recall", args.trials), ("no recall", args.control_trials)]
+        if multiple <= args.max_control_multiple:
+            runs.append(("random pages", args.control_trials))
+        if length <= args.max_full_ctx:
+            runs.append(("full", args.control_trials))
+        for run, trials in runs:
+            policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
+            n_ctx = length + 16 if run == "full" else policy.capacity
+            recall = Recall() if run in ("recall", "random pages") else None
+            llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
+            if run == "random pages":
+                random_pages(llm, seed=multiple)
+            start = time.perf_counter()
+            result = run_passkey(llm, length, args.depths, trials)
+            seconds = time.perf_counter() - start
+            stats = llm.kv_stats()
+            llm.close()
+            for depth in args.depths:
+                hits = [t["correct"] for t in result["trials"] if t["depth"] == depth]
+                rows.append(
+                    {
+                        "run": run,
+                        "policy": policy.name,
+                        "budget": args.budget,
+                        "length": length,
+                        "depth": depth,
+                        "accuracy": float(np.mean(hits)),
+                        "trials": len(hits),
+                        "seconds_per_trial": seconds / len(result["trials"]),
+                        "store_mb": stats.get("store_mb", 0.0),
+                        "pages_stored": stats.get("pages_stored", 0),
+                    }
+                )
+            print(
+                f"{run:>13} length {length:>6}: accuracy {result['accuracy']:.2f} ({seconds:.0f} s)",
+                flush=True,
+            )
+
+    out = write_results(
+        args.out,
+        {"budget": args.budget, "policy": args.policy, "depths": args.depths, "recall": repr(Recall())},
+        rows,
+        [
+            "run",
+            "policy",
+            "budget",
+            "length",
+            "depth",
+            "accuracy",
+            "trials",
+            "seconds_per_trial",
+            "store_mb",
+            "pages_stored",
+        ],
+    )
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}.json/.csv/.png")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run]
+        lengths = sorted({r["length"] for r in mine})
+        acc = [np.mean([r["accuracy"] for r in mine if r["length"] == n]) for n in lengths]
+        ax.plot(lengths, acc, marker="o", label=run)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("stream length (tokens)")
+    ax.set_ylabel("passkey accuracy (mean over depths)")
+    ax.set_title(f"passkey with the recall tier, {rows[0]['policy']} budget {rows[0]['budget']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

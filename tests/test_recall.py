@@ -1,0 +1,135 @@
+"""The recall tier on the real model: evicted pages stored, the needle brought back, triggers,
+a bounded store, spilling, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
+from infmllm_gguf.cli import passkey_trial
+from infmllm_gguf.texts import kjv
+
+BUDGET = 256
+
+
+@pytest.fixture(scope="module")
+def filler():
+    llm = Llama(n_ctx=64, kv_policy="full")
+    tokens = llm.tokenize(kjv()[:60_000], add_bos=False)
+    llm.close()
+    return tokens
+
+
+def _llm(recall: Recall | None, policy=None, **kw) -> Llama:
+    policy = policy or InfMLLM(budget=BUDGET)
+    return Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall, debug=True, **kw)
+
+
+def test_recall_configuration_is_checked():
+    for bad in ({"page": 0}, {"when": "always"}, {"reserve": 0}, {"store_limit_mb": 0}, {"query_window": 0}):
+        with pytest.raises(ValueError):
+            Recall(**bad)
+    with pytest.raises(ValueError, match="not a directory"):
+        Recall(spill_dir="/nonexistent/dir")
+    with pytest.raises(ValueError, match="evicting kv_policy"):
+        Llama(n_ctx=512, kv_policy="full", recall=Recall())
+    with pytest.raises(ValueError, match="below the budget"):
+        _llm(Recall(reserve=BUDGET))
+    with pytest.raises(ValueError, match="query_window"):
+        Llama(n_ctx=512, n_batch=16, kv_policy=InfMLLM(budget=256), recall=Recall(query_window=32))
+
+
+@pytest.mark.parametrize("policy", ["infmllm", "streamingllm"])
+def test_needle_that_left_the_window_is_recalled_and_answered(filler, policy):
+    """A pass key 3/4 of a 4x-budget stream back: without the tier no policy keeps it (it left
+    the recent window long ago); with it the key's page comes back and the model copies it."""
+    make = InfMLLM if policy == "infmllm" else StreamingLLM
+    key, length, depth = "58213", 4 * BUDGET, 0.2
+    plain = _llm(None, make(budget=BUDGET))
+    assert not passkey_trial(plain, filler, length, depth, key)["correct"]
+    plain.close()
+
+    llm = _llm(Recall(), make(budget=BUDGET))
+    result = passkey_trial(llm, filler, length, depth, key)
+    assert result["correct"], result
+    stats = llm.kv_stats()
+    assert stats["recalls"] == 1 and stats["pages_stored"] > 0 and 0 < stats["n_recalled"] <= BUDGET // 4
+    at = 1 + int(depth * (length - 30))  # where the needle starts, near enough
+    assert any(a <= at + 8 < b for a, b in llm.recalled())
+    assert stats["n_cached"] <= llm.policy.capacity
+
+
+def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
+    """Round trip through the store: the V rows of recalled cells are the stored bytes (keys are
+    re-rotated, checked natively), and every stored page holds evicted tokens only."""
+    llm = _llm(Recall())
+    passkey_trial(llm, filler, 3 * BUDGET, 0.3, "13579")
+    st = llm._stream
+    assert st.n_recalled > 0
+    view = st.kv.cells()
+    rec = st._recalled
+    k_bytes, v_bytes = st._row_bytes
+    _, v = st.kv.read_rows(view.positions[rec], k_bytes, v_bytes)
+    sidx = st._stream_index[rec]
+    pids = sorted(set((sidx // st.recall.page).tolist()))
+    s_sidx, _, _, s_v = st.store.rows(pids)
+    n_layer = len(st._q_layers)
+    stored = s_v.reshape(n_layer, len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
+    assert np.array_equal(v.reshape(n_layer, len(sidx), -1), stored)
+    cached_own = set(st._stream_index[~rec].tolist())
+    for pid in st.store.page_ids():
+        assert not cached_own & set(st.store._pages[int(pid)].stream_index.tolist())
+
+
+def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler):
+    text = np.array(filler[: 3 * BUDGET], np.int32)
+    turn = _llm(Recall(when="turn"))
+    turn.eval([1] + list(text))
+    assert turn.kv_stats()["recalls"] == 0  # streaming costs nothing but the store
+    assert turn.kv_stats()["pages_stored"] > 0
+    turn.generate_text(max_tokens=2)
+    assert turn.kv_stats()["recalls"] == 1
+    turn.check_invariants()
+
+    chunk = _llm(Recall(when="chunk"))
+    chunk.eval([1] + list(text))
+    stats = chunk.kv_stats()
+    assert stats["recalls"] >= stats["evictions"] // 2 > 0
+    assert stats["n_recalled"] <= stats["recall_reserve"]
+    assert stats["n_cached"] <= chunk.policy.capacity
+
+
+def test_store_is_bounded_by_dropping_oldest_pages(filler):
+    llm = _llm(Recall(store_limit_mb=2))
+    llm.eval([1] + filler[: 6 * BUDGET])
+    stats = llm.kv_stats()
+    assert stats["pages_dropped"] > 0 and stats["store_mb"] <= 2
+    stored = llm._stream.store.page_ids()
+    assert stored.min() > 0  # the oldest went first
+    llm.generate_text(max_tokens=2)  # recall still works over what is left
+    llm.reset()
+    assert llm.kv_stats()["pages_stored"] == 0 and llm.recalled() == []
+
+
+def test_spilled_pages_come_back_and_a_corrupt_spill_is_refused_once(filler, tmp_path):
+    key, length = "24680", 4 * BUDGET
+    llm = _llm(Recall(store_limit_mb=4, spill_dir=tmp_path))  # the rows of ~10 pages
+    assert passkey_trial(llm, filler, length, 0.2, key)["correct"]  # the key's page was spilled
+    stats = llm.kv_stats()
+    assert stats["pages_spilled"] > 0 and stats["spilled_mb"] > 0 and stats["pages_dropped"] == 0
+
+    llm.reset()
+    llm.eval([1] + filler[: 4 * BUDGET])
+    spill = llm._stream.store._spill_file
+    with open(spill.name, "r+b") as fh:  # damage every spilled byte
+        size = fh.seek(0, 2)
+        fh.seek(0)
+        fh.write(bytes(size))
+    before = llm.history.copy()
+    with pytest.raises(RecallError, match="corrupt"):
+        llm.generate_text(max_tokens=2)
+    assert np.array_equal(llm.history, before)  # nothing lost
+    llm.check_invariants()
+    assert llm.generate_text(max_tokens=2) is not None  # usable, now without recall
+    assert llm.kv_stats()["recall_error"] and llm.kv_stats()["pages_stored"] == 0
