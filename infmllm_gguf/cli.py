@@ -212,18 +212,57 @@ DEMO_QUESTIONS = [
 ]
 
 
+# pass-key style facts planted early in the demo's text (character offset, name, code): the
+# 135M model copies a code from its context well in completion form
+DEMO_FACTS = [(4_000, "red door", "48213"), (12_000, "old well", "90574"), (20_000, "east tower", "31862")]
+
+
+def plant_facts(text: str, facts: Sequence[tuple[int, str, str]]) -> tuple[str, list[tuple[int, str, str]]]:
+    """Insert each fact at the line break after its offset; returns the text and the facts
+    that fitted in it."""
+    planted = [f for f in facts if f[0] < len(text)]
+    for offset, name, code in sorted(planted, reverse=True):
+        cut = text.find("\n", offset) + 1 or offset
+        fact = f"The pass key of the {name} is {code}. Remember it. {code} is the pass key of the {name}.\n"
+        text = text[:cut] + fact + text[cut:]
+    return text, planted
+
+
+def ask_facts(llm: Llama, facts: Sequence[tuple[int, str, str]], out=sys.stdout) -> list[dict]:
+    """Ask for each planted code in completion form, aside (rewound afterwards)."""
+    results = []
+    for _, name, code in facts:
+        mark = llm.n_streamed
+        llm.feed(f"\nWhat is the pass key of the {name}? The pass key of the {name} is", add_bos=False)
+        answer = llm.generate_text(max_tokens=8, temperature=0.0).strip()
+        pages = llm.recalled()
+        llm.rewind(mark)
+        found = answer.startswith(code)
+        print(
+            f"  Q: the pass key of the {name}?  A: {answer!r} {'(right)' if found else f'(wrong: {code})'}",
+            file=out,
+        )
+        for a, b in pages:
+            piece = llm.detokenize([t for t in llm.history[a:b] if t >= 0]).decode("utf-8", "replace")
+            print(f"     recalled tokens {a}-{b}: {piece!r}", file=out)
+        results.append({"name": name, "code": code, "answer": answer, "correct": found, "recalled": pages})
+    return results
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
-    text = _read_text(args.text)
+    text, planted = plant_facts(_read_text(args.text)[: args.max_tokens * 8], DEMO_FACTS)
     print(f"infmllm-gguf demo: {llm.model_path.name}, policy {llm.policy!r}, n_ctx {llm.n_ctx}")
+    print(f"recall tier: {llm.recall!r}" if llm.recall else "recall tier: off (--recall brings it in)")
     print(
         f"streaming about {args.max_tokens} tokens of text through a {llm.policy.budget}-token cache, "
-        f"asking a question every {args.every} tokens\n"
+        f"asking a question every {args.every} tokens; {len(planted)} pass keys are planted early "
+        "and asked for at the end\n"
     )
     start = time.perf_counter()
-    answers = stream_and_ask(
-        llm, text[: args.max_tokens * 8], DEMO_QUESTIONS, args.every, 24, args.max_tokens
-    )
+    answers = stream_and_ask(llm, text, DEMO_QUESTIONS, args.every, 24, args.max_tokens)
+    print(f"\nat token {llm.n_streamed}, long after they left the {llm.policy.budget}-token cache:")
+    facts = ask_facts(llm, planted)
     stats = llm.kv_stats()
     elapsed = time.perf_counter() - start
     print(
@@ -232,7 +271,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"(max position {stats['max_pos_seen']} < n_ctx {llm.n_ctx}), {stats['n_evicted']} tokens evicted "
         f"in {stats['evictions']} rounds, peak RSS {peak_rss_mb():.0f} MB"
     )
-    _emit(args, {"answers": answers, "kv": stats, "seconds": elapsed, "peak_rss_mb": peak_rss_mb()})
+    if llm.recall:
+        print(
+            f"recall: {stats['pages_stored']} pages in host memory ({stats['store_mb']:.0f} MB), "
+            f"{stats['recalls']} recalls; {sum(f['correct'] for f in facts)} of {len(facts)} pass keys found "
+            "(run with --no-recall to see them lost)"
+        )
+    result = {
+        "answers": answers,
+        "facts": facts,
+        "kv": stats,
+        "seconds": elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    _emit(args, result)
     return 0
 
 
@@ -355,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infmllm-gguf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, budget: int = 512, policy: str = "infmllm") -> None:
+    def common(
+        p: argparse.ArgumentParser, budget: int = 512, policy: str = "infmllm", recall: bool = False
+    ) -> None:
         p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M)")
         p.add_argument("--policy", "--kv-policy", dest="policy", default=policy, choices=list(POLICIES))
         p.add_argument("--budget", type=int, default=budget, help="KV-cache budget in tokens")
@@ -365,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", default=None, help="write machine-readable results here")
         p.add_argument(
             "--recall",
-            action="store_true",
-            help="keep evicted pages in host memory and bring back relevant ones",
+            action=argparse.BooleanOptionalAction,
+            default=recall,
+            help="keep evicted pages in host memory and bring back the ones a question needs",
         )
         p.add_argument(
             "--recall-when",
@@ -376,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")
-    common(p)
+    common(p, recall=True)
     p.add_argument("--text", default=None, help="a file, or kjv / genesis / jargon (default: kjv)")
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--every", type=int, default=2_500)

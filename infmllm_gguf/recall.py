@@ -1,18 +1,22 @@
 """The recall tier: evicted K/V rows wait in host memory and come back when the stream needs them.
 
 Eviction that cannot know the next question cannot keep its answer.  So what a policy evicts
-is copied out first (native row reads), kept in position-aligned pages of `page` stream
-tokens, and scored against the queries of the newest text: a per-page, per-head bound on
-q·k from the element-wise min/max of the page's keys (Quest, ArkVale) shortlists pages,
-the real stored keys re-rank the shortlist, and a page counts by its strongest single
-layer/head/query row (a sum over heads would dilute a needle).  The best pages, each with
-the page after it, are written back into a reserve of the budget, in stream order, and
-re-positioned with the rest of the cache by llama.cpp's own K-shift.
+is copied out first (native row reads) and kept in position-aligned pages of `page` stream
+tokens, each with the element-wise min and max of its keys per layer and kv head.  A recall
+scores the pages against the newest query rows: two cheap rankings from the summary (the
+upper bound of q·k that Quest and ArkVale use, and q·(min + max)/2, the page's centre, which
+the loose bound misses needles without) shortlist pages, and the real stored keys re-rank
+the shortlist exactly.  Scores are standardised per (layer, kv head, query row) over an even
+sample of all pages, so heads of different scale compare; a page counts by its strongest
+single (layer, head, row) — a sum over heads dilutes a needle — less its mean over them,
+since a page that every head attends to (the text right after the sinks) is generic rather
+than an answer.  Pages that stand out, each with the pages before and after it, are written
+back into a reserve of the budget, in stream order, and llama.cpp's own K-shift re-positions
+them with the rest of the cache.
 
-Scores are standardised per (layer, kv head, query row) over the stored pages, so heads of
-different scale compare.  Keys are compared as stored: rotated at their compacted position at
-eviction time, which lies within the cache's window like the query's own, so the relative
-distances seen are those the model sees in the cache.
+Keys are compared as stored: rotated at their compacted position at eviction time, which
+lies within the cache's window like the query's own, so the relative distances seen are
+those the model sees in the cache.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
     python scripts/bench_ppl.py --tokens 100000 --budgets 512 1024 2048   # the full run
     python scripts/bench_ppl.py --tokens 100000 --budgets 2048 --policies h2o --out ... --merge
                                                 # adds a policy to an earlier run's results
+    python scripts/bench_ppl.py --quick --policies full streamingllm infmllm infmllm+recall
+                                                # NAME+recall: with Recall(when="chunk")
 
 Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from results_io import RESULTS, merge_rows, write_results
 
-from infmllm_gguf import Llama
+from infmllm_gguf import Llama, Recall
 from infmllm_gguf.cli import run_ppl
 from infmllm_gguf.policies import make_policy
 from infmllm_gguf.texts import load_text
@@ -46,9 +48,11 @@ def main() -> int:
         for name in args.policies:
             if name == "full" and budget != args.budgets[0]:
                 continue  # the reference does not depend on the budget
-            policy = make_policy(name, budget=budget)
+            base, _, extra = name.partition("+")
+            policy = make_policy(base, budget=budget)
             n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
-            llm = Llama(n_ctx=n_ctx, kv_policy=policy)
+            recall = Recall(when="chunk") if extra == "recall" else None
+            llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]
             result = run_ppl(llm, tokens, desc=f"{name}@{budget}")

@@ -73,6 +73,8 @@ def test_demo_runs_short(tmp_path):
     result = run_json(tmp_path, "demo", "--max-tokens", "1500", "--every", "700", "--budget", "256")
     assert len(result["answers"]) == 3  # after 700, 1400 and the last 100 tokens
     assert result["kv"]["n_streamed"] > 1500 and result["kv"]["evictions"] > 0
+    assert [f["name"] for f in result["facts"]] == ["red door"]  # the one planted within 1500 tokens
+    assert result["kv"]["pages_stored"] > 0  # the demo runs with the recall tier
 
 
 def test_chat_commands_over_stdin(tmp_path):

@@ -49,3 +49,7 @@ struct infmllm_access {
 
 // The plain KV cache of a context, or nullptr (recurrent, hybrid, iSWA: unsupported).
 llama_kv_cache * infmllm_kv_cache(llama_context * ctx);
+
+// The plain KV cache of ctx and the KV stream holding seq_id: INFMLLM_OK, or
+// INFMLLM_ERR_INVALID_ARG (NULL ctx), INFMLLM_ERR_UNSUPPORTED, INFMLLM_ERR_INVALID_SEQ.
+int32_t infmllm_resolve_seq(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv, uint32_t & stream);

@@ -12,6 +12,21 @@ llama_kv_cache * infmllm_kv_cache(llama_context * ctx) {
     return ctx == nullptr ? nullptr : dynamic_cast<llama_kv_cache *>(ctx->get_memory());
 }
 
+int32_t infmllm_resolve_seq(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv, uint32_t & stream) {
+    if (ctx == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    kv = infmllm_kv_cache(ctx);
+    if (kv == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return INFMLLM_ERR_INVALID_SEQ;
+    }
+    stream = kv->get_stream(seq_id);
+    return INFMLLM_OK;
+}
+
 const char * infmllm_status_str(int32_t status) {
     switch (status) {
         case INFMLLM_OK:                   return "ok";
@@ -91,21 +106,18 @@ int32_t infmllm_set_query_capture(llama_context * ctx, int32_t n_rows) {
 }
 
 int32_t infmllm_get_queries(llama_context * ctx, llama_seq_id seq_id, float * out, size_t n_floats) {
-    if (ctx == nullptr || (out == nullptr && n_floats > 0)) {
+    llama_kv_cache * kv = nullptr;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
+    }
+    if (out == nullptr && n_floats > 0) {
         return INFMLLM_ERR_INVALID_ARG;
-    }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
     }
     const auto & st = ctx->infmllm;
     if (st.queries.empty()) {
         return n_floats == 0 ? 0 : INFMLLM_ERR_BUFFER_TOO_SMALL;
     }
-    const uint32_t stream = kv->get_stream(seq_id);
     const auto & q = st.queries[stream];
     if (n_floats != q.size()) {
         return INFMLLM_ERR_BUFFER_TOO_SMALL;
@@ -115,19 +127,13 @@ int32_t infmllm_get_queries(llama_context * ctx, llama_seq_id seq_id, float * ou
 }
 
 int32_t infmllm_clear_queries(llama_context * ctx, llama_seq_id seq_id) {
-    if (ctx == nullptr) {
-        return INFMLLM_ERR_INVALID_ARG;
-    }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
+    llama_kv_cache * kv = nullptr;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
     }
     auto & st = ctx->infmllm;
     if (!st.queries.empty()) {
-        const uint32_t stream = kv->get_stream(seq_id);
         std::fill(st.queries[stream].begin(), st.queries[stream].end(), 0.0f);
         st.query_rows_held[stream] = 0;
     }

@@ -18,19 +18,10 @@ struct seq_view {
 };
 
 int32_t resolve(llama_context * ctx, llama_seq_id seq_id, seq_view & out) {
-    if (ctx == nullptr) {
-        return INFMLLM_ERR_INVALID_ARG;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, out.kv, out.stream); rc != INFMLLM_OK) {
+        return rc;
     }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
-    }
-    out.kv     = kv;
-    out.stream = kv->get_stream(seq_id);
-    out.cells  = &infmllm_access::cells(*kv, out.stream);
+    out.cells = &infmllm_access::cells(*out.kv, out.stream);
     return INFMLLM_OK;
 }
 

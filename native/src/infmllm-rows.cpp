@@ -34,18 +34,10 @@ struct rows_view {
 };
 
 int32_t resolve_rows(llama_context * ctx, llama_seq_id seq_id, rows_view & out) {
-    if (ctx == nullptr) {
-        return INFMLLM_ERR_INVALID_ARG;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, out.kv, out.stream); rc != INFMLLM_OK) {
+        return rc;
     }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
-    }
-    out.kv      = kv;
-    out.stream  = kv->get_stream(seq_id);
+    llama_kv_cache * kv = out.kv;
     out.cells   = &infmllm_access::cells(*kv, out.stream);
     out.v_trans = infmllm_access::v_trans(*kv);
     const auto & hparams = infmllm_access::hparams(*kv);
@@ -250,20 +242,15 @@ int32_t infmllm_kv_seq_write(
 }
 
 int32_t infmllm_kv_seq_arrange(llama_context * ctx, llama_seq_id seq_id, const int32_t * cells, int32_t n) {
-    if (ctx == nullptr) {
-        return INFMLLM_ERR_INVALID_ARG;
-    }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
+    llama_kv_cache * kv = nullptr;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
     }
     if (!kv->get_can_shift()) {
         return INFMLLM_ERR_UNSUPPORTED;
     }
-    llama_kv_cells & kc = infmllm_access::cells(*kv, kv->get_stream(seq_id));
+    llama_kv_cells & kc = infmllm_access::cells(*kv, stream);
     const auto & sp = kc.seq_pos_get(seq_id);
     if (n < 0 || (size_t) n != sp.size() || (n > 0 && cells == nullptr)) {
         return INFMLLM_ERR_INVALID_ARG;
