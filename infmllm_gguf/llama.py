@@ -198,7 +198,7 @@ class Llama:
         n_embd = lc.llama_model_n_embd_inp(self._model.model)
         try:
             self._stream = Stream(
-                self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug, 0, recall
+                self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug, recall=recall
             )
         except ValueError:
             self.close()

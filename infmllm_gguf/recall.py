@@ -134,6 +134,7 @@ class PageStore:
         self.n_head, self.n_head_kv, self.head_dim = first.n_head, first.n_head_kv, first.head_dim
         self.type_k = first.type_k
         self.k_row, self.v_row = first.k_row_bytes, first.v_row_bytes
+        self.k_bytes, self.v_bytes = self.n_layer * self.k_row, self.n_layer * self.v_row  # per cell
         self.page = page
         self.limit_bytes = int(limit_mb * 2**20)
         self.spill_dir = spill_dir
@@ -369,17 +370,21 @@ class PageStore:
         starts = np.cumsum([0] + [p.n for p in pages])[:-1]
         return np.maximum.reduceat(logits, starts, axis=2)
 
-    def rows(self, pids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(stream index, rotation position, K, V) of the pages' cells in stream order, K and V in
-        `KVCache.write_rows`' layout ([layer][i][row])."""
+    def rows(
+        self, pids: list[int], exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(stream index, rotation position, K, V) of the pages' cells in stream order, less those
+        whose stream index is in `exclude`; K and V in `KVCache.write_rows`' layout
+        ([layer][i][row])."""
         pages = sorted((self._pages[p] for p in pids), key=lambda p: p.stream_index[0])
         if not pages:
             empty = np.zeros(0, np.uint8)
             return np.zeros(0, np.int64), np.zeros(0, np.int32), empty, empty
         kv = [self._rows(p) for p in pages]
         sidx = np.concatenate([p.stream_index for p in pages])
-        pos = np.concatenate([p.rot_pos for p in pages])
-        n = len(sidx)
-        k = np.concatenate([k for k, _ in kv]).reshape(n, self.n_layer, self.k_row).transpose(1, 0, 2)
-        v = np.concatenate([v for _, v in kv]).reshape(n, self.n_layer, self.v_row).transpose(1, 0, 2)
-        return sidx, pos, np.ascontiguousarray(k).ravel(), np.ascontiguousarray(v).ravel()
+        take = np.ones(len(sidx), bool) if exclude is None else ~np.isin(sidx, exclude)
+        pos = np.concatenate([p.rot_pos for p in pages])[take]
+        n = int(take.sum())
+        k = np.concatenate([k for k, _ in kv])[take].reshape(n, self.n_layer, self.k_row).transpose(1, 0, 2)
+        v = np.concatenate([v for _, v in kv])[take].reshape(n, self.n_layer, self.v_row).transpose(1, 0, 2)
+        return sidx[take], pos, np.ascontiguousarray(k).ravel(), np.ascontiguousarray(v).ravel()

@@ -115,8 +115,7 @@ class Stream:
         self.recall_error: str | None = None
         if recall is not None:
             self.reserve = recall.reserve_for(policy.budget)
-            self._q_layers = self.kv.layers()
-            self.store = PageStore(self._q_layers, recall.page, recall.store_limit_mb, recall.spill_dir)
+            self.store = PageStore(self.kv.layers(), recall.page, recall.store_limit_mb, recall.spill_dir)
             self.kv.set_query_capture(recall.query_window)
         self.reset()
 
@@ -402,7 +401,7 @@ class Stream:
             raise RuntimeError(f"{self.policy.name} kept {keep[own].sum()} cells, asked for {n_own_keep}")
         out = own & ~keep & ~self._recalled  # recalled cells are in the store already
         if self.store is not None and self.recall_error is None and out.any():
-            k, v = self.kv.read_rows(view.positions[out], self._row_bytes[0], self._row_bytes[1], self.seq_id)
+            k, v = self.kv.read_rows(view.positions[out], self.store.k_bytes, self.store.v_bytes, self.seq_id)
             self.store.add(self._stream_index[out], view.positions[out], k, v)
         with self._unit():
             # evict validates everything before it changes anything
@@ -419,19 +418,14 @@ class Stream:
             self.recall_pages()
 
     # --- recall ------------------------------------------------------------------------------
-    @property
-    def _row_bytes(self) -> tuple[int, int]:
-        return sum(la.k_row_bytes for la in self._q_layers), sum(la.v_row_bytes for la in self._q_layers)
-
     def _queries(self, rows: int) -> np.ndarray | None:
         """The newest captured query rows (at most `rows`) as [layer, head, rows, dim], or None."""
-        la = self._q_layers[0]
-        w = self.recall.query_window
-        flat, held = self.kv.queries(len(self._q_layers) * la.n_head * w * la.head_dim, self.seq_id)
+        shape = (self.store.n_layer, self.store.n_head, self.recall.query_window, self.store.head_dim)
+        flat, held = self.kv.queries(int(np.prod(shape)), self.seq_id)
         held = min(held, rows)
         if held == 0:
             return None
-        return flat.reshape(len(self._q_layers), la.n_head, w, la.head_dim)[:, :, w - held :]
+        return flat.reshape(shape)[:, :, shape[2] - held :]
 
     def recall_pages(self, rows: int | None = None) -> bool:
         """Score the stored pages with the newest queries and make the best ones the recalled
@@ -446,26 +440,21 @@ class Stream:
         room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
         try:
             pids = self.store.select(queries, room, self.recall.shortlist)
-            cached = set(self._stream_index.tolist())
-            sidx, pos, k, v = self.store.rows(pids)
+            sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
             self.recall_error = str(exc)
             self.store.clear()
             raise
-        new = np.array([s not in cached for s in sidx.tolist()], bool)
-        wanted = np.isin(self._stream_index, sidx)
-        drop = self._recalled & ~wanted
-        if not new.any() and not drop.any():
+        # a recalled cell is a stored cell of its page: it stays while its page is chosen
+        drop = self._recalled & ~np.isin(self._stream_index // self.recall.page, pids)
+        if len(sidx) == 0 and not drop.any():
             return False
-        n_k, n_v = self._row_bytes
-        k = k.reshape(-1, len(sidx), n_k // len(self._q_layers))[:, new].ravel()
-        v = v.reshape(-1, len(sidx), n_v // len(self._q_layers))[:, new].ravel()
         view = self.kv.cells(self.seq_id)
         with self._unit():
             self.kv.evict(view.positions[drop], self.seq_id)
-            cells = self.kv.write_rows(pos[new], k, v, self.seq_id)
+            cells = self.kv.write_rows(pos, k, v, self.seq_id)
             all_cells = np.concatenate([view.cells[~drop], cells])
-            all_index = np.concatenate([self._stream_index[~drop], sidx[new]])
+            all_index = np.concatenate([self._stream_index[~drop], sidx])
             all_recalled = np.concatenate([self._recalled[~drop], np.ones(len(cells), bool)])
             order = np.argsort(all_index, kind="stable")
             self.kv.arrange(all_cells[order], self.seq_id)

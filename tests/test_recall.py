@@ -69,12 +69,11 @@ def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     assert st.n_recalled > 0
     view = st.kv.cells()
     rec = st._recalled
-    k_bytes, v_bytes = st._row_bytes
-    _, v = st.kv.read_rows(view.positions[rec], k_bytes, v_bytes)
+    _, v = st.kv.read_rows(view.positions[rec], st.store.k_bytes, st.store.v_bytes)
     sidx = st._stream_index[rec]
     pids = sorted(set((sidx // st.recall.page).tolist()))
     s_sidx, _, _, s_v = st.store.rows(pids)
-    n_layer = len(st._q_layers)
+    n_layer = st.store.n_layer
     stored = s_v.reshape(n_layer, len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
     assert np.array_equal(v.reshape(n_layer, len(sidx), -1), stored)
     cached_own = set(st._stream_index[~rec].tolist())

@@ -88,12 +88,10 @@ int32_t infmllm_set_query_capture(llama_context * ctx, int32_t n_rows) {
     auto & st = ctx->infmllm;
     const auto & hparams = infmllm_access::hparams(*kv);
     st.query_offset.assign(hparams.n_layer(), -1);
-    st.query_heads.assign(hparams.n_layer(), 0);
     st.query_head_dim = hparams.n_embd_head_k();
     int64_t n_floats = 0;
     for (const auto & layer : infmllm_access::layers(*kv)) {
         st.query_offset[layer.il] = n_floats;
-        st.query_heads[layer.il]  = hparams.n_head(layer.il);
         n_floats += (int64_t) hparams.n_head(layer.il) * n_rows * st.query_head_dim;
     }
     st.queries.assign(kv->get_n_stream(), std::vector<float>(n_floats, 0.0f));

@@ -26,7 +26,6 @@ struct infmllm_state {
     std::vector<std::vector<float>> queries;
     std::vector<int32_t>            query_rows_held;  // [stream]
     std::vector<int64_t>            query_offset;     // [model layer] -> float offset, -1: none
-    std::vector<int64_t>            query_heads;      // [model layer] -> query heads
     int64_t                         query_head_dim = 0;
 };
 
