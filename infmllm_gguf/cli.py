@@ -110,16 +110,25 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 # --- passkey -------------------------------------------------------------------------
 
 
-def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key: str) -> dict:
-    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it."""
+def passkey_tokens(
+    llm: Llama, filler: list[int], length: int, depth: float, key: str
+) -> tuple[list[int], range]:
+    """A `length`-token haystack with `key` planted at `depth`, ending in the question; returns
+    the tokens and the needle's token range."""
     needle = llm.tokenize(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_bos=False)
     question = llm.tokenize(" What is the pass key? The pass key is", add_bos=False)
     n_hay = max(0, length - len(needle) - len(question))
     at = int(depth * n_hay)
     hay = [filler[i % len(filler)] for i in range(n_hay)]
+    head = llm.tokenize("", add_bos=True) + hay[:at]  # BOS where the model wants one
+    return head + needle + hay[at:] + question, range(len(head), len(head) + len(needle))
+
+
+def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key: str) -> dict:
+    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it."""
+    tokens, _ = passkey_tokens(llm, filler, length, depth, key)
     llm.reset()
-    start = llm.tokenize("", add_bos=True)  # BOS where the model wants one
-    llm.eval(start + hay[:at] + needle + hay[at:] + question)
+    llm.eval(tokens)
     answer = llm.generate_text(max_tokens=8, temperature=0.0)
     digits = "".join(ch for ch in answer if ch.isdigit())
     return {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}

@@ -6,7 +6,8 @@
     python scripts/bench_ppl.py --tokens 100000 --budgets 2048 --policies h2o --out ... --merge
                                                 # adds a policy to an earlier run's results
     python scripts/bench_ppl.py --quick --policies full streamingllm infmllm infmllm+recall
-                                                # NAME+recall: with Recall(when="chunk")
+                                                # NAME+recall: with Recall(when="chunk");
+                                                # NAME+recall-turn: Recall() (no questions here)
 
 Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens).
 """
@@ -51,7 +52,7 @@ def main() -> int:
             base, _, extra = name.partition("+")
             policy = make_policy(base, budget=budget)
             n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
-            recall = Recall(when="chunk") if extra == "recall" else None
+            recall = {"recall": Recall(when="chunk"), "recall-turn": Recall(when="turn")}.get(extra)
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]

@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
+from results_io import RESULTS, merge_rows, write_results
 
 from infmllm_gguf import Llama, Recall
 from infmllm_gguf.cli import run_passkey
 from infmllm_gguf.policies import make_policy
+
+RUNS = ("recall", "no recall", "random pages", "full")
 
 
 def random_pages(llm: Llama, seed: int) -> None:
@@ -55,6 +57,13 @@ def main() -> int:
     ap.add_argument("--control-trials", type=int, default=1, help="keys per depth for the other runs")
     ap.add_argument("--max-full-ctx", type=int, default=4096, help="longest stream 'full' is run on")
     ap.add_argument("--max-control-multiple", type=int, default=16, help="longest random-page control")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        choices=RUNS,
+        help="runs to do; the rows of others are kept from an earlier run at --out",
+    )
     ap.add_argument("--out", default=str(RESULTS / "recall_passkey"))
     args = ap.parse_args()
     if args.quick:
@@ -68,6 +77,7 @@ def main() -> int:
             runs.append(("random pages", args.control_trials))
         if length <= args.max_full_ctx:
             runs.append(("full", args.control_trials))
+        runs = [(run, trials) for run, trials in runs if run in args.runs]
         for run, trials in runs:
             policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
             n_ctx = length + 16 if run == "full" else policy.capacity
@@ -101,9 +111,12 @@ def main() -> int:
                 flush=True,
             )
 
+    meta = {"budget": args.budget, "policy": args.policy, "depths": args.depths, "recall": repr(Recall())}
+    rows = merge_rows(args.out, meta, rows, ("run", "length", "depth"))
+    rows.sort(key=lambda r: (r["length"], RUNS.index(r["run"]), r["depth"]))
     out = write_results(
         args.out,
-        {"budget": args.budget, "policy": args.policy, "depths": args.depths, "recall": repr(Recall())},
+        meta,
         rows,
         [
             "run",

@@ -1,0 +1,140 @@
+"""Page-selection quality of the recall tier: does a recall bring back the pages that a full
+cache, holding the whole stream, attends to most when the question is asked?
+
+For each passkey stream (KJV haystack, key at a depth, question at the end; as
+bench_recall.py) two runs:
+  - the full cache (n_ctx = stream length) with query capture on: the question's last
+    `query_window` query rows of every layer and head, softmax-attended over all the cached
+    keys (read back from the cache) exactly as the model does it, averaged over layers, heads
+    and rows, summed per page of `page` stream tokens: the truly most-attended pages;
+  - the policy with `Recall()`: after the question's turn recall, the pages it brought back.
+Among the pages the policy evicted (those in its store) the k most attended by the full cache
+are the targets; reported: the share of them that came back (k = 1, 3), whether the needle's
+pages came back, and what a random choice of as many pages would find (recalled / stored).
+
+    python scripts/bench_recall_selection.py --quick   # 2k tokens, 2 depths (minutes)
+    python scripts/bench_recall_selection.py           # 2k and 4k tokens, 4 depths, 2 keys
+
+Writes bench/results/recall_selection.json and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from results_io import RESULTS, write_results
+from tqdm import tqdm
+
+from infmllm_gguf import Llama, Recall
+from infmllm_gguf.cli import passkey_tokens
+from infmllm_gguf.policies import FullCache, make_policy
+from infmllm_gguf.recall import keys_as_float
+from infmllm_gguf.texts import kjv
+
+
+def attention_by_page(llm: Llama, tokens: list[int], rows: int, page: int) -> np.ndarray:
+    """Mean attention of the stream's last `rows` queries (all layers and heads) per page, in a
+    full cache holding all of `tokens`."""
+    kv = llm._stream.kv
+    layers = kv.layers()
+    la = layers[0]
+    kv.set_query_capture(rows)
+    llm.reset()
+    llm.eval(tokens)
+    flat, held = kv.queries(len(layers) * la.n_head * rows * la.head_dim)
+    assert held == rows, f"captured {held} query rows, expected {rows}"
+    q = flat.reshape(len(layers), la.n_head, rows, la.head_dim)
+    positions = np.sort(kv.cells().positions)
+    k_rows, _ = kv.read_rows(positions, len(layers) * la.k_row_bytes, len(layers) * la.v_row_bytes)
+    keys = keys_as_float(k_rows.reshape(len(layers), len(positions), la.k_row_bytes), la.type_k)
+    keys = keys.reshape(len(layers), len(positions), la.n_head_kv, la.head_dim)
+    group = la.n_head // la.n_head_kv
+    n = len(positions)
+    visible = positions[None, :] <= (n - rows + np.arange(rows))[:, None]  # causal: [rows, keys]
+    mass = np.zeros(n)
+    for layer in range(len(layers)):
+        k = np.repeat(keys[layer], group, axis=1)  # [keys, head, dim]
+        logits = np.einsum("hrd,nhd->hrn", q[layer], k) / np.sqrt(la.head_dim)
+        logits = np.where(visible[None], logits, -np.inf)
+        w = np.exp(logits - logits.max(axis=2, keepdims=True))
+        w /= w.sum(axis=2, keepdims=True)
+        mass += w.mean(axis=(0, 1))
+    return np.bincount(positions // page, weights=mass / len(layers))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--policy", default="infmllm")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    ap.add_argument("--keys", type=int, default=2, help="keys per depth")
+    ap.add_argument("--out", default=str(RESULTS / "recall_selection"))
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.depths, args.keys = [2048], [0.1, 0.5], 1
+    recall = Recall()
+    rng = np.random.default_rng(0)
+    rows = []
+    bar = tqdm(total=len(args.lengths) * len(args.depths) * args.keys, desc="selection", file=sys.stderr)
+    for length in args.lengths:
+        full = Llama(n_ctx=length + 16, kv_policy=FullCache(), seed=0)
+        policy = make_policy(args.policy, budget=args.budget)
+        llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall)
+        filler = llm.tokenize(kjv()[:200_000], add_bos=False)
+        for depth in args.depths:
+            for _ in range(args.keys):
+                key = str(rng.integers(10_000, 100_000))
+                tokens, needle = passkey_tokens(llm, filler, length, depth, key)
+                mass = attention_by_page(full, tokens, recall.query_window, recall.page)
+                llm.reset()
+                llm.eval(tokens)
+                answer = llm.generate_text(max_tokens=8)
+                stored = llm._stream.store.page_ids()
+                recalled = {a // recall.page for a, _ in llm.recalled()}
+                ranked = stored[np.argsort(-mass[stored], kind="stable")]
+                needle_pages = set(range(needle.start // recall.page, (needle.stop - 1) // recall.page + 1))
+                rows.append(
+                    {
+                        "length": length,
+                        "depth": depth,
+                        "key": key,
+                        "pages_stored": len(stored),
+                        "pages_recalled": len(recalled),
+                        "top1_found": float(ranked[0] in recalled),
+                        "top3_found": float(np.mean([p in recalled for p in ranked[:3]])),
+                        "random_expected": len(recalled) / len(stored),
+                        "needle_in_top3": bool(needle_pages & set(ranked[:3].tolist())),
+                        "needle_recalled": bool(needle_pages & recalled),
+                        "answer_correct": "".join(c for c in answer if c.isdigit()).startswith(key),
+                        "top3": ranked[:3].tolist(),
+                        "recalled": sorted(recalled),
+                    }
+                )
+                bar.update(1)
+        full.close()
+        llm.close()
+    bar.close()
+    for length in args.lengths:
+        mine = [r for r in rows if r["length"] == length]
+        print(
+            f"{length:>6} tokens: top-1 found {np.mean([r['top1_found'] for r in mine]):.2f}, "
+            f"top-3 found {np.mean([r['top3_found'] for r in mine]):.2f} "
+            f"(random {np.mean([r['random_expected'] for r in mine]):.2f}), "
+            f"needle among the full cache's top 3 {np.mean([r['needle_in_top3'] for r in mine]):.2f}, "
+            f"needle recalled {np.mean([r['needle_recalled'] for r in mine]):.2f}, "
+            f"answered {np.mean([r['answer_correct'] for r in mine]):.2f}"
+        )
+    columns = list(rows[0])
+    out = write_results(
+        args.out, {"budget": args.budget, "policy": args.policy, "recall": repr(recall)}, rows, columns
+    )
+    print(f"wrote {out}.json/.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
