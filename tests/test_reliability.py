@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import logits_of
 
-from infmllm_gguf import H2O, InfMLLM, Llama, StreamingLLM
+from infmllm_gguf import H2O, InfMLLM, Llama, Recall, StreamingLLM
 from infmllm_gguf.kv import KVCache, decode
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.system import physical_cores
@@ -119,6 +119,36 @@ def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, t
     llm.eval(tokens[1200:1300])  # still usable: decodes, evicts, scores on
     llm.check_invariants()
     assert llm.kv_stats()["evictions"] > 10
+    llm.close()
+
+
+@pytest.mark.parametrize("when", ["chunk", "turn"])
+def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path, tokens, when):
+    """Ctrl-C at random moments of a stream whose evictions copy rows out and whose recalls
+    write rows back, re-arrange and K-shift: every time the cache, the recalled flags and the
+    store agree, and recall goes on working."""
+    llm = Llama(
+        model_path, n_ctx=288, kv_policy=InfMLLM(256), n_batch=32, recall=Recall(when=when), debug=True
+    )
+    stream_with_interrupts(llm, tokens[:1500], np.random.default_rng(3).uniform(0.0, 1.5, size=6))
+    recalls = llm.kv_stats()["recalls"]
+    for delay in np.random.default_rng(4).uniform(0.0, 0.3, size=4):
+        timer = Interrupter(float(delay)).start()
+        try:
+            llm.eval(tokens[llm.n_streamed : llm.n_streamed + 12])  # a turn: recall, then answer
+            llm.generate_text(max_tokens=16)
+            timer.settle()
+        except KeyboardInterrupt:
+            pass
+        llm.check_invariants()
+    st = llm._stream
+    own = set(st.stream_index[~st._recalled].tolist())
+    for pid in st.store.page_ids():  # the store never holds a cell the policy still caches
+        assert not own & set(st.store._pages[int(pid)].stream_index.tolist())
+    llm.eval(tokens[llm.n_streamed : llm.n_streamed + 12])
+    llm.generate_text(max_tokens=4)
+    llm.check_invariants()
+    assert llm.kv_stats()["recalls"] > recalls and llm.kv_stats()["recall_error"] is None
     llm.close()
 
 
