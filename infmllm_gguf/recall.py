@@ -7,11 +7,10 @@ scores the pages against the newest query rows: two cheap rankings from the summ
 upper bound of q·k that Quest and ArkVale use, and q·(min + max)/2, the page's centre, which
 the loose bound misses needles without) shortlist pages, and the real stored keys re-rank
 the shortlist exactly.  Scores are standardised per (layer, kv head, query row) over an even
-sample of all pages, so heads of different scale compare; a page counts by the mean of its
-strongest few (layer, head, row) scores — a sum over all heads dilutes a needle, a single
-maximum is noisy — less its mean over them, since a page that every head attends to (the
-text right after the sinks) is generic rather than an answer.  Pages that stand out, each
-with the pages before and after it, are written
+sample of all pages, so heads of different scale compare; a page counts by its strongest
+single (layer, head, row) — a sum over heads dilutes a needle — less its mean over them,
+since a page that every head attends to (the text right after the sinks) is generic rather
+than an answer.  Pages that stand out, each with the pages before and after it, are written
 back into a reserve of the budget, in stream order, and llama.cpp's own K-shift re-positions
 them with the rest of the cache.
 
@@ -121,8 +120,6 @@ class PageStore:
     """Evicted rows of one stream in pages of `page` stream tokens, with min/max key bounds."""
 
     SAMPLE: ClassVar[int] = 64  # pages whose exact scores set the standardisation
-    TOP: ClassVar[int] = 20  # strongest (layer, kv head, query) scores a page is judged by
-    STAND_OUT: ClassVar[float] = 0.7  # chosen pages score at least this far from the median to the best
 
     def __init__(self, layers: list[LayerLayout], page: int, limit_mb: float, spill_dir: str | None):
         first = layers[0]
@@ -308,10 +305,10 @@ class PageStore:
     # --- selection ------------------------------------------------------------------------
     def select(self, queries: np.ndarray, room: int, shortlist: int = 64) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
-        by their strongest heads, each with the pages after and before it, best first, at most
-        `room` tokens in all.  A page's score is the mean of its TOP largest standardised q·k
-        over (layer, kv head, query row) less its mean over them: a page every head attends to
-        (the text right after the sinks) is generic, not an answer."""
+        by their strongest head, each with the pages after and before it, best first, at most
+        `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
+        head, query row) less its mean over them: a page every head attends to (the text right
+        after the sinks) is generic, not an answer."""
         if self.n_pages == 0 or room <= 0:
             return []
         n = self.n_pages
@@ -343,14 +340,12 @@ class PageStore:
         std = exact[:, :, in_sample].std(axis=2, keepdims=True) + 1e-6
         z = ((exact - mean) / std).transpose(2, 0, 1, 3).reshape(len(slots), -1)
         score = np.full(n, -np.inf, np.float32)
-        top = min(self.TOP, z.shape[1])
-        score[slots] = np.partition(z, -top, axis=1)[:, -top:].mean(axis=1) - z.mean(axis=1)
+        score[slots] = z.max(axis=1) - z.mean(axis=1)
         score[np.setdiff1d(slots, short)] = -np.inf  # sampled only: not shortlisted
         pids = self._slot_page
-        # only pages that stand out from the shortlist's median nearly as far as its best (pages
-        # of ordinary score crowd the answer out, and the 135M model then copies them)
-        median = np.median(score[short])
-        cut = median + self.STAND_OUT * (score[short].max() - median)
+        # only pages that stand out: at least halfway from the shortlist's median to its best
+        # (pages of ordinary score crowd the answer out, the 135M model then copies them)
+        cut = (score[short].max() + np.median(score[short])) / 2
         chosen: list[int] = []
         used = 0
         for i in np.argsort(-score, kind="stable")[: len(short)]:
