@@ -18,6 +18,7 @@ from infmllm_gguf.policies import (
     StreamingLLM,
 )
 from infmllm_gguf.recall import Recall, RecallError
+from infmllm_gguf.sampling import LlamaGrammar, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,9 @@ __all__ = [
     "InvariantError",
     "KVPolicy",
     "Llama",
+    "LlamaGrammar",
     "SlidingWindow",
+    "SamplingParams",
     "SnapKV",
     "StreamingLLM",
     "__version__",

@@ -18,10 +18,10 @@ import copy
 import ctypes
 import functools
 import os
+import random
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +34,34 @@ from infmllm_gguf import _native
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp._internals import LlamaModel
 from infmllm_gguf._llama_cpp._logger import set_verbose
-from infmllm_gguf._llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from infmllm_gguf._llama_cpp.llama_chat_format import (
+    Jinja2ChatFormatter,
+    _convert_text_completion_logprobs_to_chat,
+)
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 from infmllm_gguf.recall import Recall
+from infmllm_gguf.sampling import (
+    LlamaGrammar,
+    LogitsProcessor,
+    Sampler,
+    SamplingParams,
+    grammar_for_response_format,
+    log_softmax,
+    top_logprobs,
+)
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.stream import ContextFullError, InvariantError, Stream, inside_image
 from infmllm_gguf.system import physical_cores
 from infmllm_gguf.video import expected_frames, frames_of, time_marker
 from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart, flatten_messages
 
-__all__ = ["ContextFullError", "InvariantError", "Llama", "SamplingParams"]
+__all__ = ["ContextFullError", "InvariantError", "Llama"]
+
+# (input_ids, logits) -> True to stop before the sampled token, as llama-cpp-python's StoppingCriteria
+StoppingCriterion = Callable[[np.ndarray, np.ndarray], bool]
 
 
 def _locked(method):
@@ -61,20 +76,24 @@ def _locked(method):
 
 
 @dataclass
-class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int | None = None
+class _TokenLogprob:
+    """One generated token's log-probabilities: chars [start, end) of the generated text."""
 
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+    text: str
+    start: int
+    end: int
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass
+class _Step:
+    """A piece of generated text, the finish reason once there is one, and the tokens
+    (with log-probs, when asked for) whose text the pieces handed out so far complete."""
+
+    text: str
+    finish: str | None
+    tokens: list[_TokenLogprob]
 
 
 def _check_gguf(path: Path) -> None:
@@ -104,14 +123,14 @@ class Llama:
         n_threads: int | None = None,
         flash_attn: bool = False,
         n_batch: int = 512,
-        seed: int | None = None,
+        seed: int = lc.LLAMA_DEFAULT_SEED,
+        last_n_tokens_size: int = 64,
         verbose: bool = False,
         debug: bool = False,
         mmproj_path: str | os.PathLike | None = None,
         recall: Recall | None = None,
     ):
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-            raise ValueError(f"n_ctx must be an integer >= 16, got {n_ctx!r}")
+        _check_int("n_ctx", n_ctx, 16)
         # a policy given by name gets budget min(1024, n_ctx // 2)
         policy = copy.deepcopy(make_policy(kv_policy or "infmllm", budget=min(1024, n_ctx // 2)))
         if not isinstance(policy, FullCache) and policy.capacity > n_ctx:
@@ -119,8 +138,9 @@ class Llama:
                 f"budget + chunk ({policy.budget} + {policy.chunk} = {policy.capacity}) exceeds "
                 f"n_ctx ({n_ctx}); raise n_ctx or lower the budget"
             )
-        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
-            raise ValueError(f"n_batch must be an integer >= 1, got {n_batch!r}")
+        _check_int("n_batch", n_batch, 1)
+        _check_int("seed", seed)
+        _check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
         n_ubatch = min(n_batch, n_ctx)
         if policy.score_queries > n_ubatch:
             raise ValueError(
@@ -210,7 +230,8 @@ class Llama:
             except BaseException:
                 self.close()
                 raise
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed
+        self.last_n_tokens_size = last_n_tokens_size
         self._chat_formatter = self._make_chat_formatter()
 
     # --- model facts --------------------------------------------------------------
@@ -442,58 +463,96 @@ class Llama:
         return self._feed_parts(todo)
 
     # --- generation -------------------------------------------------------------------
-    def _sample(self, p: SamplingParams) -> int:
-        logits = self._stream.last_logits.astype(np.float64)
-        if p.temperature <= 0:
-            return int(np.argmax(logits))
-        logits = logits / p.temperature
-        order = np.argsort(-logits)
-        if p.top_k > 0:
-            order = order[: p.top_k]
-        probs = np.exp(logits[order] - logits[order[0]])
-        probs /= probs.sum()
-        keep = np.ones(len(order), bool)
-        if p.top_p < 1.0:
-            keep &= np.concatenate([[True], np.cumsum(probs)[:-1] < p.top_p])
-        if p.min_p > 0:
-            keep &= probs >= p.min_p * probs[0]
-        probs = np.where(keep, probs, 0.0)
-        rng = self._rng if p.seed is None else np.random.default_rng(p.seed + self._stream.n_streamed)
-        return int(order[rng.choice(len(order), p=probs / probs.sum())])
+    def set_seed(self, seed: int) -> None:
+        """Seed the next generation's sampler.  A call without its own seed derives the next
+        seed from this one, as llama-cpp-python does, so a session's samples are reproducible."""
+        _check_int("seed", seed)
+        self._seed = seed
+
+    @_locked
+    def _sampler(self, params: SamplingParams) -> Sampler:
+        """The sampler chain of one generation; built before the prompt is fed, so that a bad
+        parameter (a grammar that does not parse, an unknown token in logit_bias) changes nothing."""
+        seed = params.seed if params.seed is not None else random.Random(self._seed).randint(0, 2**32)
+        sampler = Sampler(params, self.vocab, self.n_vocab, seed, self.last_n_tokens_size)
+        self._seed = seed
+        return sampler
 
     def _generate(
-        self, max_tokens: int, params: SamplingParams, stop: list[str]
-    ) -> Iterator[tuple[str, str | None]]:
-        """Yield (text piece, finish_reason or None) while continuing the stream.
+        self,
+        sampler: Sampler,
+        max_tokens: int,
+        stops: list[str],
+        n_logprobs: int | None = None,
+        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
+    ) -> Iterator[_Step]:
+        """Continue the stream, one step per piece of text; the sampler is closed at the end.
 
         Text that could still become a stop string is held back until it cannot, so the
-        pieces joined are exactly the generated text cut at the first stop string."""
-        if self._stream.last_logits is None:
-            raise ValueError("nothing to continue from: feed text first")
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        self._stream.recall_turn()
-        matcher = StopMatcher(stop)
-        pending = b""
-        for _ in range(max_tokens):
-            token = self._sample(params)
-            self._stream.feed(np.array([token], np.int32))
-            if self._is_eog(token):
-                yield matcher.flush(), "stop"
-                return
-            pending += self._piece(token)
-            try:
-                piece = pending.decode("utf-8")
-            except UnicodeDecodeError:
-                continue  # wait for the rest of a multi-byte character
-            pending = b""
-            safe, hit = matcher.push(piece)
-            if hit:
-                yield safe, "stop"
-                return
-            if safe:
-                yield safe, None
-        yield matcher.flush(), "length"
+        pieces joined are exactly the generated text cut at the first stop string; a token's
+        log-probs come with the step whose text completes it, and tokens past a stop string
+        are not reported."""
+        try:
+            if self._stream.last_logits is None:
+                raise ValueError("nothing to continue from: feed text first")
+            criteria = _criteria(stopping_criteria)
+            self._stream.recall_turn()
+            matcher = StopMatcher(stops)
+            records: list[_TokenLogprob] = []
+            released = 0
+
+            def step(text: str, finish: str | None) -> _Step:
+                nonlocal released
+                start = released
+                while released < len(records) and records[released].end <= matcher.emitted:
+                    released += 1
+                return _Step(text, finish, records[start:released])
+
+            pending, n_chars = b"", 0
+            for _ in range(max_tokens):
+                logits = self._stream.last_logits
+                token = sampler.sample(logits, self._stream.history)
+                if any(criterion(self._stream.history, logits) for criterion in criteria):
+                    yield step(matcher.flush(), "stop")
+                    return
+                self._stream.feed(np.array([token], np.int32))
+                if self._is_eog(token):
+                    yield step(matcher.flush(), "stop")
+                    return
+                raw = self._piece(token)
+                pending += raw
+                try:
+                    piece = pending.decode("utf-8")
+                    pending = b""
+                except UnicodeDecodeError:
+                    piece = ""  # the rest of a multi-byte character is still to come
+                start, n_chars = n_chars, n_chars + len(piece)
+                if n_logprobs is not None:
+                    records.append(self._token_logprob(token, raw, logits, n_logprobs, start, n_chars))
+                if not piece:
+                    continue
+                safe, hit = matcher.push(piece)
+                if hit:
+                    yield step(safe, "stop")
+                    return
+                if safe:
+                    yield step(safe, None)
+            yield step(matcher.flush(), "length")
+        finally:
+            sampler.close()
+
+    def _token_logprob(
+        self, token: int, raw: bytes, logits: np.ndarray, n: int, start: int, end: int
+    ) -> _TokenLogprob:
+        """log p of the sampled token and of the n likeliest, from the raw logits (before any
+        penalty, bias or grammar), as llama-cpp-python reports them."""
+        logprobs = log_softmax(logits)
+        text = raw.decode("utf-8", "ignore")
+        top = {
+            self._piece(t).decode("utf-8", "ignore"): float(logprobs[t]) for t in top_logprobs(logprobs, n)
+        }
+        top[text] = float(logprobs[token])
+        return _TokenLogprob(text, start, end, float(logprobs[token]), top)
 
     @_locked
     def generate_text(
@@ -505,11 +564,15 @@ class Llama:
         min_p: float = 0.05,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        **sampling: Any,
     ) -> str:
-        """Continue the stream and return the generated text."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        """Continue the stream and return the generated text; `sampling` takes the other
+        `SamplingParams` fields (penalties, grammar, logit_bias, logits_processor, ...)."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, seed=seed, **sampling)
         limit = self.n_ctx if max_tokens is None else max_tokens
-        return "".join(piece for piece, _ in self._generate(limit, params, _stops(stop)))
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        return "".join(s.text for s in self._generate(self._sampler(params), limit, _stops(stop)))
 
     @_locked
     def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0) -> str:
@@ -527,27 +590,62 @@ class Llama:
     def create_completion(
         self,
         prompt: str | list[int],
+        suffix: str | None = None,
         max_tokens: int | None = 16,
         temperature: float = 0.8,
         top_p: float = 0.95,
-        top_k: int = 40,
         min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
         stop: str | list[str] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
         stream: bool = False,
         seed: int | None = None,
-        echo: bool = False,
-        **_ignored: Any,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
+        logits_processor: list[LogitsProcessor] | None = None,
+        grammar: LlamaGrammar | str | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> dict | Iterator[dict]:
-        _warn_ignored(_ignored)
+        """llama-cpp-python's completion.  The prompt continues the stream where it extends it
+        (see the module's docstring); max_tokens None or <= 0 means up to n_ctx tokens; `logprobs`
+        (the number of alternatives per token) needs no logits_all; `tfs_z` is accepted and
+        ignored, as llama.cpp no longer has tail-free sampling."""
+        if suffix is not None:
+            raise ValueError("suffix (fill-in-the-middle) is not supported: a stream only grows at its end")
+        if echo and logprobs is not None:
+            raise ValueError(
+                "echo with logprobs is not supported: the prompt's earlier tokens may be evicted; "
+                "stream_logprobs() gives log p of fed tokens"
+            )
         tokens = (
             list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=True, special=True)
         )
         if not tokens:
             raise ValueError("the prompt tokenises to no tokens")
-        prefix = prompt if (echo and isinstance(prompt, str)) else ""
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
+        params = SamplingParams(
+            temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
+            mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar, logits_processor, seed,
+        )  # fmt: skip
         return self._completion(
-            [TextPart(np.asarray(tokens, np.int32))], max_tokens, params, _stops(stop), stream, prefix
+            [TextPart(np.asarray(tokens, np.int32))],
+            max_tokens,
+            params,
+            _stops(stop),
+            stream,
+            prefix=prompt if (echo and isinstance(prompt, str)) else "",
+            n_logprobs=logprobs,
+            text_offset=len(prompt) if isinstance(prompt, str) else 0,
+            stopping_criteria=stopping_criteria,
+            model=model,
         )
 
     __call__ = create_completion
@@ -559,34 +657,58 @@ class Llama:
         params: SamplingParams,
         stops: list[str],
         stream: bool,
+        *,
         prefix: str = "",
+        n_logprobs: int | None = None,
+        text_offset: int = 0,
+        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
+        model: str | None = None,
     ) -> dict | Iterator[dict]:
-        if max_tokens is None:
+        # everything is checked before the prompt is fed
+        if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
             max_tokens = self.n_ctx  # llama-cpp-python's "until the context is full"
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")  # before the prompt is fed
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        if n_logprobs is not None and (
+            isinstance(n_logprobs, bool)
+            or not isinstance(n_logprobs, int)
+            or not 0 <= n_logprobs <= self.n_vocab
+        ):
+            raise ValueError(f"logprobs must be an integer in [0, {self.n_vocab}], got {n_logprobs!r}")
+        criteria = _criteria(stopping_criteria)
+        sampler = self._sampler(params)
         head = {
             "id": f"cmpl-{uuid.uuid4()}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": str(self.model_path),
+            "model": model or str(self.model_path),
         }
+
+        def logprobs_of(tokens: list[_TokenLogprob]) -> dict | None:
+            return None if n_logprobs is None else _completion_logprobs(tokens, text_offset)
+
         if stream:
-            return self._stream_chunks(parts, max_tokens, params, stops, head, prefix)
+            return self._stream_chunks(
+                sampler, parts, max_tokens, stops, head, prefix, n_logprobs, logprobs_of, criteria
+            )
         n_prompt = sum(len(p) for p in parts)
         with self._lock:
-            self._continue_with(parts)
+            try:
+                self._continue_with(parts)
+            except BaseException:
+                sampler.close()
+                raise
             n_before = self._stream.n_streamed
-            pieces, finish = [], "length"
-            for piece, reason in self._generate(max_tokens, params, stops):
-                pieces.append(piece)
-                finish = reason or finish
+            pieces, tokens, finish = [], [], "length"
+            for step in self._generate(sampler, max_tokens, stops, n_logprobs, criteria):
+                pieces.append(step.text)
+                tokens += step.tokens
+                finish = step.finish or finish
             n_gen = self._stream.n_streamed - n_before
+        text = prefix + "".join(pieces)
         return {
             **head,
-            "choices": [
-                {"text": prefix + "".join(pieces), "index": 0, "logprobs": None, "finish_reason": finish}
-            ],
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs_of(tokens), "finish_reason": finish}],
             "usage": {
                 "prompt_tokens": n_prompt,
                 "completion_tokens": n_gen,
@@ -596,48 +718,84 @@ class Llama:
 
     def _stream_chunks(
         self,
+        sampler: Sampler,
         parts: list[Part],
         max_tokens: int,
-        params: SamplingParams,
         stops: list[str],
         head: dict,
         prefix: str,
+        n_logprobs: int | None,
+        logprobs_of: Callable[[list[_TokenLogprob]], dict | None],
+        criteria: list[StoppingCriterion],
     ) -> Iterator[dict]:
         """A streamed completion; it holds the session's lock from the prompt to the last chunk."""
         with self._lock:
-            self._continue_with(parts)
+            try:
+                self._continue_with(parts)
+            except BaseException:
+                sampler.close()
+                raise
             if prefix:
                 yield {
                     **head,
                     "choices": [{"text": prefix, "index": 0, "logprobs": None, "finish_reason": None}],
                 }
-            for piece, reason in self._generate(max_tokens, params, stops):
-                if piece or reason:
-                    yield {
-                        **head,
-                        "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}],
-                    }
+            for step in self._generate(sampler, max_tokens, stops, n_logprobs, criteria):
+                if step.text or step.finish:
+                    choice = {"text": step.text, "index": 0, "finish_reason": step.finish}
+                    yield {**head, "choices": [{**choice, "logprobs": logprobs_of(step.tokens)}]}
 
     def create_chat_completion(
         self,
         messages: list[dict],
-        max_tokens: int | None = None,
+        functions: list[dict] | None = None,
+        function_call: Any = None,
+        tools: list[dict] | None = None,
+        tool_choice: Any = None,
         temperature: float = 0.2,
         top_p: float = 0.95,
         top_k: int = 40,
         min_p: float = 0.05,
-        stop: str | list[str] | None = None,
+        typical_p: float = 1.0,
         stream: bool = False,
+        stop: str | list[str] | None = None,
         seed: int | None = None,
-        **_ignored: Any,
+        response_format: dict | None = None,
+        max_tokens: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        tfs_z: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        logits_processor: list[LogitsProcessor] | None = None,
+        grammar: LlamaGrammar | str | None = None,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ) -> dict | Iterator[dict]:
-        """OpenAI-style chat; a message's content may be a list of parts, `{"type": "text", ...}`
-        and `{"type": "image_url", "image_url": {"url": path or data: URL}}` (needs mmproj_path)."""
-        _warn_ignored(_ignored)
+        """OpenAI-style chat, rendered with the model's chat template; a message's content may be a
+        list of parts, `{"type": "text", ...}` and `{"type": "image_url", "image_url": {"url": path
+        or data: URL}}` (needs mmproj_path).  `response_format` {"type": "json_object"} (with an
+        optional "schema") or {"type": "json_schema", ...} constrains the reply by a grammar."""
+        if functions or function_call or tools or tool_choice:
+            raise ValueError("tool and function calling is not supported; describe the tools in a message")
         if self._chat_formatter is None:
             raise ValueError(f"{self.model_path.name} has no chat template")
         if not messages:
             raise ValueError("messages is empty")
+        if top_logprobs is not None and not logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        format_grammar = grammar_for_response_format(response_format)
+        if format_grammar is not None and grammar is not None:
+            raise ValueError("give grammar or a JSON response_format, not both")
+        params = SamplingParams(
+            temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
+            mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar or format_grammar,
+            logits_processor, seed,
+        )  # fmt: skip
         marker = self._projector.marker if self._projector is not None else None
         flat, images = flatten_messages(messages, marker)
         rendered = self._chat_formatter(messages=flat)
@@ -647,8 +805,10 @@ class Llama:
         else:
             tokens = self.tokenize(rendered.prompt, add_bos=add_bos, special=True)
             parts = [TextPart(np.asarray(tokens, np.int32))]
-        params = SamplingParams(temperature, top_k, top_p, min_p, seed)
-        result = self._completion(parts, max_tokens, params, _stops(stop), stream)
+        n_logprobs = (top_logprobs or 0) if logprobs else None
+        result = self._completion(
+            parts, max_tokens, params, _stops(stop), stream, n_logprobs=n_logprobs, model=model
+        )
         if stream:
             return _chat_chunks(result)
         choice = result["choices"][0]
@@ -661,6 +821,7 @@ class Llama:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": _convert_text_completion_logprobs_to_chat(choice["logprobs"]),
                     "finish_reason": choice["finish_reason"],
                 }
             ],
@@ -730,9 +891,32 @@ class Llama:
         self._stream.check_invariants()
 
 
-def _warn_ignored(kwargs: dict[str, Any]) -> None:
-    if kwargs:
-        warnings.warn(f"infmllm-gguf ignores these llama-cpp-python options: {sorted(kwargs)}", stacklevel=3)
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        floor = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an integer{floor}, got {value!r}")
+
+
+def _criteria(
+    stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None,
+) -> list[StoppingCriterion]:
+    """One criterion (llama-cpp-python's StoppingCriteriaList is one) or several, as a list."""
+    if stopping_criteria is None:
+        return []
+    criteria = [stopping_criteria] if callable(stopping_criteria) else list(stopping_criteria)
+    if not all(callable(c) for c in criteria):
+        raise ValueError("stopping_criteria must be callables (input_ids, logits) -> bool")
+    return criteria
+
+
+def _completion_logprobs(tokens: list[_TokenLogprob], text_offset: int) -> dict:
+    """llama-cpp-python's (and OpenAI's legacy completions') logprobs object."""
+    return {
+        "tokens": [t.text for t in tokens],
+        "text_offset": [text_offset + t.start for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [t.top for t in tokens],
+    }
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -754,5 +938,12 @@ def _chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
             "object": "chat.completion.chunk",
             "created": chunk["created"],
             "model": chunk["model"],
-            "choices": [{"index": 0, "delta": delta, "finish_reason": choice["finish_reason"]}],
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": _convert_text_completion_logprobs_to_chat(choice["logprobs"]),
+                    "finish_reason": choice["finish_reason"],
+                }
+            ],
         }

@@ -1,0 +1,256 @@
+"""llama-cpp-python's own real-model scenarios (its tests/test_llama.py), run with our `Llama`.
+
+The reference is llama-cpp-python's `Llama` itself, as vendored in this package, on the same
+patched libllama and the same embedded model: where both see the same logits (a stream that has
+not evicted yet) the tokens must be the same, greedy or seeded, for every sampler setting.
+Expected texts are adapted to SmolLM2-135M; what each scenario asserts is kept.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from infmllm_gguf._llama_cpp.llama import Llama as ReferenceLlama
+from infmllm_gguf._llama_cpp.llama import LogitsProcessorList, StoppingCriteriaList
+
+from infmllm_gguf import FullCache, InfMLLM, Llama, LlamaGrammar
+
+# SmolLM2 copies the sentence once it has seen it twice (once: " is a classic example of a pun")
+FOX = "The quick brown fox jumps over the lazy dog.\n" * 2 + "The quick brown fox"
+NUMBER = LlamaGrammar.from_string('root ::= "1" | "2" | "3" | "4" | "5" | "6" | "7" | "8" | "9" | "10"')
+
+
+@pytest.fixture(scope="module")
+def ours(model_path):
+    llm = Llama(model_path, n_ctx=512, kv_policy=FullCache(), n_threads=2)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    llm = ReferenceLlama(model_path, n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    yield llm
+    llm.close()
+
+
+def text(out: dict) -> str:
+    return out["choices"][0]["text"]
+
+
+def fresh(*models: Llama | ReferenceLlama) -> None:
+    """Start each model's next prompt from an empty stream: the logits then come from the same
+    batches in both (a prompt's reused prefix changes how the rest is batched, which moves the
+    logits by float rounding, enough to flip a sampled token now and then)."""
+    for llm in models:
+        llm.reset()
+
+
+def test_greedy_completion_copies_the_sentence(ours):
+    out = ours.create_completion(FOX, max_tokens=6, top_k=50, top_p=0.9, temperature=0.0, seed=1337)
+    assert text(out) == " jumps over a lazy dog."
+    again = ours.create_completion(FOX, max_tokens=6, temperature=0.0, seed=1337)  # repeated prompt
+    assert text(again) == text(out)
+
+
+SETTINGS = [
+    {"temperature": 0.0},
+    {"temperature": 0.8, "seed": 1337},
+    {"temperature": 1.0, "seed": 5, "repeat_penalty": 1.3, "frequency_penalty": 0.5, "presence_penalty": 0.4},
+    {"temperature": 0.7, "seed": 3, "top_k": 10, "typical_p": 0.9, "min_p": 0.1},
+    {"temperature": 1.2, "seed": 11, "top_k": 0, "top_p": 0.5},
+    {"temperature": -1.0, "seed": 2},
+    {"seed": 9, "mirostat_mode": 1},
+    {"seed": 9, "mirostat_mode": 2, "mirostat_tau": 3.0},
+    {"temperature": 0.0, "logit_bias": {"264": 4.0}},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_same_tokens_as_llama_cpp_python(ours, reference, settings):
+    fresh(ours, reference)
+    prompt = "Once upon a time, in a small village,"
+    mine = ours.create_completion(prompt, max_tokens=24, **settings)
+    theirs = reference.create_completion(prompt, max_tokens=24, **settings)
+    assert text(mine) == text(theirs)
+    assert mine["usage"] == theirs["usage"]
+
+
+def test_same_seed_same_text_in_a_session_of_seeds(ours, reference):
+    """Without a per-call seed, both derive each call's seed from the session's."""
+    fresh(ours, reference)
+    ours.set_seed(42)
+    reference.set_seed(42)
+    for _ in range(3):
+        mine = ours.create_completion("My favourite colour is", max_tokens=8)
+        assert text(mine) == text(reference.create_completion("My favourite colour is", max_tokens=8))
+
+
+def test_logit_bias_steers_greedy_choice(ours):
+    plain = ours.tokenize(text(ours.create_completion(FOX, max_tokens=1, temperature=0.0)), add_bos=False)
+    banned = ours.create_completion(FOX, max_tokens=1, temperature=0.0, logit_bias={plain[0]: -100.0})
+    assert ours.tokenize(text(banned), add_bos=False)[0] != plain[0]
+
+
+def test_grammar_constrains_the_answer(ours):
+    out = ours.create_completion(
+        "The capital of france is paris, 'true' or 'false'?:\n",
+        max_tokens=4,
+        top_k=50,
+        top_p=0.9,
+        temperature=0.8,
+        seed=1337,
+        grammar=LlamaGrammar.from_string('root ::= "true" | "false"'),
+    )
+    assert text(out) == "true"
+    number = ours.create_completion(
+        "Pick a number from 1 to 10?:\n", max_tokens=4, temperature=1.0, grammar=NUMBER
+    )
+    assert text(number) in {str(i) for i in range(1, 11)}
+
+
+def test_logits_processor_forces_a_continuation(ours):
+    forced = ours.tokenize(b"rot", add_bos=False)
+    seen: list[np.ndarray] = []
+
+    def boost(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        seen.append(np.array(input_ids))
+        logits[forced] = logits.max() + 100
+        return logits
+
+    out = ours.create_completion(
+        "The capital of france is par", max_tokens=4, top_k=50, top_p=0.9, temperature=0.8, seed=1337,
+        logits_processor=LogitsProcessorList([boost]),
+    )  # fmt: skip
+    assert text(out).lower().startswith("rot")
+    assert seen[0].tolist() == ours.tokenize("The capital of france is par")  # the stream so far
+    assert len(seen[1]) == len(seen[0]) + 1
+
+
+def test_stopping_criteria_end_before_the_token(ours):
+    def after_four(input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return len(input_ids) >= n_prompt + 4
+
+    n_prompt = len(ours.tokenize(FOX))
+    out = ours.create_completion(
+        FOX, max_tokens=20, temperature=0.0, stopping_criteria=StoppingCriteriaList([after_four])
+    )
+    assert out["usage"]["completion_tokens"] == 4
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert text(out) == " jumps over a lazy"
+
+
+def test_logprobs_equal_llama_cpp_python(ours, reference):
+    fresh(ours, reference)
+    mine = ours.create_completion(FOX, max_tokens=6, logprobs=3, temperature=0.0)["choices"][0]["logprobs"]
+    theirs = reference.create_completion(FOX, max_tokens=6, logprobs=3, temperature=0.0)["choices"][0][
+        "logprobs"
+    ]
+    assert mine["tokens"] == theirs["tokens"]
+    assert mine["text_offset"] == theirs["text_offset"]
+    np.testing.assert_allclose(mine["token_logprobs"], theirs["token_logprobs"], atol=1e-5)
+    for a, b in zip(mine["top_logprobs"], theirs["top_logprobs"]):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], atol=1e-5)
+    json.dumps(mine)  # plain floats, ready for a JSON response
+
+
+def test_streamed_logprobs_equal_the_whole(ours):
+    whole = ours.create_completion(FOX, max_tokens=12, logprobs=2, temperature=0.0, stop=" dog")
+    chunks = list(
+        ours.create_completion(FOX, max_tokens=12, logprobs=2, temperature=0.0, stop=" dog", stream=True)
+    )
+    streamed = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed == whole["choices"][0]["logprobs"]["tokens"] == [" jumps", " over", " a", " lazy"]
+    assert "".join(text(c) for c in chunks) == text(whole) == " jumps over a lazy"
+
+
+def test_chat_logprobs_in_openai_format(ours):
+    messages = [{"role": "user", "content": "Say hello."}]
+    out = ours.create_chat_completion(messages, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=2)
+    content = out["choices"][0]["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == out["choices"][0]["message"]["content"]
+    assert all(len(c["top_logprobs"]) in (2, 3) and c["logprob"] <= 0 for c in content)
+    assert ours.create_chat_completion(messages, max_tokens=2)["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_object", "schema": {"type": "object", "properties": {"name": {"type": "string"}}}},
+        {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "city",
+                "schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "people": {"type": "integer"}},
+                    "required": ["city", "people"],
+                },
+            },
+        },
+    ],
+    ids=["json", "json+schema", "json_schema"],
+)
+def test_json_mode_replies_parse(ours, response_format):
+    messages = [{"role": "user", "content": "Describe Paris as JSON."}]
+    out = ours.create_chat_completion(
+        messages, max_tokens=48, temperature=0.0, response_format=response_format
+    )
+    assert out["choices"][0]["finish_reason"] == "stop"  # the grammar closed the object
+    reply = json.loads(out["choices"][0]["message"]["content"])
+    assert isinstance(reply, dict)
+    schema = response_format.get("schema") or response_format.get("json_schema", {}).get("schema")
+    if schema and "required" in schema:
+        assert set(reply) >= set(schema["required"]) and isinstance(reply["people"], int)
+
+
+def test_sampling_on_an_evicting_stream_matches_until_the_first_eviction(model_path, reference):
+    """InfMLLM's cache holds the same cells as a full one until it evicts: same seeded text."""
+    llm = Llama(model_path, n_ctx=320, kv_policy=InfMLLM(budget=256, chunk=32), n_threads=2)
+    settings = {"temperature": 0.9, "seed": 77, "repeat_penalty": 1.1}
+    fresh(reference)
+    mine = llm.create_completion(FOX, max_tokens=32, **settings)
+    assert llm.kv_stats()["evictions"] == 0
+    assert text(mine) == text(reference.create_completion(FOX, max_tokens=32, **settings))
+    llm.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"grammar": "root ::= oops"}, "grammar"),
+        ({"logit_bias": {10**7: 1.0}}, "logit_bias"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"repeat_penalty": 0.0}, "repeat_penalty"),
+        ({"mirostat_mode": 3}, "mirostat_mode"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"suffix": "end"}, "suffix"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"stopping_criteria": [3]}, "stopping_criteria"),
+    ],
+)
+def test_bad_sampling_input_changes_nothing(ours, kwargs, match):
+    ours.create_completion("Hello there", max_tokens=2, temperature=0.0)
+    before = ours.n_streamed
+    with pytest.raises(ValueError, match=match):
+        ours.create_completion("Hello there, friend", max_tokens=2, **kwargs)
+    assert ours.n_streamed == before  # the prompt was not fed
+    ours.check_invariants()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "grammar": NUMBER}, "not both"),
+        ({"top_logprobs": 2}, "logprobs"),
+    ],
+)
+def test_bad_chat_input_is_refused(ours, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ours.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, **kwargs)
