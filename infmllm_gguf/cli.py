@@ -261,7 +261,7 @@ def ask_facts(llm: Llama, facts: Sequence[tuple[int, str, str]], out=sys.stdout)
 def cmd_demo(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
     text, planted = plant_facts(_read_text(args.text)[: args.max_tokens * 8], DEMO_FACTS)
-    print(f"infmllm-gguf demo: {llm.model_path.name}, policy {llm.policy!r}, n_ctx {llm.n_ctx}")
+    print(f"infmllm-gguf demo: {llm.model_path.name}, policy {llm.policy!r}, n_ctx {llm.n_ctx()}")
     print(f"recall tier: {llm.recall!r}" if llm.recall else "recall tier: off (--recall brings it in)")
     print(
         f"streaming about {args.max_tokens} tokens of text through a {llm.policy.budget}-token cache, "
@@ -277,7 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\ndone: {stats['n_streamed']} tokens streamed in {elapsed:.0f} s "
         f"({stats['n_streamed'] / elapsed:.0f} tok/s), cache never above {stats['capacity']} cells "
-        f"(max position {stats['max_pos_seen']} < n_ctx {llm.n_ctx}), {stats['n_evicted']} tokens evicted "
+        f"(max position {stats['max_pos_seen']} < n_ctx {llm.n_ctx()}), {stats['n_evicted']} tokens evicted "
         f"in {stats['evictions']} rounds, peak RSS {peak_rss_mb():.0f} MB"
     )
     if llm.recall:

@@ -31,16 +31,19 @@ import numpy as np
 from tqdm import tqdm
 
 from infmllm_gguf import _native
+from infmllm_gguf._llama_cpp import llama_chat_format
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp._internals import LlamaModel
 from infmllm_gguf._llama_cpp._logger import set_verbose
 from infmllm_gguf._llama_cpp.llama_chat_format import (
+    ChatFormatter,
     Jinja2ChatFormatter,
     _convert_text_completion_logprobs_to_chat,
 )
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
+from infmllm_gguf.params import ContextOptions, ModelOptions, check_int
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
 from infmllm_gguf.recall import Recall
 from infmllm_gguf.sampling import (
@@ -59,6 +62,15 @@ from infmllm_gguf.video import expected_frames, frames_of, time_marker
 from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart, flatten_messages
 
 __all__ = ["ContextFullError", "InvariantError", "Llama"]
+
+# llama-cpp-python's named chat formats ("chatml", "llama-2", ...): each registered name whose
+# formatter function (format_chatml, format_llama2, ...) the vendored module has
+CHAT_FORMATS: dict[str, ChatFormatter] = {
+    name: formatter
+    for name in llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers
+    for fname, formatter in vars(llama_chat_format).items()
+    if fname.startswith("format_") and fname[7:].replace("_", "") == name.replace("-", "").replace("_", "")
+}
 
 # (input_ids, logits) -> True to stop before the sampled token, as llama-cpp-python's StoppingCriteria
 StoppingCriterion = Callable[[np.ndarray, np.ndarray], bool]
@@ -118,54 +130,60 @@ class Llama:
     def __init__(
         self,
         model_path: str | os.PathLike | None = None,
-        n_ctx: int = 2048,
+        *,
         kv_policy: KVPolicy | str | None = None,
-        n_threads: int | None = None,
-        flash_attn: bool = False,
-        n_batch: int = 512,
+        recall: Recall | None = None,
+        mmproj_path: str | os.PathLike | None = None,
+        # model parameters, as llama-cpp-python names them
+        n_gpu_layers: int | None = None,
+        split_mode: int = lc.LLAMA_SPLIT_MODE_LAYER,
+        main_gpu: int = 0,
+        tensor_split: list[float] | None = None,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        # context parameters
         seed: int = lc.LLAMA_DEFAULT_SEED,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        logits_all: bool = False,
+        offload_kqv: bool = True,
+        flash_attn: bool = False,
         last_n_tokens_size: int = 64,
+        chat_format: str | None = None,
+        type_k: int | str | None = None,
+        type_v: int | str | None = None,
         verbose: bool = False,
         debug: bool = False,
-        mmproj_path: str | os.PathLike | None = None,
-        recall: Recall | None = None,
     ):
-        _check_int("n_ctx", n_ctx, 16)
-        # a policy given by name gets budget min(1024, n_ctx // 2)
-        policy = copy.deepcopy(make_policy(kv_policy or "infmllm", budget=min(1024, n_ctx // 2)))
-        if not isinstance(policy, FullCache) and policy.capacity > n_ctx:
-            raise ValueError(
-                f"budget + chunk ({policy.budget} + {policy.chunk} = {policy.capacity}) exceeds "
-                f"n_ctx ({n_ctx}); raise n_ctx or lower the budget"
-            )
-        _check_int("n_batch", n_batch, 1)
-        _check_int("seed", seed)
-        _check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
-        n_ubatch = min(n_batch, n_ctx)
-        if policy.score_queries > n_ubatch:
-            raise ValueError(
-                f"retrieval_window ({policy.score_queries}) exceeds n_ubatch ({n_ubatch}, the scored "
-                "query rows of one ubatch); lower retrieval_window or raise n_batch"
-            )
-        if recall is not None:
-            if not isinstance(recall, Recall):
-                raise ValueError(f"recall must be a Recall(...), got {recall!r}")
-            if isinstance(policy, FullCache):
-                raise ValueError(
-                    "recall brings back evicted pages: it needs an evicting kv_policy, not 'full'"
-                )
-            if recall.reserve_for(policy.budget) >= policy.budget:
-                raise ValueError(
-                    f"recall's reserve ({recall.reserve_for(policy.budget)}) must be below the budget "
-                    f"({policy.budget}): the policy keeps the rest"
-                )
-            if recall.query_window > n_ubatch:
-                raise ValueError(
-                    f"recall's query_window ({recall.query_window}) exceeds n_ubatch ({n_ubatch})"
-                )
-        self.policy = policy
+        """Load a GGUF model (None: the embedded SmolLM2-135M) with one stream managed by
+        `kv_policy` (a policy or its name; a name gets budget min(1024, n_ctx // 2)).
+
+        The other arguments are llama-cpp-python's, with its meanings; n_ctx 0 takes the
+        model's training context; `logits_all` is accepted but not needed (log-probs come from
+        each step's logits); `chat_format` names one of llama-cpp-python's formats instead of
+        the GGUF's own template; type_k/type_v also take ggml's names ("q8_0")."""
+        check_int("n_ctx", n_ctx, 0)
+        if 0 < n_ctx < 16:
+            raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16, got {n_ctx}")
+        model_options = ModelOptions(n_gpu_layers, split_mode, main_gpu, tensor_split, use_mmap, use_mlock)
+        context_options = ContextOptions(
+            n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
+            rope_freq_base, rope_freq_scale, offload_kqv,
+        )  # fmt: skip
+        check_int("seed", seed)
+        check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
+        if chat_format is not None and chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
+        if n_ctx:
+            policy = _stream_policy(kv_policy, context_options, recall)
         self.recall = recall
-        self.n_ctx = n_ctx
+        self.logits_all = logits_all
+        self.chat_format = chat_format
         self.verbose = verbose
         self.debug = debug
         self._lock = threading.RLock()
@@ -175,28 +193,36 @@ class Llama:
 
         set_verbose(verbose)
         lc.llama_backend_init()
-        params = lc.llama_model_default_params()
+        params, keep_alive = model_options.to_params()
         try:
             self._model = LlamaModel(path_model=str(self.model_path), params=params, verbose=verbose)
         except ValueError as exc:
             raise ValueError(f"could not load {self.model_path} (truncated or corrupt GGUF?): {exc}") from exc
+        del keep_alive
+        if not n_ctx:
+            context_options.n_ctx = self._model.n_ctx_train()
+            try:
+                policy = _stream_policy(kv_policy, context_options, recall)
+            except ValueError:
+                self.close()
+                raise
+        self.policy = policy
+        self._n_ctx = context_options.n_ctx
         self.vocab = self._model.vocab
-        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self._check_architecture()
+        self._n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        try:
+            self._check_architecture()
+        except ValueError:
+            self.close()
+            raise
 
-        n_threads = n_threads or physical_cores()
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_ubatch
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.flash_attn_type = (
-            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cparams.no_perf = True
+        cparams = context_options.to_params(physical_cores())
         self._ctx = lc.llama_init_from_model(self._model.model, cparams)
         if not self._ctx:
-            raise RuntimeError("llama_init_from_model failed (out of memory?)")
+            self.close()
+            raise RuntimeError(
+                "llama_init_from_model failed (out of memory, or a K/V type this backend lacks?)"
+            )
         # Ctrl-C stops a running decode between graph nodes (see interrupts.py)
         _native.llama_set_abort_callback(
             self._ctx, _native.infmllm_abort_on_fd_address(), ctypes.byref(self._guard.abort_fd)
@@ -218,7 +244,7 @@ class Llama:
         n_embd = lc.llama_model_n_embd_inp(self._model.model)
         try:
             self._stream = Stream(
-                self._ctx, policy, n_ctx, self.n_vocab, n_embd, self._guard, debug, recall=recall
+                self._ctx, policy, self._n_ctx, self._n_vocab, n_embd, self._guard, debug, recall=recall
             )
         except ValueError:
             self.close()
@@ -226,7 +252,7 @@ class Llama:
         self._projector: Projector | None = None
         if mmproj_path is not None:
             try:
-                self._projector = Projector(mmproj_path, self._model.model, n_embd, n_threads)
+                self._projector = Projector(mmproj_path, self._model.model, n_embd, cparams.n_threads)
             except BaseException:
                 self.close()
                 raise
@@ -234,7 +260,31 @@ class Llama:
         self.last_n_tokens_size = last_n_tokens_size
         self._chat_formatter = self._make_chat_formatter()
 
-    # --- model facts --------------------------------------------------------------
+    # --- model facts, as llama-cpp-python's accessors -----------------------------------
+    def n_ctx(self) -> int:
+        """Cells of the KV cache (the stream itself has no length limit under an evicting policy)."""
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def n_embd(self) -> int:
+        return lc.llama_model_n_embd(self._model.model)
+
+    def token_bos(self) -> int:
+        return lc.llama_vocab_bos(self.vocab)
+
+    def token_eos(self) -> int:
+        return lc.llama_vocab_eos(self.vocab)
+
+    def token_nl(self) -> int:
+        return lc.llama_vocab_nl(self.vocab)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's key/value metadata."""
+        return self._model.metadata()
+
     def _check_architecture(self) -> None:
         if isinstance(self.policy, FullCache):
             return
@@ -255,7 +305,9 @@ class Llama:
                 "have); evicting policies support a plain KV cache only. Use kv_policy='full'."
             )
 
-    def _make_chat_formatter(self) -> Jinja2ChatFormatter | None:
+    def _make_chat_formatter(self) -> ChatFormatter | None:
+        if self.chat_format is not None:
+            return CHAT_FORMATS[self.chat_format]
         template = self._model.metadata().get("tokenizer.chat_template")
         if not template:
             return None
@@ -466,7 +518,7 @@ class Llama:
     def set_seed(self, seed: int) -> None:
         """Seed the next generation's sampler.  A call without its own seed derives the next
         seed from this one, as llama-cpp-python does, so a session's samples are reproducible."""
-        _check_int("seed", seed)
+        check_int("seed", seed)
         self._seed = seed
 
     @_locked
@@ -474,7 +526,7 @@ class Llama:
         """The sampler chain of one generation; built before the prompt is fed, so that a bad
         parameter (a grammar that does not parse, an unknown token in logit_bias) changes nothing."""
         seed = params.seed if params.seed is not None else random.Random(self._seed).randint(0, 2**32)
-        sampler = Sampler(params, self.vocab, self.n_vocab, seed, self.last_n_tokens_size)
+        sampler = Sampler(params, self.vocab, self._n_vocab, seed, self.last_n_tokens_size)
         self._seed = seed
         return sampler
 
@@ -569,7 +621,7 @@ class Llama:
         """Continue the stream and return the generated text; `sampling` takes the other
         `SamplingParams` fields (penalties, grammar, logit_bias, logits_processor, ...)."""
         params = SamplingParams(temperature, top_k, top_p, min_p, seed=seed, **sampling)
-        limit = self.n_ctx if max_tokens is None else max_tokens
+        limit = self._n_ctx if max_tokens is None else max_tokens
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         return "".join(s.text for s in self._generate(self._sampler(params), limit, _stops(stop)))
@@ -666,15 +718,15 @@ class Llama:
     ) -> dict | Iterator[dict]:
         # everything is checked before the prompt is fed
         if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
-            max_tokens = self.n_ctx  # llama-cpp-python's "until the context is full"
+            max_tokens = self._n_ctx  # llama-cpp-python's "until the context is full"
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
         if n_logprobs is not None and (
             isinstance(n_logprobs, bool)
             or not isinstance(n_logprobs, int)
-            or not 0 <= n_logprobs <= self.n_vocab
+            or not 0 <= n_logprobs <= self._n_vocab
         ):
-            raise ValueError(f"logprobs must be an integer in [0, {self.n_vocab}], got {n_logprobs!r}")
+            raise ValueError(f"logprobs must be an integer in [0, {self._n_vocab}], got {n_logprobs!r}")
         criteria = _criteria(stopping_criteria)
         sampler = self._sampler(params)
         head = {
@@ -806,8 +858,9 @@ class Llama:
             tokens = self.tokenize(rendered.prompt, add_bos=add_bos, special=True)
             parts = [TextPart(np.asarray(tokens, np.int32))]
         n_logprobs = (top_logprobs or 0) if logprobs else None
+        stops = _stops(stop) + _stops(rendered.stop)  # a named chat format's end-of-turn text
         result = self._completion(
-            parts, max_tokens, params, _stops(stop), stream, n_logprobs=n_logprobs, model=model
+            parts, max_tokens, params, stops, stream, n_logprobs=n_logprobs, model=model
         )
         if stream:
             return _chat_chunks(result)
@@ -834,9 +887,9 @@ class Llama:
         st = self._stream
         return {
             "policy": self.policy.name,
-            "budget": self.policy.budget if not isinstance(self.policy, FullCache) else self.n_ctx,
+            "budget": self.policy.budget if not isinstance(self.policy, FullCache) else self._n_ctx,
             "capacity": st.capacity,
-            "n_ctx": self.n_ctx,
+            "n_ctx": self._n_ctx,
             "n_cached": st.n_cached,
             "n_streamed": st.n_streamed,
             "n_evicted": st.stats.n_evicted,
@@ -891,10 +944,37 @@ class Llama:
         self._stream.check_invariants()
 
 
-def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        floor = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be an integer{floor}, got {value!r}")
+def _stream_policy(
+    kv_policy: KVPolicy | str | None, context: ContextOptions, recall: Recall | None
+) -> KVPolicy:
+    """The stream's own copy of the policy, checked against the context and the recall tier."""
+    n_ctx, n_ubatch = context.n_ctx, context.ubatch
+    # a policy given by name gets budget min(1024, n_ctx // 2)
+    policy = copy.deepcopy(make_policy(kv_policy or "infmllm", budget=min(1024, n_ctx // 2)))
+    if not isinstance(policy, FullCache) and policy.capacity > n_ctx:
+        raise ValueError(
+            f"budget + chunk ({policy.budget} + {policy.chunk} = {policy.capacity}) exceeds "
+            f"n_ctx ({n_ctx}); raise n_ctx or lower the budget"
+        )
+    if policy.score_queries > n_ubatch:
+        raise ValueError(
+            f"retrieval_window ({policy.score_queries}) exceeds n_ubatch ({n_ubatch}, the scored "
+            "query rows of one ubatch); lower retrieval_window or raise n_batch and n_ubatch"
+        )
+    if recall is None:
+        return policy
+    if not isinstance(recall, Recall):
+        raise ValueError(f"recall must be a Recall(...), got {recall!r}")
+    if isinstance(policy, FullCache):
+        raise ValueError("recall brings back evicted pages: it needs an evicting kv_policy, not 'full'")
+    if recall.reserve_for(policy.budget) >= policy.budget:
+        raise ValueError(
+            f"recall's reserve ({recall.reserve_for(policy.budget)}) must be below the budget "
+            f"({policy.budget}): the policy keeps the rest"
+        )
+    if recall.query_window > n_ubatch:
+        raise ValueError(f"recall's query_window ({recall.query_window}) exceeds n_ubatch ({n_ubatch})")
+    return policy
 
 
 def _criteria(

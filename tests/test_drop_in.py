@@ -15,7 +15,7 @@ import pytest
 from infmllm_gguf._llama_cpp.llama import Llama as ReferenceLlama
 from infmllm_gguf._llama_cpp.llama import LogitsProcessorList, StoppingCriteriaList
 
-from infmllm_gguf import FullCache, InfMLLM, Llama, LlamaGrammar
+from infmllm_gguf import FullCache, InfMLLM, Llama, LlamaGrammar, Recall
 
 # SmolLM2 copies the sentence once it has seen it twice (once: " is a classic example of a pun")
 FOX = "The quick brown fox jumps over the lazy dog.\n" * 2 + "The quick brown fox"
@@ -254,3 +254,90 @@ def test_bad_sampling_input_changes_nothing(ours, kwargs, match):
 def test_bad_chat_input_is_refused(ours, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ours.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2, **kwargs)
+
+
+# --- constructor and accessors ------------------------------------------------------------
+def test_accessors_equal_llama_cpp_python(ours, reference):
+    for name in ("n_ctx", "n_vocab", "n_embd", "token_bos", "token_eos", "token_nl"):
+        assert getattr(ours, name)() == getattr(reference, name)(), name
+    assert ours.metadata == reference.metadata
+    assert ours.tokenize(FOX) == reference.tokenize(FOX.encode())
+
+
+def test_n_ctx_zero_takes_the_training_context(model_path):
+    llm = Llama(model_path, n_ctx=0, kv_policy="streamingllm", n_threads=2)
+    assert llm.n_ctx() == int(llm.metadata["llama.context_length"]) == 8192
+    assert llm.kv_stats()["budget"] == 1024  # a named policy's budget: min(1024, n_ctx // 2)
+    llm.close()
+
+
+def test_ubatches_smaller_than_the_batch(model_path, text_tokens):
+    """A batch of 128 computed as four ubatches of 32: the same logits as one of 128, and an
+    evicting stream stays consistent (scores come from the batch's last ubatch)."""
+    stream = text_tokens[:400]
+    whole = Llama(model_path, n_ctx=512, kv_policy=FullCache(), n_batch=128, n_ubatch=128, n_threads=2)
+    split = Llama(model_path, n_ctx=512, kv_policy=FullCache(), n_batch=128, n_ubatch=32, n_threads=2)
+    assert (split.n_batch, split.n_ubatch) == (128, 32)
+    np.testing.assert_allclose(split.stream_logprobs(stream), whole.stream_logprobs(stream), atol=2e-3)
+    evicting = Llama(
+        model_path, n_ctx=320, kv_policy=InfMLLM(budget=256, chunk=32), n_batch=128, n_ubatch=16, debug=True
+    )
+    evicting.eval(text_tokens[:1500])
+    assert evicting.kv_stats()["evictions"] > 0 and evicting.n_cached <= 288
+    for llm in (whole, split, evicting):
+        llm.close()
+
+
+@pytest.mark.parametrize("type_k, type_v, flash_attn", [("q8_0", None, False), ("q8_0", "q8_0", True)])
+def test_quantized_kv_cache_evicts(model_path, text_tokens, type_k, type_v, flash_attn):
+    """K/V stored as q8_0 blocks: eviction, compaction (K-shift of quantized keys) and scoring
+    run, and the stream's log-probs stay close to an f16 cache's."""
+    kw = {"n_ctx": 320, "n_threads": 2, "flash_attn": flash_attn}
+    f16 = Llama(model_path, kv_policy=InfMLLM(budget=256, chunk=32), **kw)
+    quantized = {"type_k": type_k, "type_v": type_v}
+    q8 = Llama(model_path, kv_policy=InfMLLM(budget=256, chunk=32), debug=True, **quantized, **kw)
+    a, b = f16.stream_logprobs(text_tokens[:1200]), q8.stream_logprobs(text_tokens[:1200])
+    assert q8.kv_stats()["evictions"] > 0
+    assert abs(np.nanmean(a) - np.nanmean(b)) < 0.05
+    with pytest.raises(ValueError, match="quantized"):  # the recall tier scores unquantized keys
+        Llama(model_path, kv_policy=InfMLLM(budget=256, chunk=32), recall=Recall(), **quantized, **kw)
+    for llm in (f16, q8):
+        llm.close()
+
+
+def test_named_chat_format(model_path):
+    llm = Llama(model_path, n_ctx=512, kv_policy=FullCache(), chat_format="chatml", n_threads=2)
+    out = llm.create_chat_completion([{"role": "user", "content": "Say hi."}], max_tokens=16, temperature=0)
+    prompt = llm.detokenize(llm.history.tolist(), special=True).decode()
+    assert prompt.startswith("<|im_start|>system\n") and "<|im_start|>assistant\n" in prompt
+    assert out["choices"][0]["message"]["content"]
+    llm.close()
+
+
+def test_model_and_context_options_take_effect(model_path, text_tokens):
+    base = Llama(model_path, n_ctx=256, kv_policy=FullCache(), n_gpu_layers=0, use_mmap=False)
+    rope = Llama(model_path, n_ctx=256, kv_policy=FullCache(), rope_freq_base=5000.0, n_threads_batch=1)
+    a, b = base.stream_logprobs(text_tokens[:200]), rope.stream_logprobs(text_tokens[:200])
+    assert np.nanmean(np.abs(a - b)) > 0.01  # another RoPE base, other log-probs
+    for llm in (base, rope):
+        llm.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_ubatch": 0}, "n_ubatch"),
+        ({"n_ctx": 8}, "n_ctx"),
+        ({"type_k": "q9_9"}, "type_k"),
+        ({"type_v": "q8_0"}, "flash_attn"),
+        ({"n_gpu_layers": -2}, "n_gpu_layers"),
+        ({"chat_format": "nope"}, "chat_format"),
+        ({"rope_freq_base": -1.0}, "rope_freq_base"),
+        ({"n_threads_batch": 0}, "n_threads_batch"),
+        ({"seed": 1.5}, "seed"),
+        ({"kv_policy": InfMLLM(budget=256, retrieval_window=64), "n_ubatch": 32}, "n_ubatch"),
+    ],
+)
+def test_bad_options_are_refused_before_loading(model_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Llama(model_path, **{"n_ctx": 512, **kwargs})

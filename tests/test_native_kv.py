@@ -204,7 +204,7 @@ def test_h2o_with_cells_past_n_ctx(make_ctx, text_tokens):
 def test_runtime_sizes_policies_by_the_kv_buffer(model_path, text_tokens):
     llm = Llama(model_path, n_ctx=300, n_batch=64, kv_policy=H2O(budget=128, chunk=32))
     try:
-        assert llm.kv.size > llm.n_ctx
+        assert llm.kv.size > llm.n_ctx()
         assert len(llm.policy._acc) == llm.kv.size
         llm.eval(text_tokens[:400])  # several evictions
         assert llm.n_cached <= 160

@@ -89,7 +89,7 @@ def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, nam
     stats = llm.kv_stats()
     assert stats["n_streamed"] == length
     assert rec.rounds == stats["evictions"] >= (length - llm.policy.capacity) // llm.policy.chunk
-    assert stats["max_pos_seen"] < llm.policy.capacity <= llm.n_ctx
+    assert stats["max_pos_seen"] < llm.policy.capacity <= llm.n_ctx()
     assert stats["n_cached"] <= llm.policy.capacity
     kept = llm.cached_stream_indices()
     n = len(kept)
@@ -247,8 +247,8 @@ def test_chat_runs_fifty_rounds_far_past_n_ctx(model_path):
         messages.append({"role": "assistant", "content": text})
     stats = llm.kv_stats()
     total = reply["usage"]["prompt_tokens"]
-    assert total > 4 * llm.n_ctx
-    assert stats["max_pos"] < llm.n_ctx and stats["evictions"] > 0
+    assert total > 4 * llm.n_ctx()
+    assert stats["max_pos"] < llm.n_ctx() and stats["evictions"] > 0
     # the history is continued, not re-fed: streamed tokens stay close to the conversation length
     assert stats["n_streamed"] < 1.5 * (total + 12)
     llm.close()
@@ -347,7 +347,7 @@ def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_token
     assert answer
     assert llm._is_eog(int(llm.history[-1])) or len(llm.history) - before >= 16
     llm.feed("\nAnd the story goes on.")
-    assert llm.kv_stats()["max_pos"] < llm.n_ctx
+    assert llm.kv_stats()["max_pos"] < llm.n_ctx()
     llm.close()
 
 
