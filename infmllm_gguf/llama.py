@@ -40,6 +40,7 @@ from infmllm_gguf._llama_cpp.llama_chat_format import (
     Jinja2ChatFormatter,
     _convert_text_completion_logprobs_to_chat,
 )
+from infmllm_gguf.embeddings import Embedder
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.models import default_model_path
@@ -151,6 +152,8 @@ class Llama:
         rope_freq_base: float = 0.0,
         rope_freq_scale: float = 0.0,
         logits_all: bool = False,
+        embedding: bool = False,
+        pooling_type: int = lc.LLAMA_POOLING_TYPE_UNSPECIFIED,
         offload_kqv: bool = True,
         flash_attn: bool = False,
         last_n_tokens_size: int = 64,
@@ -166,7 +169,8 @@ class Llama:
         The other arguments are llama-cpp-python's, with its meanings; n_ctx 0 takes the
         model's training context; `logits_all` is accepted but not needed (log-probs come from
         each step's logits); `chat_format` names one of llama-cpp-python's formats instead of
-        the GGUF's own template; type_k/type_v also take ggml's names ("q8_0")."""
+        the GGUF's own template; type_k/type_v also take ggml's names ("q8_0"); `embedding`
+        gives `embed()` a context of its own beside the stream's."""
         check_int("n_ctx", n_ctx, 0)
         if 0 < n_ctx < 16:
             raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16, got {n_ctx}")
@@ -177,6 +181,7 @@ class Llama:
         )  # fmt: skip
         check_int("seed", seed)
         check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
+        check_int("pooling_type", pooling_type, lc.LLAMA_POOLING_TYPE_UNSPECIFIED)
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
         if n_ctx:
@@ -256,6 +261,13 @@ class Llama:
             except BaseException:
                 self.close()
                 raise
+        self._embedder: Embedder | None = None
+        if embedding:
+            try:
+                self._embedder = Embedder(self._model, cparams, pooling_type, verbose)
+            except BaseException:
+                self.close()
+                raise
         self._seed = seed
         self.last_n_tokens_size = last_n_tokens_size
         self._chat_formatter = self._make_chat_formatter()
@@ -322,6 +334,9 @@ class Llama:
         )
 
     def close(self) -> None:
+        if getattr(self, "_embedder", None) is not None:
+            self._embedder.close()
+            self._embedder = None
         if getattr(self, "_projector", None) is not None:
             self._projector.close()
             self._projector = None
@@ -880,6 +895,47 @@ class Llama:
             ],
             "usage": result["usage"],
         }
+
+    # --- embeddings ---------------------------------------------------------------------
+    @_locked
+    def embed(
+        self,
+        input: str | list[str],
+        normalize: bool = False,
+        truncate: bool = True,
+        return_count: bool = False,
+    ) -> Any:
+        """llama-cpp-python's `embed`: one vector per text (pooled), or one per token where the
+        model's pooling is NONE (most causal LMs); texts longer than n_batch tokens are cut with
+        `truncate`, refused without.  Needs `embedding=True`; the stream is not touched."""
+        if self._embedder is None:
+            raise RuntimeError("embeddings need a Llama created with embedding=True")
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("input must be a string or a non-empty list of strings")
+        tokens = [self.tokenize(t) for t in texts]
+        if truncate:
+            tokens = [t[: self.n_batch] for t in tokens]
+        vectors = self._embedder.embed(tokens, normalize)
+        output = vectors[0] if isinstance(input, str) else vectors
+        return (output, sum(len(t) for t in tokens)) if return_count else output
+
+    def create_embedding(self, input: str | list[str], model: str | None = None) -> dict[str, Any]:
+        """OpenAI's embeddings response, as llama-cpp-python's `create_embedding` gives it."""
+        texts = input if isinstance(input, list) else [input]
+        vectors, n_tokens = self.embed(texts, return_count=True)
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+            "model": model if model is not None else str(self.model_path),
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+
+    def pooling_type(self) -> int:
+        """The embedding context's pooling (LLAMA_POOLING_TYPE_*); UNSPECIFIED without `embedding`."""
+        return (
+            self._embedder.pooling_type if self._embedder is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
+        )
 
     # --- introspection -----------------------------------------------------------------
     @_locked

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp.llama import Llama as ReferenceLlama
 from infmllm_gguf._llama_cpp.llama import LogitsProcessorList, StoppingCriteriaList
 
@@ -341,3 +342,57 @@ def test_model_and_context_options_take_effect(model_path, text_tokens):
 def test_bad_options_are_refused_before_loading(model_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Llama(model_path, **{"n_ctx": 512, **kwargs})
+
+
+# --- embeddings ---------------------------------------------------------------------------
+TEXTS = ["In the beginning God created the heaven and the earth.", "And the earth was without form", "Light."]
+
+
+@pytest.mark.parametrize("pooling", [lc.LLAMA_POOLING_TYPE_MEAN, lc.LLAMA_POOLING_TYPE_LAST])
+def test_pooled_embeddings_equal_llama_cpp_python(model_path, pooling):
+    ours = Llama(model_path, n_ctx=256, embedding=True, pooling_type=pooling, n_threads=2)
+    theirs = ReferenceLlama(
+        model_path, n_ctx=256, embedding=True, pooling_type=pooling, n_threads=2, verbose=False
+    )
+    assert ours.pooling_type() == theirs.pooling_type() == pooling
+    np.testing.assert_allclose(ours.embed(TEXTS), theirs.embed(TEXTS), atol=1e-6)
+    unit = ours.embed(TEXTS[0], normalize=True)
+    assert abs(np.linalg.norm(unit) - 1) < 1e-6
+    response = ours.create_embedding(TEXTS, model="smol")
+    assert [d["index"] for d in response["data"]] == [0, 1, 2] and response["model"] == "smol"
+    assert response["usage"]["prompt_tokens"] == sum(len(ours.tokenize(t)) for t in TEXTS)
+    ours.close()
+    theirs.close()
+
+
+def test_token_embeddings_and_the_stream_untouched(model_path):
+    """Pooling NONE (the default for this causal LM): one vector per token.  Compared one text at
+    a time, since llama-cpp-python 0.3.36 reads later texts of a batch at a wrong offset."""
+    ours = Llama(model_path, n_ctx=256, kv_policy=FullCache(), embedding=True, n_threads=2)
+    theirs = ReferenceLlama(model_path, n_ctx=256, embedding=True, n_threads=2, verbose=False)
+    assert ours.pooling_type() == lc.LLAMA_POOLING_TYPE_NONE
+    ours.feed("The sea is")
+    before = (ours.n_streamed, ours.generate_text(4))
+    ours.reset()
+    ours.feed("The sea is")
+    batched = ours.embed(TEXTS)
+    for text_, vectors in zip(TEXTS, batched):
+        assert np.array(vectors).shape == (len(ours.tokenize(text_)), ours.n_embd())
+        np.testing.assert_allclose(vectors, theirs.embed(text_), atol=1e-6)
+    assert (ours.n_streamed, ours.generate_text(4)) == before  # the stream did not see the texts
+    ours.close()
+    theirs.close()
+
+
+def test_embedding_errors(model_path, ours):
+    with pytest.raises(RuntimeError, match="embedding=True"):
+        ours.embed("hello")
+    llm = Llama(model_path, n_ctx=64, embedding=True, pooling_type=lc.LLAMA_POOLING_TYPE_MEAN, n_threads=2)
+    long_text = "word " * 200
+    assert len(llm.embed(long_text)) == llm.n_embd()  # cut to n_batch tokens
+    with pytest.raises(ValueError, match="exceeds n_batch"):
+        llm.embed(long_text, truncate=False)
+    with pytest.raises(ValueError, match="input"):
+        llm.embed([])
+    assert len(llm.embed("still works")) == llm.n_embd()
+    llm.close()
