@@ -19,6 +19,7 @@ from infmllm_gguf.policies import (
 )
 from infmllm_gguf.recall import Recall, RecallError
 from infmllm_gguf.sampling import LlamaGrammar, SamplingParams
+from infmllm_gguf.state import LlamaState, StateError
 
 __version__ = "0.1.0"
 
@@ -34,9 +35,11 @@ __all__ = [
     "KVPolicy",
     "Llama",
     "LlamaGrammar",
+    "LlamaState",
     "SlidingWindow",
     "SamplingParams",
     "SnapKV",
+    "StateError",
     "StreamingLLM",
     "__version__",
     "build_info",

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 3  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 4  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -215,6 +215,12 @@ infmllm_kv_seq_write = _bind(
 infmllm_kv_seq_arrange = _bind(
     "infmllm_kv_seq_arrange",
     [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_head = _bind("infmllm_kv_seq_head", [llama_context_p, llama_seq_id], ctypes.c_int32)
+infmllm_kv_seq_place = _bind(
+    "infmllm_kv_seq_place",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int32],
     ctypes.c_int32,
 )
 infmllm_set_query_capture = _bind(

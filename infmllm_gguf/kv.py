@@ -129,6 +129,19 @@ class KVCache:
             N.infmllm_kv_seq_arrange(self.ctx, seq_id, c.ctypes.data_as(_I32P), len(c)),
         )
 
+    def head(self, seq_id: int = 0) -> int:
+        """The cell from which llama.cpp searches free cells for the next batch."""
+        return _check("infmllm_kv_seq_head", N.infmllm_kv_seq_head(self.ctx, seq_id))
+
+    def place(self, cells: np.ndarray, head: int = -1, seq_id: int = 0) -> int:
+        """Move the sequence's cells, in position order, onto `cells` (rows move with them) and
+        set the search head (-1: unchanged): a restored sequence back on the cells it had."""
+        c = np.ascontiguousarray(cells, dtype=np.int32)
+        return _check(
+            "infmllm_kv_seq_place",
+            N.infmllm_kv_seq_place(self.ctx, seq_id, c.ctypes.data_as(_I32P), len(c), head),
+        )
+
     def layers(self) -> list[LayerLayout]:
         """The cache's layers in the order every row buffer uses."""
         n = _check("infmllm_kv_layers", N.infmllm_kv_layers(self.ctx, None, 0))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import functools
+import json
 import os
 import random
 import threading
@@ -56,6 +58,7 @@ from infmllm_gguf.sampling import (
     log_softmax,
     top_logprobs,
 )
+from infmllm_gguf.state import LlamaState, StateError, pack, read_file, unpack, write_file
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.stream import ContextFullError, InvariantError, Stream, inside_image
 from infmllm_gguf.system import physical_cores
@@ -895,6 +898,81 @@ class Llama:
             ],
             "usage": result["usage"],
         }
+
+    # --- saved sessions --------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a saved state must match to be loaded here (as JSON gives it back)."""
+        model = self._model.model
+        desc = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(model, desc, len(desc))
+        recall = None if self.recall is None else repr(dataclasses.replace(self.recall, spill_dir=None))
+        return json.loads(
+            json.dumps(
+                {
+                    "model": {
+                        "desc": desc.value.decode("utf-8", "replace"),
+                        "n_params": lc.llama_model_n_params(model),
+                        "n_vocab": self._n_vocab,
+                        "n_embd": self.n_embd(),
+                        "n_layer": lc.llama_model_n_layer(model),
+                    },
+                    "policy": repr(self.policy),
+                    "recall": recall,
+                    "n_ctx": self._n_ctx,
+                }
+            )
+        )
+
+    @_locked
+    def save_state(self) -> LlamaState:
+        """The whole session in memory: the cache's cells after eviction, the stream's history and
+        records, the policy's state, the recall store and the sampler's seed."""
+        facts, arrays = self._stream.export_state()
+        data = pack({"session": self._fingerprint(), "stream": facts, "seed": self._seed}, arrays)
+        return LlamaState(data, self._stream.n_streamed, self._stream.n_cached, self._seed)
+
+    @_locked
+    def load_state(self, state: LlamaState | bytes) -> None:
+        """Become the saved session: the next logits, samples and evictions are the ones it would
+        have had.  A damaged state, or one saved with another model, policy, recall tier or n_ctx,
+        raises StateError and leaves this session as it was."""
+        data = state.data if isinstance(state, LlamaState) else state
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StateError(f"load_state takes a LlamaState or its bytes, got {type(state).__name__}")
+        facts, arrays = unpack(bytes(data))
+        mine, saved = self._fingerprint(), facts.get("session")
+        if not isinstance(saved, dict) or not isinstance(facts.get("stream"), dict):
+            raise StateError("the saved session lacks its description")
+        differ = [
+            f"{key}: saved {saved.get(key)!r}, here {mine[key]!r}"
+            for key in mine
+            if saved.get(key) != mine[key]
+        ]
+        if differ:
+            raise StateError("the session was saved for another setup; " + "; ".join(differ))
+        seed = facts.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise StateError("the saved session's seed is not an integer")
+        backup = self._stream.export_state()
+        try:
+            self._stream.import_state(facts["stream"], arrays)
+        except BaseException as exc:
+            self._stream.import_state(*backup)
+            if isinstance(exc, (ValueError, KeyError, TypeError)):
+                raise StateError(f"the saved session does not load here: {exc}") from exc
+            raise
+        self._seed = seed
+
+    def save_session(self, path: str | os.PathLike) -> int:
+        """save_state() written to path (atomically: the old file or the whole new one); returns
+        the bytes written."""
+        state = self.save_state()
+        write_file(path, state.data)
+        return state.nbytes
+
+    def load_session(self, path: str | os.PathLike) -> None:
+        """load_state() of a file save_session wrote, in this or a later process."""
+        self.load_state(read_file(path))
 
     # --- embeddings ---------------------------------------------------------------------
     @_locked

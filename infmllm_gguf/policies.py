@@ -82,6 +82,15 @@ class KVPolicy:
     def forget(self, freed_cells: np.ndarray) -> None:
         """Called after eviction with the cells that were freed."""
 
+    def export_state(self, cells: np.ndarray) -> dict[str, np.ndarray]:
+        """The per-session state, with each cell named by its rank in `cells` (the cached cells
+        in position order), so that it can be restored where the cells have other indices."""
+        return {}
+
+    def import_state(self, state: dict[str, np.ndarray], cells: np.ndarray) -> None:
+        """Restore what export_state gave onto `cells` (the cached cells in position order);
+        called after reset().  Raises ValueError (nothing changed) if state does not fit."""
+
     # --- what each policy defines: how cells rank, and the windows kept regardless
     def rule(self) -> KeepRule:
         raise NotImplementedError
@@ -209,6 +218,35 @@ class _FreshWindowPolicy(_SaddlePolicy):
     def forget(self, freed_cells: np.ndarray) -> None:
         self._window.clear()  # freed cells will be reused: old rows no longer line up
 
+    def export_state(self, cells: np.ndarray) -> dict[str, np.ndarray]:
+        rank = np.full(self._n_cells_max, -1, np.int64)
+        rank[cells] = np.arange(len(cells))
+        entries = list(self._window)
+        return {
+            "window_rows": np.array([rows for rows, _, _ in entries], np.int64),
+            "window_sizes": np.array([len(c) for _, c, _ in entries], np.int64),
+            "window_ranks": np.concatenate([rank[c] for _, c, _ in entries] or [np.zeros(0, np.int64)]),
+            "window_scores": np.concatenate([s for _, _, s in entries] or [np.zeros(0, np.float32)]),
+        }
+
+    def import_state(self, state: dict[str, np.ndarray], cells: np.ndarray) -> None:
+        ranks, sizes = state["window_ranks"], state["window_sizes"]
+        if (
+            len(ranks) != sizes.sum()
+            or len(state["window_scores"]) != len(ranks)
+            or len(sizes) != len(state["window_rows"])
+        ):
+            raise ValueError("the policy's saved window is inconsistent")
+        if len(ranks) and (ranks.min() < 0 or ranks.max() >= len(cells)):
+            raise ValueError("the policy's saved window names cells that are not cached")
+        bounds = np.cumsum(sizes)[:-1]
+        self._window = deque(
+            (int(rows), cells[r].astype(np.int32), s.astype(np.float32))
+            for rows, r, s in zip(
+                state["window_rows"], np.split(ranks, bounds), np.split(state["window_scores"], bounds)
+            )
+        )
+
     def window_scores(self, view: CellView) -> np.ndarray:
         """Attention mass of the newest retrieval_window queries, per cell of view."""
         by_cell = np.zeros(max(self._n_cells_max, int(view.cells.max(initial=0)) + 1), np.float64)
@@ -300,6 +338,14 @@ class H2O(KVPolicy):
 
     def forget(self, freed_cells: np.ndarray) -> None:
         self._acc[freed_cells] = 0.0
+
+    def export_state(self, cells: np.ndarray) -> dict[str, np.ndarray]:
+        return {"acc": self._acc[cells].copy()}
+
+    def import_state(self, state: dict[str, np.ndarray], cells: np.ndarray) -> None:
+        if state["acc"].shape != cells.shape:
+            raise ValueError("the policy's saved scores do not match the cached cells")
+        self._acc[cells] = state["acc"]
 
     def rule(self) -> KeepRule:
         return KeepRule(sinks=0, recent=self.recent)

@@ -240,6 +240,46 @@ class PageStore:
         if page.k is not None:
             self._mem_bytes -= page.k.nbytes + page.v.nbytes
 
+    # --- saving ------------------------------------------------------------------------------
+    def export(self) -> dict[str, np.ndarray]:
+        """Every stored cell, page by page in slot order: stream index, rotation position and rows
+        ([n, layers * row]; spilled pages read back), so that `load` rebuilds the same store."""
+        pages = [self._pages[pid] for pid in self._slot_page]
+        rows = [self._rows(p) for p in pages]
+        stats = self.stats
+        return {
+            "page_sizes": np.array([p.n for p in pages], np.int64),
+            "stream_index": np.concatenate([p.stream_index for p in pages] or [np.zeros(0, np.int64)]),
+            "rot_pos": np.concatenate([p.rot_pos for p in pages] or [np.zeros(0, np.int32)]),
+            "k": np.concatenate([k for k, _ in rows] or [np.zeros((0, self.k_bytes), np.uint8)]),
+            "v": np.concatenate([v for _, v in rows] or [np.zeros((0, self.v_bytes), np.uint8)]),
+            "stats": np.array([stats.pages_dropped, stats.pages_spilled, stats.tokens_stored], np.int64),
+        }
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the contents with what `export` gave; checked first, so a ValueError changes
+        nothing."""
+        sizes, sidx = state["page_sizes"], state["stream_index"]
+        n = len(sidx)
+        if (
+            sizes.sum() != n
+            or len(state["rot_pos"]) != n
+            or state["k"].shape != (n, self.k_bytes)
+            or state["v"].shape != (n, self.v_bytes)
+            or state["stats"].shape != (3,)
+        ):
+            raise ValueError("the saved recall store does not fit this cache's rows")
+        bounds = np.cumsum(sizes)[:-1]
+        names = ("stream_index", "rot_pos", "k", "v")
+        groups = [np.split(state[name], bounds) if len(sizes) else [] for name in names]
+        if any(len(g) == 0 or len(np.unique(g // self.page)) != 1 for g in groups[0]):
+            raise ValueError("the saved recall store has pages that span page boundaries")
+        self.clear()
+        for page_sidx, pos, k, v in zip(*groups):
+            self._merge(int(page_sidx[0]) // self.page, page_sidx, pos, k, v)
+        self.stats = StoreStats(*(int(x) for x in state["stats"]))
+        self._enforce_limit()
+
     # --- bounded memory -----------------------------------------------------------------------
     def _enforce_limit(self) -> None:
         if self.nbytes <= self.limit_bytes:

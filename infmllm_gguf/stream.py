@@ -29,7 +29,7 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
-from infmllm_gguf.kv import Batch, CellView, KVCache
+from infmllm_gguf.kv import Batch, CellView, KVCache, NativeError
 from infmllm_gguf.policies import FullCache, KVPolicy
 from infmllm_gguf.recall import PageStore, Recall, RecallError
 
@@ -200,6 +200,94 @@ class Stream:
         view = self.kv.cells(self.seq_id)
         keys = self._history_buf[self._stream_index]
         return dataclasses.replace(view, media=media_ids(keys, self._stream_index))
+
+    # --- saving and restoring ----------------------------------------------------------------
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything the stream is, as (JSON-able facts, arrays): its cells as llama.cpp saves a
+        sequence (positions, K and V) and the cells holding them, history, per-cell records, last
+        logits, the policy's state and the recall store.  Captured queries are not kept: capture
+        starts again on load."""
+        size = lc.llama_state_seq_get_size(self.ctx, self.seq_id)
+        cells = np.empty(size, np.uint8)
+        got = lc.llama_state_seq_get_data(
+            self.ctx, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, self.seq_id
+        )
+        if got != size:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+        facts = {
+            "n_history": self._n_history,
+            "next_pos": self.next_pos,
+            "n_turn": self._n_turn,
+            "stats": dataclasses.asdict(self.stats),
+            "recall_error": self.recall_error,
+        }
+        arrays = {
+            "cells": cells,
+            "history": self.history.copy(),
+            "stream_index": self._stream_index.copy(),
+            "recalled": self._recalled.copy(),
+        }
+        if self.last_logits is not None:
+            arrays["last_logits"] = self.last_logits.copy()
+        view = self.kv.cells(self.seq_id)
+        arrays["layout"] = np.append(view.cells, self.kv.head(self.seq_id)).astype(np.int32)
+        arrays.update({f"policy.{k}": v for k, v in self.policy.export_state(view.cells).items()})
+        if self.store is not None:
+            arrays.update({f"store.{k}": v for k, v in self.store.export().items()})
+        return facts, arrays
+
+    def import_state(self, facts: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Become what export_state gave.  The checks that need no change come first; a failure
+        after them (llama.cpp refusing the cells) leaves the stream empty but consistent, and the
+        caller restores what it had (Llama.load_state does)."""
+        n_history = int(facts["n_history"])
+        history, sidx, recalled = arrays["history"], arrays["stream_index"], arrays["recalled"]
+        n = len(sidx)
+        logits = arrays.get("last_logits")
+        if (
+            history.shape != (n_history,)
+            or recalled.shape != (n,)
+            or n > self.capacity
+            or (logits is not None and logits.shape != (self.n_vocab,))
+            or (n and (np.any(np.diff(sidx) <= 0) or sidx[-1] >= n_history or sidx[0] < 0))
+        ):
+            raise ValueError("the saved stream is inconsistent or larger than this cache")
+        if (self.store is None) != ("store.k" not in arrays):
+            raise ValueError("the saved stream and this session differ in having a recall tier")
+        stats = StreamStats(**facts["stats"])
+        cells = np.ascontiguousarray(arrays["cells"], np.uint8)
+        with self._guard.atomic():
+            self.reset()
+            got = lc.llama_state_seq_set_data(
+                self.ctx, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(cells), self.seq_id
+            )
+            view = self.kv.cells(self.seq_id)
+            if got == 0 or len(view.cells) != n:
+                self.reset()
+                raise ValueError("llama.cpp refused the saved cells (another model, n_ctx or K/V type?)")
+            layout = arrays.get("layout")
+            if not self.mrope and layout is not None and len(layout) == n + 1:
+                # the cells they had: later batches then land, and round, as they would have
+                try:
+                    self.kv.place(layout[:n], int(layout[n]), self.seq_id)
+                except NativeError:
+                    pass  # another cache size: the cells stay where llama.cpp put them
+                view = self.kv.cells(self.seq_id)
+            self._history_buf = np.zeros(max(4096, 2 * n_history), np.int32)
+            self._append_history(history.astype(np.int32))
+            self._stream_index = sidx.astype(np.int64)
+            self._recalled = recalled.astype(bool)
+            self._n_turn = int(facts["n_turn"])
+            self.next_pos = int(facts["next_pos"])
+            self.last_logits = None if logits is None else logits.astype(np.float32)
+            self.stats = stats
+            self.recall_error = facts["recall_error"]
+            policy_state = {k[7:]: v for k, v in arrays.items() if k.startswith("policy.")}
+            self.policy.import_state(policy_state, view.cells)
+            if self.store is not None:
+                self.store.load({k[6:]: v for k, v in arrays.items() if k.startswith("store.")})
+        if self.debug:
+            self.check_invariants()
 
     # --- feeding --------------------------------------------------------------------------
     def feed(self, tokens: np.ndarray, logprobs: bool = False) -> np.ndarray | None:

@@ -162,3 +162,28 @@ def test_captured_queries_are_the_graph_queries_across_ubatches(make_ctx, text_t
     with pytest.raises(NativeError, match="invalid argument"):
         kv.set_query_capture(65)  # more than a ubatch
     assert N.infmllm_set_query_capture(ctx, 0) == 0
+
+
+def test_place_moves_a_sequence_onto_chosen_cells(make_ctx, text_tokens):
+    """Cells move with their rows and positions; the head is set; a bad list changes nothing."""
+    ctx = make_ctx(n_ctx=256, n_batch=64)
+    kv = KVCache(ctx)
+    decode(ctx, text_tokens[:40], np.arange(40))
+    kv.evict(np.arange(5, 15))
+    before = kv.cells()
+    layers = kv.layers()
+    k_bytes, v_bytes = sum(la.k_row_bytes for la in layers), sum(la.v_row_bytes for la in layers)
+    rows = kv.read_rows(before.positions, k_bytes, v_bytes)
+    target = np.arange(100, 130)[::-1].copy()  # free cells, in reverse order
+    for bad in (target[:-1], np.r_[target[:-1], target[0]], np.r_[target[:-1], 999_999]):
+        with pytest.raises(NativeError):
+            kv.place(bad, 7)
+    with pytest.raises(NativeError):
+        kv.place(target, kv.size)  # head out of range
+    assert np.array_equal(kv.cells().cells, before.cells)
+    assert kv.place(target, 7) == len(target)
+    after = kv.cells()
+    assert np.array_equal(after.positions, before.positions)
+    assert np.array_equal(after.cells, target) and kv.head() == 7
+    moved = kv.read_rows(after.positions, k_bytes, v_bytes)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, moved))

@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 3
+#define INFMLLM_ABI_VERSION 4
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
@@ -182,6 +182,26 @@ LLAMA_API int32_t infmllm_kv_seq_arrange(
         llama_seq_id           seq_id,
         const int32_t        * cells,
         int32_t                n);
+
+// The KV stream's search head of seq_id: the cell from which llama.cpp looks for free cells
+// for the next batch.  Returns it (>= 0), or an error as for infmllm_kv_seq_cells.
+LLAMA_API int32_t infmllm_kv_seq_head(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Move the cells of seq_id, taken in position order, onto the n cells listed (cells[i]
+// receives the i-th), K and V rows with them, and set the stream's search head to `head`
+// (-1 leaves it).  For putting a restored sequence back on the cells it had, so that later
+// batches land where they did: llama.cpp's state API places cells wherever it finds room,
+// and the attention's float rounding follows the cells' order.  Every target must be free
+// or a cell of seq_id; targets distinct.  Returns n; INFMLLM_ERR_INVALID_ARG for a list that
+// does not fit, a head out of range or keys awaiting a K-shift; INFMLLM_ERR_SHARED_CELLS;
+// INFMLLM_ERR_UNSUPPORTED for M-RoPE caches (2-D positions are not moved).  Nothing changes
+// on error.
+LLAMA_API int32_t infmllm_kv_seq_place(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const int32_t        * cells,
+        int32_t                n,
+        int32_t                head);
 
 // --- queries ------------------------------------------------------------------------------
 

@@ -274,3 +274,69 @@ int32_t infmllm_kv_seq_arrange(llama_context * ctx, llama_seq_id seq_id, const i
     }
     return n;
 }
+
+int32_t infmllm_kv_seq_head(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = nullptr;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
+    }
+    return (int32_t) infmllm_access::head(*kv, stream);
+}
+
+int32_t infmllm_kv_seq_place(
+        llama_context * ctx, llama_seq_id seq_id, const int32_t * cells, int32_t n, int32_t head) {
+    rows_view rv;
+    if (int32_t rc = resolve_rows(ctx, seq_id, rv); rc != INFMLLM_OK) {
+        return rc;
+    }
+    if (infmllm_access::hparams(*rv.kv).n_pos_per_embd() > 1) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    llama_kv_cells & kc = *rv.cells;
+    const auto & sp = kc.seq_pos_get(seq_id);
+    if (n < 0 || (size_t) n != sp.size() || (n > 0 && cells == nullptr) || head < -1 ||
+            head >= (int32_t) kc.size() || kc.get_has_shift()) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    std::vector<uint32_t> from;
+    std::vector<llama_pos> pos;
+    from.reserve(n);
+    pos.reserve(n);
+    for (const auto & [p, c] : sp) { // ordered by position
+        if (kc.seq_count(c) > 1) {
+            return INFMLLM_ERR_SHARED_CELLS;
+        }
+        from.push_back(c);
+        pos.push_back(p);
+    }
+    std::vector<uint32_t> to(n);
+    std::vector<uint8_t> seen(kc.size(), 0);
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t c = cells[i];
+        if (c < 0 || (uint32_t) c >= kc.size() || seen[c] || !(kc.is_empty(c) || kc.seq_has(c, seq_id))) {
+            return INFMLLM_ERR_INVALID_ARG;
+        }
+        seen[c] = 1;
+        to[i] = (uint32_t) c;
+    }
+    std::vector<uint8_t> k_buf((size_t) n*rv.k_bytes);
+    std::vector<uint8_t> v_buf((size_t) n*rv.v_bytes);
+    transfer(rv, from, k_buf.data(), v_buf.data(), true);
+    for (uint32_t c : from) {
+        kc.rm(c);
+    }
+    transfer(rv, to, k_buf.data(), v_buf.data(), false);
+    auto & st = ctx->infmllm;
+    for (int32_t i = 0; i < n; ++i) {
+        kc.pos_set(to[i], pos[i]);
+        kc.seq_add(to[i], seq_id);
+        if (!st.scores.empty()) {
+            st.scores[rv.stream][to[i]] = 0.0f;
+        }
+    }
+    if (head >= 0) {
+        infmllm_access::head(*rv.kv, rv.stream) = (uint32_t) head;
+    }
+    return n;
+}
