@@ -163,6 +163,7 @@ class Llama:
         chat_format: str | None = None,
         type_k: int | str | None = None,
         type_v: int | str | None = None,
+        n_slots: int = 1,
         verbose: bool = False,
         debug: bool = False,
     ):
@@ -173,14 +174,15 @@ class Llama:
         model's training context; `logits_all` is accepted but not needed (log-probs come from
         each step's logits); `chat_format` names one of llama-cpp-python's formats instead of
         the GGUF's own template; type_k/type_v also take ggml's names ("q8_0"); `embedding`
-        gives `embed()` a context of its own beside the stream's."""
+        gives `embed()` a context of its own beside the stream's; `n_slots` > 1 makes room for
+        that many independent streams in one context (see `slot`)."""
         check_int("n_ctx", n_ctx, 0)
         if 0 < n_ctx < 16:
             raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16, got {n_ctx}")
         model_options = ModelOptions(n_gpu_layers, split_mode, main_gpu, tensor_split, use_mmap, use_mlock)
         context_options = ContextOptions(
             n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
-            rope_freq_base, rope_freq_scale, offload_kqv,
+            rope_freq_base, rope_freq_scale, offload_kqv, n_slots,
         )  # fmt: skip
         check_int("seed", seed)
         check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
@@ -196,6 +198,9 @@ class Llama:
         self.debug = debug
         self._lock = threading.RLock()
         self._guard = InterruptGuard()
+        self._parent: Llama | None = None  # the Llama whose context a slot shares
+        self._slots: dict[int, Llama] = {}
+        self.n_slots = n_slots
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         _check_gguf(self.model_path)
 
@@ -235,6 +240,10 @@ class Llama:
         _native.llama_set_abort_callback(
             self._ctx, _native.infmllm_abort_on_fd_address(), ctypes.byref(self._guard.abort_fd)
         )
+        if lc.llama_n_ctx_seq(self._ctx) < self._n_ctx:
+            got = lc.llama_n_ctx_seq(self._ctx)
+            self.close()
+            raise RuntimeError(f"llama.cpp gave each sequence {got} cells, not n_ctx = {self._n_ctx}")
         self.n_batch = lc.llama_n_batch(self._ctx)
         self.n_ubatch = lc.llama_n_ubatch(self._ctx)
         self.kv = KVCache(self._ctx)
@@ -336,7 +345,51 @@ class Llama:
             bos_token=piece(lc.llama_vocab_bos(self.vocab)),
         )
 
+    # --- sequence slots -------------------------------------------------------------------
+    def slot(self, seq_id: int) -> Llama:
+        """The session on sequence slot seq_id (0 is the Llama created): a stream of its own,
+        with its own policy state, recall store and seed, in the same context (same weights, one
+        cache buffer with a KV stream per slot).  All slots share one lock, so their calls run
+        one at a time; `close()` on a slot frees its cells only."""
+        owner = self._parent or self
+        check_int("seq_id", seq_id, 0)
+        if seq_id >= owner.n_slots:
+            raise ValueError(f"seq_id must be below n_slots ({owner.n_slots}), got {seq_id}")
+        if seq_id == 0:
+            return owner
+        with owner._lock:
+            if seq_id not in owner._slots:
+                owner._slots[seq_id] = owner._new_slot(seq_id)
+            return owner._slots[seq_id]
+
+    def _new_slot(self, seq_id: int) -> Llama:
+        slot = object.__new__(Llama)
+        slot.__dict__.update(self.__dict__)  # the model, context, projector, embedder and lock
+        slot._parent, slot._slots = self, {}
+        slot.policy = copy.deepcopy(self.policy)
+        n_embd = lc.llama_model_n_embd_inp(self._model.model)
+        slot._stream = Stream(
+            self._ctx, slot.policy, self._n_ctx, self._n_vocab, n_embd, self._guard, self.debug,
+            seq_id=seq_id, recall=self.recall,
+        )  # fmt: skip
+        return slot
+
+    @property
+    def seq_id(self) -> int:
+        """The sequence slot this session streams in."""
+        return self._stream.seq_id
+
     def close(self) -> None:
+        if getattr(self, "_parent", None) is not None:  # a slot: its own stream only
+            with self._parent._lock:
+                if self._stream is not None:
+                    self._parent._slots.pop(self._stream.seq_id, None)
+                    self._stream.reset()
+                    self._stream.close()
+                    self._stream = None
+            return
+        for slot in list(getattr(self, "_slots", {}).values()):
+            slot.close()
         if getattr(self, "_embedder", None) is not None:
             self._embedder.close()
             self._embedder = None
@@ -1064,7 +1117,7 @@ class Llama:
         Zeros unless that decode was scored: a fresh-window policy scores only the decodes whose
         queries the next eviction ranks by (the last retrieval_window rows before it).
         """
-        view = self.kv.cells()
+        view = self.kv.cells(self._stream.seq_id)
         return view.positions, view.scores
 
     def cached_stream_indices(self) -> np.ndarray:

@@ -88,8 +88,11 @@ class ModelOptions:
 
 @dataclass
 class ContextOptions:
-    """The stream's llama_context.  n_ubatch is capped by n_batch, n_batch by n_ctx; rope_freq_*
-    0 take the model's values; n_threads None means the physical cores this process may use."""
+    """The streams' llama_context.  n_ctx is the cache of one stream; n_slots > 1 gives each of that
+    many sequences a KV stream of its own (n_ctx cells each, llama.cpp's non-unified cache), so
+    that every slot is scored, evicted and compacted alone.  n_ubatch is capped by n_batch,
+    n_batch by n_ctx; rope_freq_* 0 take the model's values; n_threads None means the physical
+    cores this process may use."""
 
     n_ctx: int
     n_batch: int = 512
@@ -102,9 +105,11 @@ class ContextOptions:
     rope_freq_base: float = 0.0
     rope_freq_scale: float = 0.0
     offload_kqv: bool = True
+    n_slots: int = 1
 
     def __post_init__(self) -> None:
         check_int("n_batch", self.n_batch, 1)
+        check_int("n_slots", self.n_slots, 1)
         check_int("n_ubatch", self.n_ubatch, 1)
         for name in ("n_threads", "n_threads_batch"):
             if getattr(self, name) is not None:
@@ -128,10 +133,12 @@ class ContextOptions:
 
     def to_params(self, default_threads: int) -> Any:
         params = lc.llama_context_default_params()
-        params.n_ctx = self.n_ctx
+        # llama.cpp pads each sequence's share to 256 cells: ask for whole shares
+        params.n_ctx = -(-self.n_ctx // 256) * 256 * self.n_slots if self.n_slots > 1 else self.n_ctx
         params.n_batch = self.batch
         params.n_ubatch = self.ubatch
-        params.n_seq_max = 1
+        params.n_seq_max = self.n_slots
+        params.kv_unified = self.n_slots == 1
         params.n_threads = self.n_threads or default_threads
         params.n_threads_batch = self.n_threads_batch or params.n_threads
         params.flash_attn_type = (
