@@ -1,4 +1,4 @@
-"""`infmllm-gguf` command line: demo, chat, stream (text or video), ppl, passkey."""
+"""`infmllm-gguf` command line: demo, chat, stream (text or video), ppl, passkey, serve."""
 
 from __future__ import annotations
 
@@ -409,6 +409,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infmllm_gguf.server import ServerConfig, serve
+
+    config = ServerConfig(
+        model=args.model, mmproj=args.mmproj, kv_policy=args.policy, budget=args.budget, n_ctx=args.n_ctx,
+        slots=args.slots, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
+        model_alias=args.model_alias, recall=args.recall, n_threads=args.threads,
+    )  # fmt: skip
+    serve(config, args.host, args.port)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -471,6 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None)
     p.add_argument("--max-tokens", type=int, default=10_000)
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server of endless conversations in sequence slots")
+    common(p, budget=1024)
+    p.add_argument(
+        "--slots", type=int, default=8, help="sequence slots: conversations held in the cache at once"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--sessions-dir", default="infmllm-sessions", help="where idle conversations are saved")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the slots before 503")
+    p.add_argument("--model-alias", default=None, help="the model id clients send (default: the file's stem)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("passkey", help="passkey retrieval at several depths")
     common(p)

@@ -24,7 +24,8 @@ class Embedder:
 
     def __init__(self, model: LlamaModel, like: Any, pooling_type: int, verbose: bool):
         """like: the stream's llama_context_params (batch, threads and flash attention are taken)."""
-        n_batch = like.n_batch
+        # a whole number of 256-cell pages: llama.cpp's pooled graphs fail to reserve otherwise
+        n_batch = -(-like.n_batch // 256) * 256
         params = lc.llama_context_default_params()
         params.flash_attn_type = like.flash_attn_type
         params.n_ctx = params.n_batch = params.n_ubatch = n_batch

@@ -919,9 +919,7 @@ class Llama:
             mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar or format_grammar,
             logits_processor, seed,
         )  # fmt: skip
-        marker = self._projector.marker if self._projector is not None else None
-        flat, images = flatten_messages(messages, marker)
-        rendered = self._chat_formatter(messages=flat)
+        rendered, images = self._render_chat(messages)
         add_bos = not rendered.added_special
         if images:
             parts = self._require_projector().tokenize(rendered.prompt, images, add_bos)
@@ -1067,6 +1065,20 @@ class Llama:
         return (
             self._embedder.pooling_type if self._embedder is not None else lc.LLAMA_POOLING_TYPE_UNSPECIFIED
         )
+
+    def _render_chat(self, messages: list[dict]) -> tuple[Any, list[ImageLike]]:
+        marker = self._projector.marker if self._projector is not None else None
+        flat, images = flatten_messages(messages, marker)
+        return self._chat_formatter(messages=flat), images
+
+    def chat_prompt_tokens(self, messages: list[dict]) -> np.ndarray:
+        """The token ids a chat request's text renders to (each image as its marker's tokens):
+        what a conversation's stream would begin with, for finding the stream that holds it."""
+        if self._chat_formatter is None:
+            raise ValueError(f"{self.model_path.name} has no chat template")
+        rendered, _ = self._render_chat(messages)
+        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        return np.asarray(tokens, np.int32)
 
     # --- introspection -----------------------------------------------------------------
     @_locked

@@ -299,8 +299,16 @@ def flatten_messages(messages: list[dict], marker: str | None) -> tuple[list[dic
     `marker`, and the images in order.  Without a marker (no projector) an image part is an error."""
     flat: list[dict] = []
     images: list[ImageLike] = []
+    if not isinstance(messages, list):
+        raise ValueError(
+            f"messages must be a list of {{'role': ..., 'content': ...}}, got {type(messages).__name__}"
+        )
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"each message must be a dict with a 'role' string, got {message!r:.80}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"a message's content must be a string or a list of parts, got {content!r:.80}")
         if isinstance(content, list):
             texts = []
             for part in content:

@@ -1,0 +1,200 @@
+"""`infmllm-gguf serve` on 127.0.0.1, driven by the real `openai` client: conversations in sequence
+slots, saved and restored when the slots run out and across a restart, bad requests refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+MODEL = "smollm2-135m"
+BUDGET, CHUNK = 256, 32  # infmllm's default chunk at budget 256
+
+
+class Server:
+    def __init__(self, sessions: Path, slots: int, max_queue: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.args = [
+            sys.executable, "-m", "infmllm_gguf.cli", "serve", "--budget", str(BUDGET), "--slots", str(slots),
+            "--max-queue", str(max_queue), "--port", str(self.port), "--sessions-dir", str(sessions),
+            "--threads", "2",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1).read()
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise RuntimeError("the server did not come up")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down; the slots are saved
+        self.proc.wait(timeout=60)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        return {name: float(value) for name, value in re.findall(r"^(\S+) (\S+)$", text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("sessions"), slots=2, max_queue=2)
+    yield srv
+    srv.stop()
+
+
+def chat(client, user: str, messages: list[dict], **kw) -> str:
+    reply = client.chat.completions.create(model=MODEL, messages=messages, user=user, temperature=0, **kw)
+    return reply.choices[0].message.content
+
+
+def test_models_chat_and_streaming(server):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == [MODEL]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = chat(client, "s1", messages, max_tokens=10)
+    chunks = client.chat.completions.create(
+        model=MODEL, messages=messages, user="s2", temperature=0, max_tokens=10, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain
+    done = client.completions.create(
+        model=MODEL, prompt="The sea is", max_tokens=5, temperature=0, logprobs=2
+    )
+    assert len(done.choices[0].logprobs.tokens) == done.usage.completion_tokens
+    vectors = client.embeddings.create(model=MODEL, input=["a red apple", "the sea"])
+    assert [len(d.embedding) for d in vectors.data] == [576, 576]
+
+
+def test_four_clients_forty_turns_in_two_slots(server):
+    """Four conversations share two slots: they are saved and restored all along, each stream
+    stays within budget + chunk, and every client gets its 40 answers."""
+    seen_cells: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            m = server.metrics()
+            seen_cells.extend(v for k, v in m.items() if k.startswith("infmllm_slot_cells"))
+            time.sleep(0.2)
+
+    answers: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def converse(i: int) -> None:
+        client = server.client()
+        messages: list[dict] = []
+        try:
+            for turn in range(40):
+                messages.append({"role": "user", "content": f"Client {i}, turn {turn}: say a number."})
+                reply = chat(client, f"client-{i}", messages, max_tokens=6)
+                messages.append({"role": "assistant", "content": reply})
+                answers.setdefault(i, []).append(reply)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    clients = [threading.Thread(target=converse, args=(i,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert not errors, errors[:1]
+    assert all(len(answers[i]) == 40 for i in range(4))
+    m = server.metrics()
+    assert m["infmllm_sessions_saved_total"] > 4 and m["infmllm_sessions_restored_total"] > 4
+    assert seen_cells and max(seen_cells) <= BUDGET + CHUNK
+    assert sum(v for k, v in m.items() if k.startswith("infmllm_slot_evictions_total")) > 0
+
+
+def test_restored_conversation_continues_as_if_it_had_stayed(tmp_path):
+    """One slot: a conversation run straight through, and the same one evicted by another
+    conversation and then by a restart before its last turn, give the same last answer."""
+    srv = Server(tmp_path, slots=1, max_queue=2)
+    client = srv.client()
+    turns = ["Hello!", "What is the capital of France?", "And of Italy?", "Which is bigger?"]
+
+    def run(user: str, interrupt: bool) -> str:
+        nonlocal client
+        messages: list[dict] = []
+        for n, text in enumerate(turns):
+            if interrupt and n == len(turns) - 1:
+                chat(client, "intruder", [{"role": "user", "content": "Tell me a story."}], max_tokens=8)
+                srv.stop()  # saved to disk with the slot's conversation
+                srv.start()
+                client = srv.client()
+            messages.append({"role": "user", "content": text})
+            reply = chat(client, user, messages, max_tokens=12)
+            messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    straight = run("straight", interrupt=False)
+    assert run("interrupted", interrupt=True) == straight
+    assert srv.metrics()["infmllm_sessions_restored_total"] >= 1
+    srv.stop()
+
+
+def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    for bad in ([{"content": "no role"}], "not a list", [{"role": "user", "content": 5}]):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=bad)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=3.0)
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=b"{oops", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400 and "JSON" in json.loads(err.value.read())["error"]["message"]
+
+    statuses: list[int] = []
+    retry_after: list[str] = []
+
+    def hammer(i: int) -> None:
+        try:
+            chat(server.client(), f"busy-{i}", [{"role": "user", "content": "Count to ten."}], max_tokens=40)
+            statuses.append(200)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+            retry_after.append(exc.response.headers.get("retry-after", ""))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses.count(503) >= 4 and statuses.count(200) >= 1  # at most slots + queue in flight
+    assert all(r == "1" for r in retry_after)
+    assert chat(client, "after", [{"role": "user", "content": "Still there?"}], max_tokens=4)
