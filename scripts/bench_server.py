@@ -1,0 +1,200 @@
+"""The server under load: 1, 2, 4 and 8 concurrent clients, each holding one long conversation.
+
+Starts `infmllm-gguf serve` on 127.0.0.1 (8 slots, so every conversation keeps its slot) and
+drives it with the `openai` client, streaming: per request the time to the first token; per
+run the aggregate generated tokens per second (streamed text chunks, one per token but where a
+stop string or a multi-byte character holds text back) and the server's resident memory, sampled
+twice a second (flat: every conversation stays within budget + chunk however long it runs).
+Decoding is serialised in one context, so aggregate tok/s stays about flat with the clients
+while the time to first token grows with the queue.
+
+    python scripts/bench_server.py --quick     # 10 turns per client (minutes)
+    python scripts/bench_server.py             # 100 turns per client
+
+Writes bench/results/server.json, server.csv and server.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from openai import OpenAI
+from results_io import RESULTS, write_results
+from tqdm import tqdm
+
+MODEL = "smollm2-135m"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "infmllm_gguf.cli", "serve", "--budget", str(args.budget), "--slots", "8",
+        "--port", str(port), "--sessions-dir", sessions, "--max-queue", "16",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc, port
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
+def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqdm) -> dict:
+    ttft: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    rss: list[tuple[float, float]] = []
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def watch() -> None:
+        while not done.is_set():
+            rss.append((time.perf_counter() - t0, rss_mb(pid)))
+            time.sleep(0.5)
+
+    def converse(i: int) -> None:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        messages: list[dict] = []
+        for turn in range(turns):
+            messages.append(
+                {"role": "user", "content": f"Turn {turn}. Tell me one more thing about the sea."}
+            )
+            start = time.perf_counter()
+            first, parts, n = None, [], 0
+            stream = client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=turn,
+                stream=True, user=f"bench-{clients}-{i}",
+            )  # fmt: skip
+            for chunk in stream:
+                text = chunk.choices[0].delta.content if chunk.choices else None
+                if text:
+                    first = first or time.perf_counter() - start
+                    parts.append(text)
+                    n += 1
+            messages.append({"role": "assistant", "content": "".join(parts)})
+            with lock:
+                if first is not None:
+                    ttft.append(first)
+                tokens[0] += n
+                bar.update()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=converse, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    done.set()
+    watcher.join()
+    mem = np.array([m for _, m in rss])
+    warm = mem[len(mem) // 10 :] if len(mem) > 10 else mem
+    return {
+        "clients": clients,
+        "turns": turns,
+        "requests": clients * turns,
+        "seconds": round(wall, 1),
+        "tokens_per_s": round(tokens[0] / wall, 1),
+        "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
+        "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3),
+        "rss_start_mb": round(float(warm[0]), 1),
+        "rss_end_mb": round(float(warm[-1]), 1),
+        "rss_max_mb": round(float(mem.max()), 1),
+        "rss_trace": [(round(t, 1), round(m, 1)) for t, m in rss],
+    }
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    clients = [r["clients"] for r in rows]
+    ax[0].plot(clients, [r["tokens_per_s"] for r in rows], "o-")
+    ax[0].set(xlabel="concurrent clients", ylabel="generated tokens / s (all clients)", title="throughput")
+    ax[1].plot(clients, [r["ttft_p50_s"] for r in rows], "o-", label="p50")
+    ax[1].plot(clients, [r["ttft_p95_s"] for r in rows], "s--", label="p95")
+    ax[1].set(xlabel="concurrent clients", ylabel="seconds", title="time to first token")
+    ax[1].legend()
+    for r in rows:
+        t, m = zip(*r["rss_trace"])
+        ax[2].plot(t, m, label=f"{r['clients']} clients")
+    ax[2].set(xlabel="seconds into the run", ylabel="server RSS (MB)", title="memory")
+    ax[2].legend()
+    for a in ax[:2]:
+        a.set_xscale("log", base=2)
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="10 turns per client")
+    ap.add_argument("--turns", type=int, default=100)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--out", default=str(RESULTS / "server"))
+    args = ap.parse_args()
+    turns = 10 if args.quick else args.turns
+    rows = []
+    with (
+        tempfile.TemporaryDirectory() as sessions,
+        tqdm(total=sum(args.clients) * turns, unit="turn", desc="server") as bar,
+    ):
+        for clients in args.clients:
+            proc, port = start_server(args, sessions)  # a fresh server per run: RSS from its start
+            try:
+                rows.append(run(port, proc.pid, clients, turns, args.max_tokens, bar))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            r = rows[-1]
+            bar.write(
+                f"{clients} clients: {r['tokens_per_s']} tok/s, ttft p50 {r['ttft_p50_s']} s "
+                f"p95 {r['ttft_p95_s']} s, RSS {r['rss_start_mb']} -> {r['rss_end_mb']} MB"
+            )
+    meta = {
+        "budget": args.budget,
+        "turns": turns,
+        "max_tokens": args.max_tokens,
+        "slots": 8,
+        "decoding": "serial",
+    }
+    columns = [
+        "clients", "requests", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "rss_start_mb",
+        "rss_end_mb", "rss_max_mb",
+    ]  # fmt: skip
+    out = write_results(args.out, meta, rows, columns)
+    plot(rows, out)
+    print(f"wrote {out}.json, .csv, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
