@@ -3,6 +3,7 @@ slots, saved and restored when the slots run out and across a restart, bad reque
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -24,14 +25,14 @@ BUDGET, CHUNK = 256, 32  # infmllm's default chunk at budget 256
 
 
 class Server:
-    def __init__(self, sessions: Path, slots: int, max_queue: int):
+    def __init__(self, sessions: Path, slots: int, max_queue: int, *extra: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.args = [
             sys.executable, "-m", "infmllm_gguf.cli", "serve", "--budget", str(BUDGET), "--slots", str(slots),
             "--max-queue", str(max_queue), "--port", str(self.port), "--sessions-dir", str(sessions),
-            "--threads", "2",
+            "--threads", "2", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -198,3 +199,29 @@ def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
     assert statuses.count(503) >= 4 and statuses.count(200) >= 1  # at most slots + queue in flight
     assert all(r == "1" for r in retry_after)
     assert chat(client, "after", [{"role": "user", "content": "Still there?"}], max_tokens=4)
+
+
+def test_images_through_the_server(tmp_path, codebook_mmproj):
+    """--mmproj: a picture sent as a data URL enters the conversation's stream."""
+    from test_vision import png_bytes
+
+    from infmllm_gguf.codebook import render_words
+
+    srv = Server(tmp_path, 1, 2, "--mmproj", str(codebook_mmproj))
+    url = (
+        "data:image/png;base64,"
+        + base64.b64encode(png_bytes(render_words("the code is 4 7", codebook_mmproj))).decode()
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Read it."},
+            ],
+        }
+    ]
+    reply = srv.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert reply.usage.prompt_tokens > 16  # the picture's cells
+    assert srv.metrics()['infmllm_slot_cells{slot="0"}'] == reply.usage.total_tokens
+    srv.stop()
