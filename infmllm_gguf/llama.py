@@ -1045,6 +1045,8 @@ class Llama:
         tokens = [self.tokenize(t) for t in texts]
         if truncate:
             tokens = [t[: self.n_batch] for t in tokens]
+        elif max(map(len, tokens)) > self.n_batch:
+            raise ValueError(f"an input of {max(map(len, tokens))} tokens exceeds n_batch ({self.n_batch})")
         vectors = self._embedder.embed(tokens, normalize)
         output = vectors[0] if isinstance(input, str) else vectors
         return (output, sum(len(t) for t in tokens)) if return_count else output

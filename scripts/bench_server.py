@@ -50,7 +50,8 @@ def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Po
         sys.executable, "-m", "infmllm_gguf.cli", "serve", "--budget", str(args.budget), "--slots", "8",
         "--port", str(port), "--sessions-dir", sessions, "--max-queue", "16",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # from the sessions folder: in the checkout Python would import the unbuilt sources
+    proc = subprocess.Popen(cmd, cwd=sessions, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)

@@ -35,6 +35,7 @@ class Server:
             "--threads", "2", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
+        self.cwd = sessions
         self.start()
 
     @property
@@ -42,7 +43,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # run from the sessions folder: from the checkout, Python would import the unbuilt sources
+        self.proc = subprocess.Popen(
+            self.args, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -103,7 +103,7 @@ def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_p
     answer = llm.generate_text(8)
     run = subprocess.run(
         [sys.executable, "-c", FRESH, model_path, str(path), json.dumps(more.tolist())],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path,  # not the checkout
     )  # fmt: skip
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["stats"] == json.loads(json.dumps(saved["stats"]))
