@@ -229,3 +229,28 @@ def test_images_through_the_server(tmp_path, codebook_mmproj):
     assert reply.usage.prompt_tokens > 16  # the picture's cells
     assert srv.metrics()['infmllm_slot_cells{slot="0"}'] == reply.usage.total_tokens
     srv.stop()
+
+
+def test_anonymous_conversations_are_found_by_their_prefix(tmp_path):
+    """No session id: a request that continues a conversation finds it by the prompt's prefix, in
+    its slot or saved on disk; a new first message starts another conversation."""
+    srv = Server(tmp_path, 1, 2)
+    client = srv.client()
+
+    def turn(messages: list[dict], text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+
+    a: list[dict] = []
+    turn(a, "Hello, I am Ada.")
+    turn(a, "What is my name?")
+    m = srv.metrics()
+    assert m["infmllm_sessions_saved_total"] == 0  # the same conversation, still in the slot
+    b: list[dict] = []
+    turn(b, "Tell me about ships.")  # another conversation takes the slot: Ada's is saved
+    assert srv.metrics()["infmllm_sessions_saved_total"] == 1
+    turn(a, "Thanks.")  # found on disk by its prefix and restored
+    m = srv.metrics()
+    assert m["infmllm_sessions_restored_total"] == 1 and m["infmllm_sessions_saved_total"] == 2
+    srv.stop()
