@@ -24,7 +24,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,9 +260,7 @@ class Llama:
             self.kv.set_scoring(0)
         n_embd = lc.llama_model_n_embd_inp(self._model.model)
         try:
-            self._stream = Stream(
-                self._ctx, policy, self._n_ctx, self._n_vocab, n_embd, self._guard, debug, recall=recall
-            )
+            self._stream = self._make_stream(policy, seq_id=0)
         except ValueError:
             self.close()
             raise
@@ -367,12 +365,16 @@ class Llama:
         slot.__dict__.update(self.__dict__)  # the model, context, projector, embedder and lock
         slot._parent, slot._slots = self, {}
         slot.policy = copy.deepcopy(self.policy)
+        slot._stream = self._make_stream(slot.policy, seq_id)
+        return slot
+
+    def _make_stream(self, policy: KVPolicy, seq_id: int) -> Stream:
+        """The stream of one sequence slot, under its own copy of the policy."""
         n_embd = lc.llama_model_n_embd_inp(self._model.model)
-        slot._stream = Stream(
-            self._ctx, slot.policy, self._n_ctx, self._n_vocab, n_embd, self._guard, self.debug,
+        return Stream(
+            self._ctx, policy, self._n_ctx, self._n_vocab, n_embd, self._guard, self.debug,
             seq_id=seq_id, recall=self.recall,
         )  # fmt: skip
-        return slot
 
     @property
     def seq_id(self) -> int:
@@ -607,7 +609,7 @@ class Llama:
         max_tokens: int,
         stops: list[str],
         n_logprobs: int | None = None,
-        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
+        criteria: Sequence[StoppingCriterion] = (),
     ) -> Iterator[_Step]:
         """Continue the stream, one step per piece of text; the sampler is closed at the end.
 
@@ -618,7 +620,6 @@ class Llama:
         try:
             if self._stream.last_logits is None:
                 raise ValueError("nothing to continue from: feed text first")
-            criteria = _criteria(stopping_criteria)
             self._stream.recall_turn()
             matcher = StopMatcher(stops)
             records: list[_TokenLogprob] = []

@@ -20,6 +20,7 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+from infmllm_gguf.params import check_int
 
 __all__ = [
     "LlamaGrammar",
@@ -75,8 +76,7 @@ class SamplingParams:
         _check_finite("repeat_penalty", self.repeat_penalty)
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0)
         if self.mirostat_mode not in (0, 1, 2):
             raise ValueError(f"mirostat_mode must be 0, 1 or 2, got {self.mirostat_mode!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -111,6 +111,7 @@ class Sampler:
         self.n_vocab = n_vocab
         self._chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         self._data = np.empty(n_vocab, _TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
         try:
             self._build(params, vocab, seed & 0xFFFFFFFF, penalty_last_n)
         except BaseException:
@@ -177,7 +178,7 @@ class Sampler:
             if scores.shape != (self.n_vocab,):
                 raise ValueError(f"a logits processor returned shape {scores.shape}, not ({self.n_vocab},)")
         data = self._data
-        data["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        data["id"] = self._ids  # the chain reorders the array in place: every step starts afresh
         data["logit"] = scores
         data["p"] = 0.0
         cur = lc.llama_token_data_array(

@@ -94,7 +94,7 @@ class Busy(Exception):
 class Conversation:
     key: str  # the file stem: a hash of the session id, or a random id
     slot: int | None = None
-    history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # while not in a slot
     last_used: float = 0.0
     busy: int = 0  # requests using it now
 
@@ -139,11 +139,12 @@ class SlotPool:
             return self._convs.setdefault(key, Conversation(key))
         best, best_common = None, 0
         for conv in self._convs.values():
-            m = min(len(conv.history), len(prompt))
-            diverge = np.flatnonzero(conv.history[:m] != prompt[:m])
+            history = conv.history if conv.slot is None else self.llm.slot(conv.slot).history
+            m = min(len(history), len(prompt))
+            diverge = np.flatnonzero(history[:m] != prompt[:m])
             common = int(diverge[0]) if len(diverge) else m
             # a continuation shares most of the conversation, not just a system prompt
-            if common > best_common and common >= len(conv.history) / 2:
+            if common > best_common and common >= len(history) / 2:
                 best, best_common = conv, common
         if best is None:
             best = Conversation(uuid.uuid4().hex)
@@ -160,6 +161,7 @@ class SlotPool:
         slot = victim.slot
         llm = self.llm.slot(slot)
         llm.save_session(self._path(victim))
+        victim.history = np.array(llm.history)
         llm.reset()
         victim.slot = None
         self._slots[slot] = None
@@ -198,8 +200,6 @@ class SlotPool:
         with self._cond:
             conv.busy -= 1
             conv.last_used = time.monotonic()
-            if conv.slot is not None:
-                conv.history = np.array(self.llm.slot(conv.slot).history)
             self._cond.notify_all()
 
     def save_all(self) -> None:
