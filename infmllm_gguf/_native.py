@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 4  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 5  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -166,6 +166,11 @@ infmllm_kv_seq_cells = _bind(
 infmllm_kv_seq_evict = _bind(
     "infmllm_kv_seq_evict",
     [llama_context_p, llama_seq_id, ctypes.POINTER(llama_pos), ctypes.c_int32],
+    ctypes.c_int32,
+)
+infmllm_kv_seq_evict_cells = _bind(
+    "infmllm_kv_seq_evict_cells",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
     ctypes.c_int32,
 )
 infmllm_kv_seq_compact = _bind("infmllm_kv_seq_compact", [llama_context_p, llama_seq_id], ctypes.c_int32)

@@ -45,7 +45,7 @@ def _read_text(path: str | None) -> str:
 
 def _make_llama(args: argparse.Namespace) -> Llama:
     n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
-    policy = make_policy(args.policy, budget=args.budget)
+    policy = make_policy(args.policy, budget=args.budget, reposition=args.reposition)
     recall = Recall(when=args.recall_when) if args.recall else None
     return Llama(
         args.model,
@@ -436,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--budget", type=int, default=budget, help="KV-cache budget in tokens")
         p.add_argument("--n-ctx", type=int, default=None, help="context cells (default: budget + chunk)")
         p.add_argument("--flash-attn", action="store_true")
+        p.add_argument(
+            "--reposition",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="compact kept tokens to positions 0..n-1 after each eviction (--no-reposition: keep "
+            "their positions; needed for M-RoPE models)",
+        )
         p.add_argument("--mmproj", default=None, help="a projector (mmproj GGUF) for images and video")
         p.add_argument("--json", default=None, help="write machine-readable results here")
         p.add_argument(

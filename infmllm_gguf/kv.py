@@ -116,6 +116,14 @@ class KVCache:
             N.infmllm_kv_seq_evict(self.ctx, seq_id, pos.ctypes.data_as(_I32P), len(pos)),
         )
 
+    def evict_cells(self, cells: np.ndarray, seq_id: int = 0) -> int:
+        """Evict by cell index: unambiguous where cells share a position (M-RoPE images)."""
+        c = np.ascontiguousarray(cells, dtype=np.int32)
+        return _check(
+            "infmllm_kv_seq_evict_cells",
+            N.infmllm_kv_seq_evict_cells(self.ctx, seq_id, c.ctypes.data_as(_I32P), len(c)),
+        )
+
     def compact(self, seq_id: int = 0) -> int:
         """Renumber to 0..n-1; returns n, the position the next token takes."""
         return _check("infmllm_kv_seq_compact", N.infmllm_kv_seq_compact(self.ctx, seq_id))

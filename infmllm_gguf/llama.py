@@ -313,10 +313,17 @@ class Llama:
         model = self._model.model
         rope = lc.llama_model_rope_type(model)
         if rope in (lc.LLAMA_ROPE_TYPE_MROPE, lc.LLAMA_ROPE_TYPE_IMROPE, lc.LLAMA_ROPE_TYPE_VISION):
-            raise ValueError(
-                "eviction needs 1-D RoPE positions to re-position kept tokens; this model uses "
-                "M-RoPE. Use kv_policy='full'."
-            )
+            if self.policy.reposition:
+                raise ValueError(
+                    "this model uses M-RoPE, whose keys cannot be re-rotated to new positions: "
+                    f"evict without re-positioning ({type(self.policy).__name__}(..., "
+                    "reposition=False)) or use kv_policy='full'"
+                )
+            if self.recall is not None:
+                raise ValueError(
+                    "the recall tier writes stored keys back by 1-D position; this model uses "
+                    "M-RoPE: stream without recall"
+                )
         if lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model):
             raise ValueError(
                 "recurrent/hybrid models have no per-token KV cache to evict; use kv_policy='full'"
@@ -553,10 +560,14 @@ class Llama:
         return self._projector
 
     def _feed_parts(self, parts: list[Part], encoded: dict[int, np.ndarray] | None = None) -> int:
-        """Feed text and image parts in order (images encoded now unless given); returns cells fed."""
+        """Feed text and image parts in order (images encoded now unless given); returns cells fed.
+        What cannot fit is refused before anything is fed."""
+        n_positions = 0
         for part in parts:
             if isinstance(part, ImagePart):
                 self._stream.check_image_fits(part.n_tokens, part.non_causal)
+            n_positions += part.n_pos if isinstance(part, ImagePart) else len(part)
+        self._stream.check_room(sum(len(p) for p in parts), n_positions)
         encoded = encoded or {}
         for part in parts:
             if isinstance(part, ImagePart):
@@ -1096,7 +1107,7 @@ class Llama:
             "n_streamed": st.n_streamed,
             "n_evicted": st.stats.n_evicted,
             "evictions": st.stats.evictions,
-            "max_pos": st.n_cached - 1,
+            "max_pos": st.next_pos - 1,
             "max_pos_seen": st.stats.max_pos_seen,
             "images": st.stats.images,
             "n_image_cells": st.n_image_cells,

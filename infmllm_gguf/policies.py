@@ -41,10 +41,16 @@ def _check_int(name: str, value: int, minimum: int) -> None:
 
 @dataclass
 class KVPolicy:
-    """Base: keep `budget` cells; evict `chunk` at a time when the cache holds budget + chunk."""
+    """Base: keep `budget` cells; evict `chunk` at a time when the cache holds budget + chunk.
+
+    `reposition` (keyword only): True compacts the kept cells to positions 0..n-1 after each
+    eviction (their keys re-rotated), as the Inf-MLLM paper does; False leaves every cell at
+    the position it was decoded at, so positions grow with the stream up to the model's
+    trained context.  False is what M-RoPE models need (their keys cannot be re-rotated)."""
 
     budget: int
     chunk: int | None = None  # default: budget // 8 (at least 16)
+    reposition: bool = field(default=True, kw_only=True)
 
     name: ClassVar[str] = ""
 
@@ -53,6 +59,8 @@ class KVPolicy:
         if self.chunk is None:
             self.chunk = max(16, self.budget // 8)
         _check_int("chunk", self.chunk, 1)
+        if not isinstance(self.reposition, bool):
+            raise ValueError(f"reposition must be a bool, got {self.reposition!r}")
 
     # --- what the native scorer must compute (0: nothing, n: last n rows, -1: all rows)
     @property
@@ -104,11 +112,13 @@ class KVPolicy:
         """Boolean keep-mask over view (stream order) keeping exactly n_keep cells (default: budget).
 
         The runtime asks for fewer than budget only to make room for an image larger than one
-        chunk; the sinks and then the recent window shrink to fit."""
+        chunk; the sinks and then the recent window shrink to fit.  Without re-positioning the
+        newest cell is always kept: llama.cpp continues a sequence from its newest position."""
         n_keep = self.budget if n_keep is None else n_keep
         rule = self.rule()
-        sinks = min(rule.sinks, n_keep)
-        recent = min(rule.recent, n_keep - sinks)
+        newest = 0 if self.reposition else min(1, n_keep)
+        sinks = min(rule.sinks, n_keep - newest)
+        recent = max(min(rule.recent, n_keep - sinks), newest)
         return select_keep(self.scores(view), n_keep, sinks, recent, rule.local_window, rule.bias)
 
 
@@ -359,8 +369,8 @@ POLICIES: dict[str, type[KVPolicy]] = {
 }
 
 
-def make_policy(spec: KVPolicy | str | None, budget: int | None = None) -> KVPolicy:
-    """A policy from an object or a name (defaults, optional budget)."""
+def make_policy(spec: KVPolicy | str | None, budget: int | None = None, reposition: bool = True) -> KVPolicy:
+    """A policy from an object or a name (defaults, optional budget and reposition)."""
     if isinstance(spec, KVPolicy):
         return spec
     if spec is None:
@@ -370,4 +380,4 @@ def make_policy(spec: KVPolicy | str | None, budget: int | None = None) -> KVPol
     cls = POLICIES[spec.lower()]
     if cls is FullCache:
         return FullCache()
-    return cls(budget=budget if budget is not None else 1024)
+    return cls(budget=budget if budget is not None else 1024, reposition=reposition)

@@ -1,12 +1,15 @@
 """`Stream`: one sequence of a llama context — its cells, its history, its policy's state.
 
 Every token ever fed is in the history; the cache holds at most the policy's budget + chunk
-of them, at compacted positions 0..n-1.  Image cells are cells like any other: they enter
+of them, at compacted positions 0..n-1 — or, under a policy with `reposition=False`, at the
+positions they were decoded at (then positions grow with the stream, up to the model's
+trained context).  Image cells are cells like any other: they enter
 through the same decode path (as embeddings instead of token ids), are scored, evicted and
 compacted like text.  In the history an image cell is recorded as a negative key derived
 from the image's content, so a prompt that repeats an image matches it like a repeated token.
 (An M-RoPE model's image takes fewer positions than cells, so there positions run ahead of
-the cell count; such a stream never evicts.)
+the cell count; such a stream evicts only without re-positioning, as its keys cannot be
+re-rotated.)
 
 With a recall tier (recall.py), what the policy evicts is copied to a host-memory store
 first, and recalled pages sit in a reserve of the budget beside the policy's cells, in stream
@@ -35,7 +38,8 @@ from infmllm_gguf.recall import PageStore, Recall, RecallError
 
 
 class ContextFullError(ValueError):
-    """The stream would exceed n_ctx under FullCache; nothing was fed."""
+    """The stream would exceed what its cache can take — n_ctx cells under FullCache, or the
+    model's trained positions where kept cells are not re-positioned; nothing was fed."""
 
 
 class InvariantError(RuntimeError):
@@ -107,8 +111,12 @@ class Stream:
         self.n_ubatch = lc.llama_n_ubatch(ctx)
         self._batch = Batch(self.n_batch)
         self._embd_batch: Batch | None = None  # made on the first image
-        rope = lc.llama_model_rope_type(lc.llama_get_model(ctx))
+        model = lc.llama_get_model(ctx)
+        rope = lc.llama_model_rope_type(model)
         self.mrope = rope in (lc.LLAMA_ROPE_TYPE_MROPE, lc.LLAMA_ROPE_TYPE_IMROPE)
+        # without re-positioning, positions grow with the stream: as far as the model was
+        # trained for, or as the cache was asked to be (a user's choice to extrapolate)
+        self.max_positions = max(lc.llama_model_n_ctx_train(model), n_ctx)
         self._scoring = 0
         self.recall = recall
         self.store: PageStore | None = None
@@ -172,6 +180,11 @@ class Stream:
     @property
     def capacity(self) -> int:
         return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
+
+    @property
+    def repositions(self) -> bool:
+        """Whether kept cells are compacted to positions 0..n-1 after each eviction."""
+        return self.policy.reposition and not isinstance(self.policy, FullCache)
 
     @property
     def n_recalled(self) -> int:
@@ -296,7 +309,7 @@ class Stream:
             raise ValueError("no tokens to feed")
         if tokens.min() < 0 or tokens.max() >= self.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.n_vocab})")
-        self._check_full(len(tokens))
+        self.check_room(len(tokens), len(tokens))
         out = np.empty(len(tokens), np.float64) if logprobs else None
         i = 0
         while i < len(tokens):
@@ -332,6 +345,7 @@ class Stream:
         if mrope is not None and (mrope[0].shape != (4, n) or mrope[0][:3].min() != self.next_pos):
             raise ValueError(f"M-RoPE positions must be 4 x {n}, from next_pos {self.next_pos}")
         self.check_image_fits(n, non_causal)
+        self.check_room(n, n if mrope is None else mrope[1])
         if self.n_cached + n > self.capacity:
             self._evict(min(self.policy.budget, self.capacity - n))
         if self._embd_batch is None:
@@ -363,19 +377,26 @@ class Stream:
                 f"an image of {n} tokens cannot fit in the budget of {self.policy.budget} cells; "
                 "raise the budget or use a smaller image"
             )
-        self._check_full(n)
         if non_causal and n > self.n_ubatch:
             raise ValueError(f"this projector's images attend non-causally and need n_batch >= {n}")
         if self.mrope and n > self.n_batch:
             # its cells share one position, so a part decoded before a failure could not be told apart
             raise ValueError(f"an M-RoPE image is decoded in one batch: it needs n_batch >= {n}")
 
-    def _check_full(self, n: int) -> None:
-        if isinstance(self.policy, FullCache) and self.n_cached + n > self.n_ctx:
+    def check_room(self, n_cells: int, n_positions: int) -> None:
+        """Raise ContextFullError unless n_cells more cells taking n_positions positions fit."""
+        if isinstance(self.policy, FullCache) and self.n_cached + n_cells > self.n_ctx:
             raise ContextFullError(
-                f"the stream would hold {self.n_cached + n} cells but n_ctx is {self.n_ctx} "
+                f"the stream would hold {self.n_cached + n_cells} cells but n_ctx is {self.n_ctx} "
                 "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
             )
+        if not self.repositions and not isinstance(self.policy, FullCache):
+            if self.next_pos + n_positions > self.max_positions:
+                raise ContextFullError(
+                    f"the stream would reach position {self.next_pos + n_positions} but the model "
+                    f"was trained for {self.max_positions} and kv_policy has reposition=False; "
+                    "reset() the stream, or use reposition=True (1-D RoPE models) to stream on"
+                )
 
     def _decode(
         self,
@@ -480,7 +501,8 @@ class Stream:
         own = ~self._recalled
         n_own_keep = n_keep
         if self.store is not None:
-            n_own_keep = max(0, n_keep - self.reserve)
+            # without re-positioning the newest cell (an own one) must stay, see KVPolicy.select
+            n_own_keep = max(0 if self.repositions else 1, n_keep - self.reserve)
             if n_own_keep + self.n_recalled > n_keep:
                 own[:] = True  # too little room (a large image): recalled cells go too
         keep = ~own
@@ -493,13 +515,14 @@ class Stream:
             self.store.add(self._stream_index[out], view.positions[out], k, v)
         with self._unit():
             # evict validates everything before it changes anything
-            self.kv.evict(view.positions[~keep], self.seq_id)
-            self.kv.compact(self.seq_id)  # cannot fail after a successful evict on the same sequence
-            self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
+            self.kv.evict_cells(view.cells[~keep], self.seq_id)
+            if self.repositions:
+                self.kv.compact(self.seq_id)  # cannot fail after a successful evict on the same sequence
+                self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
+                self.next_pos = int(keep.sum())
             self.policy.forget(view.cells[~keep])
             self._stream_index = self._stream_index[keep]
             self._recalled = self._recalled[keep]
-            self.next_pos = int(keep.sum())
             self.stats.n_evicted += int(out.sum())
             self.stats.evictions += 1
         if then_recall and self.recall is not None and self.recall.when == "chunk":
@@ -539,18 +562,20 @@ class Stream:
             return False
         view = self.kv.cells(self.seq_id)
         with self._unit():
-            self.kv.evict(view.positions[drop], self.seq_id)
+            self.kv.evict_cells(view.cells[drop], self.seq_id)
+            # rows go back at the positions they were stored at: their own, without re-positioning
             cells = self.kv.write_rows(pos, k, v, self.seq_id)
             all_cells = np.concatenate([view.cells[~drop], cells])
             all_index = np.concatenate([self._stream_index[~drop], sidx])
             all_recalled = np.concatenate([self._recalled[~drop], np.ones(len(cells), bool)])
             order = np.argsort(all_index, kind="stable")
-            self.kv.arrange(all_cells[order], self.seq_id)
-            self.kv.update()
+            if self.repositions:
+                self.kv.arrange(all_cells[order], self.seq_id)
+                self.kv.update()
+                self.next_pos = len(order)
             self.policy.forget(view.cells[drop])
             self._stream_index = all_index[order]
             self._recalled = all_recalled[order]
-            self.next_pos = len(order)
             self.stats.recalls += 1
             self.stats.pages_recalled += len(pids)
         return True
@@ -616,9 +641,10 @@ class Stream:
     def check_invariants(self) -> None:
         """Raise InvariantError unless the native cache and the stream's records agree.
 
-        The cache holds exactly the cached cells, at positions 0..n-1 (compacted; M-RoPE:
-        non-decreasing, below next_pos), within the capacity; they are distinct stream indices
-        in stream order; every streamed key is either cached or counted as evicted."""
+        The cache holds exactly the cached cells, at positions 0..n-1 (compacted), or at their
+        stream indices (not re-positioned), or, for M-RoPE, non-decreasing below next_pos; within
+        the capacity; they are distinct stream indices in stream order; every streamed key is
+        either cached or counted as evicted."""
         view = self.kv.cells(self.seq_id)
         n = self.n_cached
         problems = []
@@ -627,6 +653,9 @@ class Stream:
         elif self.mrope:
             if n and (np.any(np.diff(view.positions) < 0) or view.positions[-1] >= self.next_pos):
                 problems.append(f"cached positions are not non-decreasing below {self.next_pos}")
+        elif not self.repositions:
+            if not np.array_equal(view.positions, self._stream_index) or self.next_pos != self._n_history:
+                problems.append("cached positions are not the cells' stream indices")
         elif not np.array_equal(view.positions, np.arange(n)) or self.next_pos != n:
             problems.append(f"cached positions are not 0..n-1 = next_pos - 1 ({self.next_pos - 1})")
         if n > self.capacity:

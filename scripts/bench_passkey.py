@@ -7,6 +7,9 @@ whole stream (n_ctx = stream length) and shows what the model itself can do.
 
     python scripts/bench_passkey.py --quick    # budget 256, 2x/4x, 3 depths, 2 keys (minutes)
     python scripts/bench_passkey.py            # budgets 512 1024, 2x..16x, 5 depths, 5 keys
+    python scripts/bench_passkey.py --policies infmllm infmllm+fixed --out bench/results/reposition_passkey
+                                               # NAME+fixed: reposition=False (kept tokens keep
+                                               # their positions; at most the model's trained context)
 
 Writes bench/results/passkey.json, passkey.csv and passkey.png (heat map).
 """
@@ -46,7 +49,8 @@ def main() -> int:
             for name in args.policies:
                 if name == "full" and length > args.max_full_ctx:
                     continue
-                policy = make_policy(name, budget=budget)
+                base, _, extra = name.partition("+")
+                policy = make_policy(base, budget=budget, reposition=extra != "fixed")
                 n_ctx = length + 16 if name == "full" else policy.capacity
                 llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0)
                 result = run_passkey(llm, length, args.depths, args.trials)

@@ -8,6 +8,10 @@
     python scripts/bench_ppl.py --quick --policies full streamingllm infmllm infmllm+recall
                                                 # NAME+recall: with Recall(when="chunk");
                                                 # NAME+recall-turn: Recall() (no questions here)
+    python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
+        --out bench/results/reposition_ppl
+                                                # NAME+fixed: reposition=False (kept tokens keep
+                                                # their positions; at most the model's trained context)
 
 Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens).
 """
@@ -27,6 +31,7 @@ from infmllm_gguf.policies import make_policy
 from infmllm_gguf.texts import load_text
 
 POLICY_ORDER = ["full", "window", "streamingllm", "h2o", "snapkv", "infmllm"]
+RECALLS = {"recall": Recall(when="chunk"), "recall-turn": Recall(when="turn")}
 
 
 def main() -> int:
@@ -49,10 +54,10 @@ def main() -> int:
         for name in args.policies:
             if name == "full" and budget != args.budgets[0]:
                 continue  # the reference does not depend on the budget
-            base, _, extra = name.partition("+")
-            policy = make_policy(base, budget=budget)
+            base, *extras = name.split("+")
+            policy = make_policy(base, budget=budget, reposition="fixed" not in extras)
             n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
-            recall = {"recall": Recall(when="chunk"), "recall-turn": Recall(when="turn")}.get(extra)
+            recall = next((RECALLS[e] for e in extras if e in RECALLS), None)
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]

@@ -14,6 +14,7 @@ import pytest
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 from infmllm_gguf import default_model_path
+from infmllm_gguf.kv import decode
 from infmllm_gguf.texts import genesis
 
 N_THREADS = min(2, os.cpu_count() or 1)
@@ -111,3 +112,31 @@ def codebook_mmproj(model_path, tmp_path_factory):
     from infmllm_gguf.codebook import write_codebook_mmproj
 
     return write_codebook_mmproj(model_path, tmp_path_factory.mktemp("codebook") / "mmproj-codebook.gguf")
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted positions as [start, end) runs."""
+    if len(positions) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(positions, breaks)]
+
+
+def replay_evictions(llm, ref_ctx, tokens: np.ndarray) -> None:
+    """Feed text tokens to `llm` (a fresh text stream under a policy with reposition=False) and
+    the same to `ref_ctx`, a context that is never compacted, in the same pieces: before each
+    piece the positions the stream evicted leave `ref_ctx` through llama.cpp's own seq_rm.  A
+    piece is what fits before the cache is full, or one chunk once it is, so at most one
+    eviction round comes before each piece is decoded, as in the reference."""
+    mem = lc.llama_get_memory(ref_ctx)
+    cached = np.zeros(0, np.int64)
+    fed = 0
+    while fed < len(tokens):
+        take = min((llm.policy.capacity - llm.n_cached) or llm.policy.chunk, len(tokens) - fed)
+        llm.eval(tokens[fed : fed + take])
+        kept = llm.cached_stream_indices()
+        for start, end in _runs(np.setdiff1d(cached, kept)):
+            assert lc.llama_memory_seq_rm(mem, 0, start, end)
+        decode(ref_ctx, tokens[fed : fed + take], np.arange(fed, fed + take))
+        cached = kept
+        fed += take

@@ -147,6 +147,12 @@ def test_bad_input_returns_errors_and_corrupts_nothing(make_ctx, model, text_tok
         with pytest.raises(NativeError) as err:
             kv.evict(bad_positions)
         assert err.value.status == N.INFMLLM_ERR_POS_NOT_FOUND
+    cells = kv.cells().cells
+    free = int(np.setdiff1d(np.arange(kv.size), cells)[0])
+    for bad_cells in ([cells[5], free], [cells[7], cells[7]], [-3], [kv.size]):
+        with pytest.raises(NativeError) as err:
+            kv.evict_cells(bad_cells)
+        assert err.value.status == N.INFMLLM_ERR_INVALID_ARG
     for n in (129, -2):
         with pytest.raises(NativeError) as err:
             kv.set_scoring(n)

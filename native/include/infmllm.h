@@ -17,13 +17,13 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 4
+#define INFMLLM_ABI_VERSION 5
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
     INFMLLM_ERR_INVALID_ARG     = -1, // null pointer, negative count, bad parameter
     INFMLLM_ERR_UNSUPPORTED     = -2, // no plain KV cache (recurrent/hybrid): every call; keys that
-                                      // cannot be re-rotated (M-RoPE): scoring and compaction
+                                      // cannot be re-rotated (M-RoPE): compaction, arrange, write
     INFMLLM_ERR_INVALID_SEQ     = -3, // seq_id outside the context's sequences
     INFMLLM_ERR_POS_NOT_FOUND   = -4, // a position is not cached for that sequence (or repeated)
     INFMLLM_ERR_SHARED_CELLS    = -5, // compaction would move cells other sequences share
@@ -44,7 +44,8 @@ LLAMA_API const char * infmllm_status_str(int32_t status);
 // Enable/disable in-graph attention scoring on a context.  Changing it rebuilds the graph
 // on the next decode; while off, the graph is exactly llama.cpp's.
 // n_score_queries: INFMLLM_SCORE_ALL_ROWS, INFMLLM_SCORE_OFF or 1..n_ubatch; anything else is
-// INFMLLM_ERR_INVALID_ARG.  Scoring needs a plain KV cache with 1-D RoPE (INFMLLM_ERR_UNSUPPORTED).
+// INFMLLM_ERR_INVALID_ARG.  Scoring needs a plain KV cache (INFMLLM_ERR_UNSUPPORTED); M-RoPE
+// is fine: the scores come from the keys and queries as the attention rotated them.
 LLAMA_API int32_t infmllm_set_scoring(struct llama_context * ctx, int32_t n_score_queries);
 
 // The current mode, written to *n_score_queries (it may be INFMLLM_SCORE_ALL_ROWS, which is
@@ -79,6 +80,16 @@ LLAMA_API int32_t infmllm_kv_seq_evict(
         llama_seq_id           seq_id,
         const llama_pos      * positions,
         int32_t                n_positions);
+
+// Remove seq_id from the n listed cells, in one pass: eviction where positions do not name
+// cells one to one (an M-RoPE image's cells share one position).  Every cell must hold
+// seq_id and be listed once, else INFMLLM_ERR_INVALID_ARG; all are checked before anything
+// changes.  Returns n.
+LLAMA_API int32_t infmllm_kv_seq_evict_cells(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const int32_t        * cells,
+        int32_t                n);
 
 // Renumber the cells of seq_id to 0..n-1 in stream order; the RoPE re-rotation (K-shift)
 // is applied by the next llama_decode or infmllm_kv_update.  Returns n, the next free position.

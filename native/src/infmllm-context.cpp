@@ -31,7 +31,7 @@ const char * infmllm_status_str(int32_t status) {
     switch (status) {
         case INFMLLM_OK:                   return "ok";
         case INFMLLM_ERR_INVALID_ARG:      return "invalid argument";
-        case INFMLLM_ERR_UNSUPPORTED:      return "unsupported model or memory type (needs a plain KV cache and 1-D RoPE)";
+        case INFMLLM_ERR_UNSUPPORTED:      return "unsupported model or memory type (needs a plain KV cache; moving keys needs 1-D RoPE)";
         case INFMLLM_ERR_INVALID_SEQ:      return "invalid sequence id";
         case INFMLLM_ERR_POS_NOT_FOUND:    return "position not cached for that sequence (or repeated)";
         case INFMLLM_ERR_SHARED_CELLS:     return "cells are shared with other sequences";
@@ -50,7 +50,7 @@ int32_t infmllm_set_scoring(llama_context * ctx, int32_t n_score_queries) {
         return INFMLLM_ERR_INVALID_ARG;
     }
     llama_kv_cache * kv = infmllm_kv_cache(ctx);
-    if (n_score_queries != INFMLLM_SCORE_OFF && (kv == nullptr || !kv->get_can_shift())) {
+    if (n_score_queries != INFMLLM_SCORE_OFF && kv == nullptr) {
         return INFMLLM_ERR_UNSUPPORTED;
     }
     if (kv != nullptr) {

@@ -25,6 +25,18 @@ int32_t resolve(llama_context * ctx, llama_seq_id seq_id, seq_view & out) {
     return INFMLLM_OK;
 }
 
+// Remove seq_id from a cell (validated by the caller); a cell left empty is free for reuse.
+void free_cell(llama_context * ctx, const seq_view & v, llama_seq_id seq_id, uint32_t cell) {
+    if (v.cells->seq_rm(cell, seq_id)) { // the cell is free now
+        uint32_t & head = infmllm_access::head(*v.kv, v.stream);
+        head = std::min(head, cell);     // let find_slot refill holes first
+        auto & scores = ctx->infmllm.scores;
+        if (!scores.empty()) {
+            scores[v.stream][cell] = 0.0f;
+        }
+    }
+}
+
 } // namespace
 
 int32_t infmllm_kv_size(llama_context * ctx) {
@@ -98,17 +110,38 @@ int32_t infmllm_kv_seq_evict(
         return INFMLLM_ERR_POS_NOT_FOUND;
     }
 
-    auto & st = ctx->infmllm;
-    uint32_t & head = infmllm_access::head(*v.kv, v.stream);
     for (const auto & [pos, cell] : victims) {
-        if (v.cells->seq_rm(cell, seq_id)) { // the cell is free now
-            head = std::min(head, cell);     // let find_slot refill holes first
-            if (!st.scores.empty()) {
-                st.scores[v.stream][cell] = 0.0f;
-            }
-        }
+        free_cell(ctx, v, seq_id, cell);
     }
     return (int32_t) victims.size();
+}
+
+int32_t infmllm_kv_seq_evict_cells(
+        llama_context * ctx,
+        llama_seq_id    seq_id,
+        const int32_t * cells,
+        int32_t         n) {
+    seq_view v;
+    if (int32_t rc = resolve(ctx, seq_id, v); rc != INFMLLM_OK) {
+        return rc;
+    }
+    if (n < 0 || (n > 0 && cells == nullptr)) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    std::vector<uint32_t> victims(cells, cells + n);
+    std::sort(victims.begin(), victims.end());
+    if (std::adjacent_find(victims.begin(), victims.end()) != victims.end()) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    for (const uint32_t cell : victims) {
+        if (cell >= v.cells->size() || !v.cells->seq_has(cell, seq_id)) {
+            return INFMLLM_ERR_INVALID_ARG;
+        }
+    }
+    for (const uint32_t cell : victims) {
+        free_cell(ctx, v, seq_id, cell);
+    }
+    return n;
 }
 
 int32_t infmllm_kv_seq_compact(llama_context * ctx, llama_seq_id seq_id) {

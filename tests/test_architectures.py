@@ -1,13 +1,14 @@
-"""Architectures llama.cpp runs but eviction cannot serve: M-RoPE, recurrent and iSWA models.
+"""Architectures beyond the plain 1-D RoPE cache: M-RoPE, recurrent and iSWA models.
 
-Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys cannot take,
-a recurrent model has no per-token cache to evict, and a sliding-window model keeps two
-caches (full and windowed) that the native calls do not handle yet.  Both must be refused with the reason
-before a stream starts, must still run without eviction (kv_policy='full'), and the native
-calls must refuse rather than corrupt the context.  Under 'full', an M-RoPE model also takes
-images (a tiny random Qwen2-VL projector here), at the positions llama.cpp's own mtmd helper
-gives them.  The models are tiny random-weight GGUFs written here with the real SmolLM2
-vocabulary, so no extra download is needed.
+Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys cannot take:
+an M-RoPE model evicts without re-positioning (`reposition=False`), its text and its images
+(a tiny random Qwen2-VL projector here, at the positions llama.cpp's own mtmd helper gives
+them), and is refused with the reason otherwise.  A recurrent model has no per-token cache to
+evict, and a sliding-window model keeps two caches (full and windowed) that the native calls
+do not handle yet: both are refused before a stream starts, still run without eviction
+(kv_policy='full'), and the native calls refuse rather than corrupt the context.  The models
+are tiny random-weight GGUFs written here with the real SmolLM2 vocabulary, so no extra
+download is needed.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import logits_of
+from conftest import logits_of, replay_evictions
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
-from infmllm_gguf import Llama
+from infmllm_gguf import ContextFullError, InfMLLM, KVPolicy, Llama, Recall
 from infmllm_gguf import _native as N
 from infmllm_gguf.kv import KVCache, NativeError, decode
+from infmllm_gguf.policies import make_policy
 
 N_EMBD = 64
 N_LAYER = 2
@@ -92,12 +94,14 @@ def _write_tiny(
     rng: np.random.Generator,
     layer: Callable[[int], dict[str, np.ndarray]],
     hparams: dict[str, Any],
+    top: dict[str, np.ndarray] | None = None,
 ) -> str:
-    """An N_LAYER-model of width N_EMBD: embeddings, output norm, `layer(i)`'s tensors per block."""
+    """An N_LAYER-model of width N_EMBD: embeddings, output norm (and `top`), `layer(i)`'s
+    tensors per block."""
     tensors = {
         "token_embd.weight": _random(rng, _n_vocab(tokenizer), N_EMBD),
         "output_norm.weight": _ones(N_EMBD),
-    }
+    } | (top or {})
     for i in range(N_LAYER):
         tensors |= layer(i)
     shape = {"add_context_length": 1024, "add_embedding_length": N_EMBD, "add_block_count": N_LAYER}
@@ -269,18 +273,83 @@ def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[g
     return _write_tiny(path, "gemma2", tokenizer_fields, rng, layer, hparams)
 
 
+def _plain_layer(rng: np.random.Generator, arch: str, i: int) -> dict[str, np.ndarray]:
+    """Block i of a tiny 1-D RoPE model of `arch` (see TINY_ARCHS)."""
+    if arch == "gptneox":  # Pythia: fused QKV, biases and LayerNorms everywhere, no GQA
+        widths = {"attn_qkv": (3 * N_EMBD, N_EMBD), "attn_output": (N_EMBD, N_EMBD)}
+        widths |= {"ffn_up": (N_FF, N_EMBD), "ffn_down": (N_EMBD, N_FF)}
+        block = {}
+        for name, shape in widths.items():
+            block[f"blk.{i}.{name}.weight"] = _random(rng, *shape)
+            block[f"blk.{i}.{name}.bias"] = _random(rng, shape[0])
+        for norm in ("attn_norm", "ffn_norm"):
+            block[f"blk.{i}.{norm}.weight"] = _ones(N_EMBD)
+            block[f"blk.{i}.{norm}.bias"] = _random(rng, N_EMBD)
+        return block
+    block = _attention_block(rng, i, qkv_bias=arch == "qwen2")
+    if arch == "qwen3":  # per-head RMS norms of queries and keys
+        head_dim = N_EMBD // N_HEAD
+        block |= {
+            f"blk.{i}.attn_q_norm.weight": _ones(head_dim),
+            f"blk.{i}.attn_k_norm.weight": _ones(head_dim),
+        }
+    if arch == "phi3":  # gate and up fused into one matrix
+        del block[f"blk.{i}.ffn_gate.weight"]
+        block[f"blk.{i}.ffn_up.weight"] = _random(rng, 2 * N_FF, N_EMBD)
+    return block
+
+
+# name: (llama.cpp architecture, its RoPE, extra hparams).  Mistral and Llama 3 GGUFs are "llama".
+TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama3": ("llama", {"add_rope_freq_base": 500000.0}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
+    # partial rotary: RoPE on 4 of each head's 16 dims, as Pythia's rotary_pct 0.25
+    "pythia": ("gptneox", {"add_rope_dimension_count": 4, "add_layer_norm_eps": 1e-5}),
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY_ARCHS))
+def plain_gguf(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tokenizer_fields: list[gguf.ReaderField],
+) -> str:
+    """A 2-layer random model of each 1-D RoPE family in TINY_ARCHS."""
+    arch, extra = TINY_ARCHS[request.param]
+    rng = np.random.default_rng(5)
+    n_head_kv = N_HEAD if arch == "gptneox" else N_HEAD_KV
+    hparams = {"add_feed_forward_length": N_FF, "add_head_count": N_HEAD, "add_head_count_kv": n_head_kv}
+    hparams |= {"add_rope_freq_base": 10000.0} | extra
+    if arch == "gptneox":
+        hparams["add_parallel_residual"] = True
+    else:
+        hparams["add_layer_norm_rms_eps"] = 1e-6
+    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    top = {}
+    if arch == "gptneox":  # an output matrix and a biased output norm of its own
+        top = {
+            "output.weight": _random(rng, _n_vocab(tokenizer_fields), N_EMBD),
+            "output_norm.bias": _ones(N_EMBD),
+        }
+    return _write_tiny(path, arch, tokenizer_fields, rng, lambda i: _plain_layer(rng, arch, i), hparams, top)
+
+
 @pytest.fixture
 def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
     """Factory: (model, context) on a GGUF, freed after the test.  Requesting conftest's `model`
     initialises the backend and silences llama.cpp's log the same way as the other native tests."""
     made = []
 
-    def make(path: str) -> tuple[Any, Any]:
+    def make(path: str, n_ctx: int = 256, n_batch: int = 64, n_seq_max: int = 1) -> tuple[Any, Any]:
         m = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
         assert m, f"could not load {path}"
         p = lc.llama_context_default_params()
-        p.n_ctx = 256
-        p.n_batch = p.n_ubatch = 64
+        p.n_ctx = n_ctx
+        p.n_batch = p.n_ubatch = n_batch
+        p.n_seq_max = n_seq_max
+        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama's default, for comparisons
         p.n_threads = p.n_threads_batch = N_THREADS
         p.no_perf = True
         ctx = lc.llama_init_from_model(m, p)
@@ -325,8 +394,8 @@ def test_full_cache_still_runs(request: pytest.FixtureRequest, gguf_fixture: str
 
 
 def test_native_calls_on_mrope_refuse_what_needs_a_k_shift(make_tiny_ctx, mrope_gguf: str) -> None:
-    """Scoring (it only serves eviction) and compaction need a K-shift and are refused; eviction
-    alone is llama.cpp's own seq_rm and allowed.  The context decodes on after every call."""
+    """Compaction needs a K-shift and is refused; scoring and eviction are not (eviction alone
+    is llama.cpp's own seq_rm).  The context decodes on after every call."""
     model, ctx = make_tiny_ctx(mrope_gguf)
     kv = KVCache(ctx)
     decode(ctx, np.arange(100, 108), np.arange(8))
@@ -335,12 +404,11 @@ def test_native_calls_on_mrope_refuse_what_needs_a_k_shift(make_tiny_ctx, mrope_
         decode(ctx, [200 + pos], [pos])
         assert np.isfinite(logits_of(ctx, model)).all()
 
-    with pytest.raises(NativeError) as err:
-        kv.set_scoring(8)
-    assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED
-    assert kv.scoring == 0
-    kv.set_scoring(0)  # switching scoring off is always fine
+    kv.set_scoring(1)
     decodes_on(8)
+    scores = kv.cells().scores  # one query row's softmax mass, summed over layers and heads
+    assert np.all(scores >= 0) and scores.sum() == pytest.approx(N_LAYER * N_HEAD, rel=1e-4)
+    kv.set_scoring(0)
 
     with pytest.raises(NativeError) as err:
         kv.compact()
@@ -356,6 +424,9 @@ def test_native_calls_on_mrope_refuse_what_needs_a_k_shift(make_tiny_ctx, mrope_
     assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED
     assert np.array_equal(kv.cells().positions, [0, 1, *range(4, 11)])
     decodes_on(11)
+    assert kv.evict_cells(kv.cells().cells[:2]) == 2
+    assert np.array_equal(kv.cells().positions, range(4, 12))
+    decodes_on(12)
 
 
 def test_native_calls_on_recurrent_memory_are_refused(make_tiny_ctx, mamba_gguf: str) -> None:
@@ -472,9 +543,94 @@ def test_gemma3_images_attend_non_causally_in_a_full_iswa_cache(iswa_gguf: str, 
         Llama(iswa_gguf, n_ctx=512, kv_policy="infmllm", mmproj_path=gemma3_mmproj, n_threads=N_THREADS)
 
 
-def test_mrope_images_with_an_evicting_policy_are_refused(mrope_gguf: str, mrope_mmproj: str) -> None:
-    with pytest.raises(ValueError, match="M-RoPE"):
+def test_mrope_eviction_needs_reposition_false_and_no_recall(mrope_gguf: str, mrope_mmproj: str) -> None:
+    with pytest.raises(ValueError, match="reposition=False"):
         Llama(mrope_gguf, n_ctx=512, kv_policy="infmllm", mmproj_path=mrope_mmproj, n_threads=N_THREADS)
+    with pytest.raises(ValueError, match="without recall"):
+        Llama(mrope_gguf, n_ctx=512, kv_policy=InfMLLM(budget=128, reposition=False), recall=Recall())
+
+
+def _mrope_session(mrope_gguf: str, mrope_mmproj: str | None, policy: KVPolicy) -> Llama:
+    return Llama(
+        mrope_gguf, n_ctx=256, kv_policy=policy, mmproj_path=mrope_mmproj, n_threads=N_THREADS, debug=True
+    )
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "infmllm", "h2o"])
+def test_mrope_text_evicts_without_repositioning_like_a_replay(
+    mrope_gguf: str, name: str, make_tiny_ctx
+) -> None:
+    """Kept cells stay where they were decoded; the logits equal those of a context never
+    compacted, from which llama.cpp's own seq_rm removed the same positions before each batch."""
+    llm = _mrope_session(mrope_gguf, None, make_policy(name, 96, reposition=False))
+    model, ref = make_tiny_ctx(mrope_gguf, n_ctx=1024, n_batch=512)  # ubatches as the stream's
+    tokens = np.resize(np.arange(300, 700), 900)
+    replay_evictions(llm, ref, tokens)
+    assert llm.kv_stats()["evictions"] >= 20 and llm.kv_stats()["max_pos"] == len(tokens) - 1
+    np.testing.assert_allclose(llm._stream.last_logits, logits_of(ref, model), rtol=1e-4, atol=1e-4)
+    llm.close()
+
+
+def test_mrope_image_cells_evicted_together_equal_llama_cpps_seq_rm(
+    mrope_gguf: str, mrope_mmproj: str
+) -> None:
+    """An image's cells share one position; evicted by cell, they leave the context as
+    llama.cpp's seq_rm of that position leaves it."""
+    llm, ref = _vlm_pair(mrope_gguf, mrope_mmproj)
+    try:
+        for session in (llm, ref):
+            session.feed("Before the picture")
+            session.feed_image(_picture(2))
+            session.feed(" after it", add_bos=False)
+        view = llm._stream.view()
+        image = view.is_image
+        p0 = int(view.positions[image][0])
+        assert np.all(view.positions[image] == p0) and image.sum() == 12
+        llm._stream.kv.evict_cells(view.cells[image])
+        assert lc.llama_memory_seq_rm(lc.llama_get_memory(ref._ctx), 0, p0, p0 + 1)
+        logits = []
+        for session in (llm, ref):
+            decode(session._ctx, [42], [session._stream.next_pos])
+            logits.append(logits_of(session._ctx, session._model.model))
+        np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    finally:
+        llm.close()
+        ref.close()
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "infmllm"])
+def test_mrope_video_streams_far_past_the_cache_without_repositioning(
+    mrope_gguf: str, mrope_mmproj: str, name: str
+) -> None:
+    """Frames and captions through a small cache: images advance positions by their grid side,
+    not their cell count, partly evicted images included; the invariants hold after every step
+    (debug), and the stream ends cleanly at the trained context (1024 positions)."""
+    llm = _mrope_session(mrope_gguf, mrope_mmproj, make_policy(name, 64, reposition=False))
+    try:
+        frames = 0
+        while True:
+            before, streamed = llm._stream.next_pos, llm.n_streamed
+            try:
+                llm.feed_image(_picture(frames))
+                # 12 cells (a 4 x 3 grid of merged patches) take 4 positions, its longer side
+                assert (llm.n_streamed - streamed) - (llm._stream.next_pos - before) == 12 - 4
+                frames += 1
+                before, streamed = llm._stream.next_pos, llm.n_streamed
+                llm.feed(f" frame {frames}.", add_bos=False)
+            except ContextFullError as exc:
+                assert "trained for 1024" in str(exc)
+                assert (llm._stream.next_pos, llm.n_streamed) == (before, streamed)  # nothing fed
+                break
+        stats = llm.kv_stats()
+        assert stats["images"] == frames >= 40 and stats["evictions"] >= 20
+        assert stats["n_cached"] <= llm.policy.capacity and stats["max_pos"] > 1000
+        assert stats["n_streamed"] - stats["max_pos"] > 8 * 40  # the cells images took beyond positions
+        assert np.isfinite(llm._stream.last_logits).all()
+        llm.reset()
+        llm.feed("Again from the start")
+        assert llm.kv_stats()["max_pos"] == llm.n_cached - 1
+    finally:
+        llm.close()
 
 
 def test_an_mrope_image_larger_than_a_batch_is_refused(mrope_gguf: str, mrope_mmproj: str) -> None:
@@ -492,3 +648,56 @@ def test_an_mrope_image_larger_than_a_batch_is_refused(mrope_gguf: str, mrope_mm
         llm.check_invariants()
     finally:
         llm.close()
+
+
+def _keys(kv: KVCache, n: int, first: int = 0) -> np.ndarray:
+    """The F16 keys of the cells at positions first..first+n-1, all layers, as float32
+    [layer, cell, dim]."""
+    layers = kv.layers()
+    k_bytes = sum(layer.k_row_bytes for layer in layers)
+    k, _ = kv.read_rows(np.arange(first, first + n), k_bytes, sum(layer.v_row_bytes for layer in layers))
+    return k.view(np.float16).astype(np.float32).reshape(len(layers), n, -1)
+
+
+def test_compaction_of_each_family_rotates_keys_like_fresh_positions(make_tiny_ctx, plain_gguf: str) -> None:
+    """The K-shift of each RoPE flavour (normal, NeoX, partial rotary): kept tokens that never
+    saw the evicted ones (another sequence) hold, once compacted, the keys of every layer that
+    a fresh context computes for them at 0..n-1 (within F16 rounding; unshifted they are off by
+    the rotation of 40 positions), and give its next logits."""
+    model, ctx = make_tiny_ctx(plain_gguf, n_ctx=256, n_seq_max=2)
+    kv = KVCache(ctx)
+    tokens = np.arange(1000, 1101)
+    decode(ctx, tokens[:40], np.arange(40), seq_id=1)
+    decode(ctx, tokens[40:100], np.arange(40, 100))
+    assert kv.evict(np.arange(40), seq_id=1) == 40
+    assert kv.compact() == 60 and kv.update()
+    _, fresh = make_tiny_ctx(plain_gguf, n_ctx=256)
+    decode(fresh, tokens[40:100], np.arange(60))
+    shifted, expected = _keys(kv, 60), _keys(KVCache(fresh), 60)
+    scale = np.abs(expected).max()
+    assert np.abs(shifted - expected).max() < 4e-3 * scale
+    unshifted = make_tiny_ctx(plain_gguf, n_ctx=256)[1]
+    decode(unshifted, tokens[40:100], np.arange(40, 100))
+    # the check can fail: the same keys left at 40..99
+    assert np.abs(_keys(KVCache(unshifted), 60, first=40) - expected).max() > 0.1 * scale
+    decode(ctx, tokens[100:], [60])
+    decode(fresh, tokens[100:], [60])
+    np.testing.assert_allclose(logits_of(ctx, model), logits_of(fresh, model), rtol=5e-3, atol=5e-3)
+
+
+def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: str) -> None:
+    """InfMLLM re-positioning through 20+ evictions keeps its invariants (debug); without
+    re-positioning the logits equal a replay of the evictions with llama.cpp's own seq_rm."""
+    tokens = np.resize(np.arange(300, 800), 600)
+    llm = Llama(
+        plain_gguf, n_ctx=256, kv_policy=InfMLLM(budget=64, chunk=16), n_threads=N_THREADS, debug=True
+    )
+    llm.eval(tokens)
+    assert llm.kv_stats()["evictions"] >= 20 and np.isfinite(llm._stream.last_logits).all()
+    llm.close()
+    policy = InfMLLM(budget=64, chunk=16, reposition=False)
+    llm = Llama(plain_gguf, n_ctx=256, kv_policy=policy, n_threads=N_THREADS, debug=True)
+    model, ref = make_tiny_ctx(plain_gguf, n_ctx=1024, n_batch=512)
+    replay_evictions(llm, ref, tokens)
+    np.testing.assert_array_equal(llm._stream.last_logits, logits_of(ref, model))
+    llm.close()
