@@ -686,14 +686,24 @@ def test_compaction_of_each_family_rotates_keys_like_fresh_positions(make_tiny_c
 
 
 def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: str) -> None:
-    """InfMLLM re-positioning through 20+ evictions keeps its invariants (debug); without
-    re-positioning the logits equal a replay of the evictions with llama.cpp's own seq_rm."""
+    """InfMLLM re-positioning through 15+ evictions, with a recall tier, keeps its invariants
+    (debug) and brings pages back for a completion; without re-positioning the logits equal a
+    replay of the evictions with llama.cpp's own seq_rm."""
     tokens = np.resize(np.arange(300, 800), 600)
     llm = Llama(
-        plain_gguf, n_ctx=256, kv_policy=InfMLLM(budget=64, chunk=16), n_threads=N_THREADS, debug=True
+        plain_gguf,
+        n_ctx=256,
+        kv_policy=InfMLLM(budget=64, chunk=16),
+        recall=Recall(),
+        n_threads=N_THREADS,
+        debug=True,
     )
     llm.eval(tokens)
-    assert llm.kv_stats()["evictions"] >= 20 and np.isfinite(llm._stream.last_logits).all()
+    assert llm.kv_stats()["evictions"] >= 15 and np.isfinite(llm._stream.last_logits).all()
+    llm.eval(tokens[100:120])  # an early passage again: a turn whose queries find its pages
+    llm.generate_text(max_tokens=4)
+    stats = llm.kv_stats()
+    assert stats["pages_stored"] > 0 and stats["recalls"] == 1 and stats["n_recalled"] > 0
     llm.close()
     policy = InfMLLM(budget=64, chunk=16, reposition=False)
     llm = Llama(plain_gguf, n_ctx=256, kv_policy=policy, n_threads=N_THREADS, debug=True)
