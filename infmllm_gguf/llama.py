@@ -159,6 +159,7 @@ class Llama:
         pooling_type: int = lc.LLAMA_POOLING_TYPE_UNSPECIFIED,
         offload_kqv: bool = True,
         flash_attn: bool = False,
+        swa_full: bool | None = None,
         last_n_tokens_size: int = 64,
         chat_format: str | None = None,
         type_k: int | str | None = None,
@@ -182,7 +183,7 @@ class Llama:
         model_options = ModelOptions(n_gpu_layers, split_mode, main_gpu, tensor_split, use_mmap, use_mlock)
         context_options = ContextOptions(
             n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
-            rope_freq_base, rope_freq_scale, offload_kqv, n_slots,
+            rope_freq_base, rope_freq_scale, offload_kqv, n_slots, swa_full,
         )  # fmt: skip
         check_int("seed", seed)
         check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
@@ -328,10 +329,11 @@ class Llama:
             raise ValueError(
                 "recurrent/hybrid models have no per-token KV cache to evict; use kv_policy='full'"
             )
-        if lc.llama_model_n_swa(model) > 0:
+        if lc.llama_model_n_swa(model) > 0 and self.recall is not None:
             raise ValueError(
                 "this model uses sliding-window attention (an iSWA cache, as Gemma 2/3 and gpt-oss "
-                "have); evicting policies support a plain KV cache only. Use kv_policy='full'."
+                "have); evicting policies serve it, the recall tier does not (it copies rows of a "
+                "plain KV cache): stream without recall"
             )
 
     def _make_chat_formatter(self) -> ChatFormatter | None:

@@ -106,6 +106,7 @@ class ContextOptions:
     rope_freq_scale: float = 0.0
     offload_kqv: bool = True
     n_slots: int = 1
+    swa_full: bool | None = None  # None: llama.cpp's default (a full-size sliding-window cache)
 
     def __post_init__(self) -> None:
         check_int("n_batch", self.n_batch, 1)
@@ -151,5 +152,7 @@ class ContextOptions:
         params.rope_freq_base = self.rope_freq_base
         params.rope_freq_scale = self.rope_freq_scale
         params.offload_kqv = self.offload_kqv
+        if self.swa_full is not None:
+            params.swa_full = self.swa_full
         params.no_perf = True
         return params

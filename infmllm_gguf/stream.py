@@ -11,6 +11,9 @@ from the image's content, so a prompt that repeats an image matches it like a re
 the cell count; such a stream evicts only without re-positioning, as its keys cannot be
 re-rotated.)
 
+In an iSWA cache (Gemma 2/3) the cells are those of its full-attention half; the native calls
+make the sliding-window half follow every eviction and compaction.
+
 With a recall tier (recall.py), what the policy evicts is copied to a host-memory store
 first, and recalled pages sit in a reserve of the budget beside the policy's cells, in stream
 order: the policy ranks and evicts only its own cells; recalled ones leave when the next

@@ -1,14 +1,15 @@
-"""Architectures beyond the plain 1-D RoPE cache: M-RoPE, recurrent and iSWA models.
+"""Architectures beyond the plain 1-D RoPE cache, on tiny random-weight GGUFs written here
+with the real SmolLM2 vocabulary (no extra download).
 
-Compaction re-rotates kept keys with llama.cpp's 1-D K-shift, which M-RoPE keys cannot take:
-an M-RoPE model evicts without re-positioning (`reposition=False`), its text and its images
-(a tiny random Qwen2-VL projector here, at the positions llama.cpp's own mtmd helper gives
-them), and is refused with the reason otherwise.  A recurrent model has no per-token cache to
-evict, and a sliding-window model keeps two caches (full and windowed) that the native calls
-do not handle yet: both are refused before a stream starts, still run without eviction
-(kv_policy='full'), and the native calls refuse rather than corrupt the context.  The models
-are tiny random-weight GGUFs written here with the real SmolLM2 vocabulary, so no extra
-download is needed.
+- 1-D RoPE families (Llama 3 / Mistral, Qwen2, Qwen3, Phi-3, Pythia's partial rotary): the
+  K-shift of compaction gives each the keys a fresh context computes, and they stream with
+  eviction, with and without re-positioning, and with the recall tier.
+- iSWA (Gemma 2, Gemma 3): scored from the full-attention layers; eviction and compaction
+  act on both halves of the cache alike; Gemma 3's non-causal images are scored both ways.
+- M-RoPE (Qwen2-VL): its keys cannot be re-rotated, so it evicts without re-positioning
+  (`reposition=False`), text and images (a tiny random Qwen2-VL projector, at the positions
+  llama.cpp's own mtmd helper gives them), and is refused with the reason otherwise.
+- Recurrent (Mamba): no per-token cache to evict; refused, runs with kv_policy='full'.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import pytest
 from conftest import logits_of, replay_evictions
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
-from infmllm_gguf import ContextFullError, InfMLLM, KVPolicy, Llama, Recall
+from infmllm_gguf import H2O, ContextFullError, InfMLLM, KVPolicy, Llama, Recall
 from infmllm_gguf import _native as N
 from infmllm_gguf.kv import KVCache, NativeError, decode
 from infmllm_gguf.policies import make_policy
+from infmllm_gguf.vision import ImagePart
 
 N_EMBD = 64
 N_LAYER = 2
@@ -95,9 +97,10 @@ def _write_tiny(
     layer: Callable[[int], dict[str, np.ndarray]],
     hparams: dict[str, Any],
     top: dict[str, np.ndarray] | None = None,
+    extra_kv: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> str:
     """An N_LAYER-model of width N_EMBD: embeddings, output norm (and `top`), `layer(i)`'s
-    tensors per block."""
+    tensors per block; `extra_kv` writes metadata that hparams' add_* methods cannot."""
     tensors = {
         "token_embd.weight": _random(rng, _n_vocab(tokenizer), N_EMBD),
         "output_norm.weight": _ones(N_EMBD),
@@ -105,7 +108,14 @@ def _write_tiny(
     for i in range(N_LAYER):
         tensors |= layer(i)
     shape = {"add_context_length": 1024, "add_embedding_length": N_EMBD, "add_block_count": N_LAYER}
-    return _write_gguf(path, arch, tensors, _model_kv(tokenizer, {**shape, **hparams}))
+    write_kv = _model_kv(tokenizer, {**shape, **hparams})
+
+    def write_all(writer: gguf.GGUFWriter) -> None:
+        write_kv(writer)
+        if extra_kv is not None:
+            extra_kv(writer)
+
+    return _write_gguf(path, arch, tensors, write_all)
 
 
 def _attention_block(rng: np.random.Generator, i: int, qkv_bias: bool = False) -> dict[str, np.ndarray]:
@@ -255,10 +265,7 @@ def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[g
     rng = np.random.default_rng(2)
 
     def layer(i: int) -> dict[str, np.ndarray]:
-        return _attention_block(rng, i) | {  # gemma2 normalises after each sublayer too
-            f"blk.{i}.post_attention_norm.weight": _ones(N_EMBD),
-            f"blk.{i}.post_ffw_norm.weight": _ones(N_EMBD),
-        }
+        return _gemma_block(rng, i)
 
     hparams = {
         "add_feed_forward_length": N_FF,
@@ -271,6 +278,43 @@ def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[g
     }
     path = tmp_path_factory.mktemp("gguf") / "gemma2.gguf"
     return _write_tiny(path, "gemma2", tokenizer_fields, rng, layer, hparams)
+
+
+def _gemma_block(rng: np.random.Generator, i: int, qk_norm: bool = False) -> dict[str, np.ndarray]:
+    """Block i of a Gemma: norms after each sublayer too; Q and K 8x larger than the other
+    weights, so that attention is sharp and a key at a wrong position shows in the logits."""
+    block = _attention_block(rng, i) | {
+        f"blk.{i}.post_attention_norm.weight": _ones(N_EMBD),
+        f"blk.{i}.post_ffw_norm.weight": _ones(N_EMBD),
+    }
+    block[f"blk.{i}.attn_q.weight"] *= 8
+    block[f"blk.{i}.attn_k.weight"] *= 8
+    if qk_norm:  # Gemma 3: per-head RMS norms of queries and keys
+        block |= {f"blk.{i}.attn_{x}_norm.weight": _ones(N_EMBD // N_HEAD) for x in "qk"}
+    return block
+
+
+@pytest.fixture(scope="module")
+def gemma3_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[gguf.ReaderField]) -> str:
+    """A 2-layer gemma3 (Gemma 3 1B's shape): a sliding-window layer, then a full-attention one."""
+    rng = np.random.default_rng(6)
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        return _gemma_block(rng, i, qk_norm=True)
+
+    hparams = {
+        "add_feed_forward_length": N_FF,
+        "add_head_count": N_HEAD,
+        "add_head_count_kv": N_HEAD_KV,
+        "add_layer_norm_rms_eps": 1e-6,
+        "add_sliding_window": 32,
+    }
+    path = tmp_path_factory.mktemp("gguf") / "gemma3.gguf"
+
+    def pattern(writer: gguf.GGUFWriter) -> None:
+        writer.add_array("gemma3.attention.sliding_window_pattern", [True, False])
+
+    return _write_tiny(path, "gemma3", tokenizer_fields, rng, layer, hparams, extra_kv=pattern)
 
 
 def _plain_layer(rng: np.random.Generator, arch: str, i: int) -> dict[str, np.ndarray]:
@@ -342,13 +386,16 @@ def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
     initialises the backend and silences llama.cpp's log the same way as the other native tests."""
     made = []
 
-    def make(path: str, n_ctx: int = 256, n_batch: int = 64, n_seq_max: int = 1) -> tuple[Any, Any]:
+    def make(
+        path: str, n_ctx: int = 256, n_batch: int = 64, n_seq_max: int = 1, swa_full: bool = True
+    ) -> tuple[Any, Any]:
         m = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
         assert m, f"could not load {path}"
         p = lc.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = p.n_ubatch = n_batch
         p.n_seq_max = n_seq_max
+        p.swa_full = swa_full
         p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama's default, for comparisons
         p.n_threads = p.n_threads_batch = N_THREADS
         p.no_perf = True
@@ -363,10 +410,10 @@ def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
         lc.llama_model_free(m)
 
 
-ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent"), ("iswa_gguf", "sliding-window")]
+ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent")]
 
 
-@pytest.mark.parametrize(("gguf_fixture", "reason"), ARCHS, ids=["mrope", "mamba", "iswa"])
+@pytest.mark.parametrize(("gguf_fixture", "reason"), ARCHS, ids=["mrope", "mamba"])
 @pytest.mark.parametrize("policy", ["infmllm", "window"])
 def test_evicting_policy_is_refused_with_the_reason(
     request: pytest.FixtureRequest, gguf_fixture: str, reason: str, policy: str
@@ -522,8 +569,7 @@ def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str,
 
 def test_gemma3_images_attend_non_causally_in_a_full_iswa_cache(iswa_gguf: str, gemma3_mmproj: str) -> None:
     """A Gemma 3 projector's image attends to itself both ways (mtmd says non-causal) and the
-    model's cache is iSWA: under 'full' it streams, with the logits of llama.cpp's own helper;
-    an evicting policy is refused (the iSWA cache)."""
+    model's cache is iSWA: under 'full' it streams, with the logits of llama.cpp's own helper."""
     llm, ref = _vlm_pair(iswa_gguf, gemma3_mmproj)
     try:
         image = _picture(1)
@@ -539,8 +585,6 @@ def test_gemma3_images_attend_non_causally_in_a_full_iswa_cache(iswa_gguf: str, 
     finally:
         llm.close()
         ref.close()
-    with pytest.raises(ValueError, match="sliding-window"):
-        Llama(iswa_gguf, n_ctx=512, kv_policy="infmllm", mmproj_path=gemma3_mmproj, n_threads=N_THREADS)
 
 
 def test_mrope_eviction_needs_reposition_false_and_no_recall(mrope_gguf: str, mrope_mmproj: str) -> None:
@@ -711,3 +755,130 @@ def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: 
     replay_evictions(llm, ref, tokens)
     np.testing.assert_array_equal(llm._stream.last_logits, logits_of(ref, model))
     llm.close()
+
+
+# --- iSWA: a full-attention cache and a sliding-window cache --------------------------------
+
+ISWA = ["iswa_gguf", "gemma3_gguf"]
+
+
+@pytest.mark.parametrize("swa_full", [True, False], ids=["swa-full", "swa-small"])
+@pytest.mark.parametrize("gguf_fixture", ISWA, ids=["gemma2", "gemma3"])
+def test_iswa_evicts_from_both_halves_like_a_replay(
+    request: pytest.FixtureRequest, make_tiny_ctx, gguf_fixture: str, swa_full: bool
+) -> None:
+    """Without re-positioning, the logits equal those of a context from which llama.cpp's own
+    seq_rm removed the same positions (from both halves) before each batch, whether the
+    sliding-window half is full-size or llama.cpp reuses its cells past the window."""
+    path = request.getfixturevalue(gguf_fixture)
+    policy = InfMLLM(budget=64, chunk=16, reposition=False)
+    llm = Llama(path, n_ctx=256, kv_policy=policy, swa_full=swa_full, n_threads=N_THREADS, debug=True)
+    model, ref = make_tiny_ctx(path, n_ctx=1024, n_batch=512, swa_full=swa_full)
+    replay_evictions(llm, ref, np.resize(np.arange(300, 800), 600))
+    assert llm.kv_stats()["evictions"] >= 20
+    np.testing.assert_array_equal(llm._stream.last_logits, logits_of(ref, model))
+    llm.close()
+
+
+@pytest.mark.parametrize("gguf_fixture", ISWA, ids=["gemma2", "gemma3"])
+def test_iswa_compaction_closes_a_gap_in_both_halves(
+    request: pytest.FixtureRequest, make_tiny_ctx, gguf_fixture: str
+) -> None:
+    """A gap opened by llama.cpp's own seq_add (positions 20..59 moved to 60..99, both halves
+    re-rotated by it) is closed by compaction in both halves: the next logits are those of a
+    fresh context that decoded the tokens at 0..59.  With the gap left open they are not (the
+    sliding window then sees another set of tokens): the check can fail."""
+    path = request.getfixturevalue(gguf_fixture)
+    tokens = np.arange(1000, 1061)
+    model, fresh = make_tiny_ctx(path)
+    decode(fresh, tokens, np.arange(61))
+    expected = logits_of(fresh, model)
+    results = []
+    for close in (True, False):
+        _, ctx = make_tiny_ctx(path)
+        kv = KVCache(ctx)
+        decode(ctx, tokens[:60], np.arange(60))
+        mem = lc.llama_get_memory(ctx)
+        lc.llama_memory_seq_add(mem, 0, 20, 60, 40)
+        assert lc.llama_memory_seq_pos_max(mem, 0) == 99
+        if close:
+            assert kv.compact() == 60 and kv.update()
+            assert (lc.llama_memory_seq_pos_min(mem, 0), lc.llama_memory_seq_pos_max(mem, 0)) == (0, 59)
+        decode(ctx, tokens[60:], [60 if close else 100])
+        results.append(np.abs(logits_of(ctx, model) - expected).max())
+    assert results[0] < 5e-3 < 0.1 < results[1], results
+
+
+@pytest.mark.parametrize("name", ["infmllm", "h2o", "snapkv", "streamingllm"])
+@pytest.mark.parametrize("gguf_fixture", ISWA, ids=["gemma2", "gemma3"])
+def test_iswa_streams_with_every_policy(request: pytest.FixtureRequest, gguf_fixture: str, name: str) -> None:
+    """Scored from the full-attention layers, evicted and compacted in both halves through 30+
+    rounds: the invariants hold after each (debug), and both halves end at the same positions."""
+    path = request.getfixturevalue(gguf_fixture)
+    llm = Llama(
+        path, n_ctx=256, kv_policy=make_policy(name, 64), swa_full=False, n_threads=N_THREADS, debug=True
+    )
+    llm.eval(np.resize(np.arange(300, 800), 600))
+    stats = llm.kv_stats()
+    assert stats["evictions"] >= 30 and stats["max_pos"] == stats["n_cached"] - 1
+    mem = lc.llama_get_memory(llm._ctx)
+    assert lc.llama_memory_seq_pos_max(mem, 0) == stats["n_cached"] - 1  # the sliding-window half's
+    if name == "h2o":  # scores every decode: the latest were read back from the full-attention layer
+        scores = llm._stream.view().scores
+        rows = (600 - llm.policy.capacity) % llm.policy.chunk or llm.policy.chunk  # the last decode's
+        assert np.all(scores >= 0) and scores.sum() == pytest.approx(N_HEAD * rows, rel=1e-4)
+    assert np.isfinite(llm._stream.last_logits).all()
+    llm.close()
+
+
+def test_iswa_refuses_the_recall_tier_and_the_row_calls(make_tiny_ctx, iswa_gguf: str) -> None:
+    """The recall tier copies rows of a plain cache: refused at creation with the reason; the
+    native row calls and query capture refuse an iSWA cache, and the context decodes on."""
+    with pytest.raises(ValueError, match="without recall"):
+        Llama(iswa_gguf, n_ctx=256, kv_policy=InfMLLM(budget=64), recall=Recall(), n_threads=N_THREADS)
+    model, ctx = make_tiny_ctx(iswa_gguf)
+    kv = KVCache(ctx)
+    decode(ctx, np.arange(100, 108), np.arange(8))
+    calls = {
+        "layers": kv.layers,
+        "read_rows": lambda: kv.read_rows(np.arange(2), 1, 1),
+        "arrange": lambda: kv.arrange(kv.cells().cells),
+        "place": lambda: kv.place(kv.cells().cells),
+        "query_capture": lambda: kv.set_query_capture(4),
+    }
+    for pos, (name, call) in enumerate(calls.items(), start=8):
+        with pytest.raises(NativeError) as err:
+            call()
+        assert err.value.status == N.INFMLLM_ERR_UNSUPPORTED, name
+        decode(ctx, [200 + pos], [pos])
+        assert np.isfinite(logits_of(ctx, model)).all(), name
+    assert kv.head() >= 0 and kv.n_cells() == 13
+
+
+def test_gemma3_images_stream_with_eviction_and_are_scored_both_ways(
+    iswa_gguf: str, gemma3_mmproj: str
+) -> None:
+    """Non-causal images through an evicting iSWA stream: pictures and captions far past the
+    cache, invariants after every step (debug).  Scored with every query row (H2O), an image's
+    last cell receives attention from the image's other rows too, as its non-causal block
+    attends: far more than its causal score, where only its own row reaches it."""
+    kwargs = {"n_ctx": 256, "mmproj_path": gemma3_mmproj, "n_threads": N_THREADS, "debug": True}
+    llm = Llama(iswa_gguf, kv_policy=InfMLLM(budget=64, chunk=16), **kwargs)
+    for frame in range(30):
+        llm.feed_image(_picture(frame))
+        llm.feed(f" frame {frame}.", add_bos=False)
+    stats = llm.kv_stats()
+    assert stats["images"] == 30 and stats["evictions"] >= 10 and stats["n_cached"] <= llm.policy.capacity
+    llm.close()
+
+    last_image_cell = []
+    for causal in (False, True):
+        llm = Llama(iswa_gguf, kv_policy=H2O(budget=128), **kwargs)
+        llm.feed("A picture:")
+        parts = llm._projector.tokenize(llm._projector.marker, [_picture(0)], add_special=False)
+        (part,) = [p for p in parts if isinstance(p, ImagePart)]
+        llm._stream.feed_embeddings(llm._projector.encode(part), part.key, non_causal=not causal)
+        view = llm._stream.view()
+        last_image_cell.append(float(view.scores[np.flatnonzero(view.is_image)[-1]]))
+        llm.close()
+    assert last_image_cell[0] > 2 * last_image_cell[1]

@@ -2,9 +2,14 @@
 //
 // Attention-saddle scoring computed inside the compute graph, per-cell bookkeeping,
 // arbitrary-set eviction, position compaction, the InfMLLM selection rule, and the K/V row
-// transfers and query capture a host-memory recall tier is built on, for llama.cpp's KV cache.  Every symbol carries the infmllm_ prefix.  Functions that
-// return int32_t return a count (>= 0) or a negative INFMLLM_ERR_* code; on error
-// nothing has been changed.
+// transfers and query capture a host-memory recall tier is built on, for llama.cpp's KV
+// cache.  Every symbol carries the infmllm_ prefix.  Functions that return int32_t return a
+// count (>= 0) or a negative INFMLLM_ERR_* code; on error nothing has been changed.
+//
+// Two kinds of cache are served.  A plain KV cache: everything.  An iSWA cache (full-attention
+// layers plus sliding-window layers, e.g. Gemma 2/3): scoring, the cell calls, eviction and
+// compaction, on the cells of its full-attention half, with the sliding-window half following
+// by position; the row transfers, query capture, arrange and place need a plain cache.
 #pragma once
 
 #include <stdbool.h>
@@ -22,7 +27,8 @@ extern "C" {
 enum infmllm_status {
     INFMLLM_OK                  =  0,
     INFMLLM_ERR_INVALID_ARG     = -1, // null pointer, negative count, bad parameter
-    INFMLLM_ERR_UNSUPPORTED     = -2, // no plain KV cache (recurrent/hybrid): every call; keys that
+    INFMLLM_ERR_UNSUPPORTED     = -2, // no KV cache (recurrent/hybrid): every call; an iSWA cache:
+                                      // row transfers, query capture, arrange, place; keys that
                                       // cannot be re-rotated (M-RoPE): compaction, arrange, write
     INFMLLM_ERR_INVALID_SEQ     = -3, // seq_id outside the context's sequences
     INFMLLM_ERR_POS_NOT_FOUND   = -4, // a position is not cached for that sequence (or repeated)
@@ -44,8 +50,9 @@ LLAMA_API const char * infmllm_status_str(int32_t status);
 // Enable/disable in-graph attention scoring on a context.  Changing it rebuilds the graph
 // on the next decode; while off, the graph is exactly llama.cpp's.
 // n_score_queries: INFMLLM_SCORE_ALL_ROWS, INFMLLM_SCORE_OFF or 1..n_ubatch; anything else is
-// INFMLLM_ERR_INVALID_ARG.  Scoring needs a plain KV cache (INFMLLM_ERR_UNSUPPORTED); M-RoPE
-// is fine: the scores come from the keys and queries as the attention rotated them.
+// INFMLLM_ERR_INVALID_ARG.  Scoring needs a plain or iSWA KV cache (INFMLLM_ERR_UNSUPPORTED);
+// M-RoPE is fine: the scores come from the keys and queries as the attention rotated them.  In
+// an iSWA cache only the full-attention layers are scored (the others see their window only).
 LLAMA_API int32_t infmllm_set_scoring(struct llama_context * ctx, int32_t n_score_queries);
 
 // The current mode, written to *n_score_queries (it may be INFMLLM_SCORE_ALL_ROWS, which is
@@ -56,7 +63,7 @@ LLAMA_API int32_t infmllm_get_scoring(const struct llama_context * ctx, int32_t 
 // Cells in the KV buffer of one stream: the largest cell index + 1 that
 // infmllm_kv_seq_cells() can report.  llama.cpp pads the requested n_ctx (to a multiple of
 // 256), so this may exceed it.  INFMLLM_ERR_INVALID_ARG for NULL, INFMLLM_ERR_UNSUPPORTED
-// without a plain KV cache.
+// without a plain or iSWA KV cache (iSWA: its full-attention half).
 LLAMA_API int32_t infmllm_kv_size(struct llama_context * ctx);
 
 // Number of cells holding seq_id.

@@ -47,9 +47,28 @@ struct infmllm_access {
     }
 };
 
-// The plain KV cache of a context, or nullptr (recurrent, hybrid, iSWA: unsupported).
+// The plain KV cache of a context, or nullptr (recurrent, hybrid, iSWA): what the row
+// transfers and query capture work on.
 llama_kv_cache * infmllm_kv_cache(llama_context * ctx);
 
 // The plain KV cache of ctx and the KV stream holding seq_id: INFMLLM_OK, or
 // INFMLLM_ERR_INVALID_ARG (NULL ctx), INFMLLM_ERR_UNSUPPORTED, INFMLLM_ERR_INVALID_SEQ.
 int32_t infmllm_resolve_seq(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv, uint32_t & stream);
+
+// The caches that cells are scored, evicted and compacted in.  `main` holds every cell of
+// every sequence: the plain KV cache, or the full-attention half of an iSWA cache.  `swa` is
+// the sliding-window half of an iSWA cache (else nullptr): it holds the newest cells of each
+// sequence again, for its layers, and must follow every eviction and compaction of `main`.
+struct infmllm_kv_pair {
+    llama_kv_cache * main = nullptr;
+    llama_kv_cache * swa  = nullptr;
+};
+
+infmllm_kv_pair infmllm_kv_caches(llama_context * ctx);
+
+// As infmllm_resolve_seq, for the pair of caches (the stream index is the same in both).
+int32_t infmllm_resolve_seq_pair(llama_context * ctx, llama_seq_id seq_id, infmllm_kv_pair & kv, uint32_t & stream);
+
+// The graph-side view of `main` for a ubatch: the plain cache's context, or the base context
+// of an iSWA cache's; nullptr for other memory.
+const llama_kv_cache_context * infmllm_main_context(const llama_memory_context_i * mctx);

@@ -4,12 +4,52 @@
 #include "infmllm-access.h"
 
 #include "llama-graph.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include <algorithm>
 
 llama_kv_cache * infmllm_kv_cache(llama_context * ctx) {
     return ctx == nullptr ? nullptr : dynamic_cast<llama_kv_cache *>(ctx->get_memory());
+}
+
+infmllm_kv_pair infmllm_kv_caches(llama_context * ctx) {
+    if (ctx == nullptr) {
+        return {};
+    }
+    llama_memory_i * mem = ctx->get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return {kv, nullptr};
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return {iswa->get_base(), iswa->get_swa()};
+    }
+    return {};
+}
+
+const llama_kv_cache_context * infmllm_main_context(const llama_memory_context_i * mctx) {
+    if (const auto * kv = dynamic_cast<const llama_kv_cache_context *>(mctx)) {
+        return kv;
+    }
+    if (const auto * iswa = dynamic_cast<const llama_kv_cache_iswa_context *>(mctx)) {
+        return iswa->get_base();
+    }
+    return nullptr;
+}
+
+int32_t infmllm_resolve_seq_pair(llama_context * ctx, llama_seq_id seq_id, infmllm_kv_pair & kv, uint32_t & stream) {
+    if (ctx == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    kv = infmllm_kv_caches(ctx);
+    if (kv.main == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= kv.main->get_n_seq_max()) {
+        return INFMLLM_ERR_INVALID_SEQ;
+    }
+    stream = kv.main->get_stream(seq_id);
+    return INFMLLM_OK;
 }
 
 int32_t infmllm_resolve_seq(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv, uint32_t & stream) {
@@ -49,7 +89,7 @@ int32_t infmllm_set_scoring(llama_context * ctx, int32_t n_score_queries) {
     if (n_score_queries > (int32_t) cparams.n_ubatch) {
         return INFMLLM_ERR_INVALID_ARG;
     }
-    llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    llama_kv_cache * kv = infmllm_kv_caches(ctx).main;
     if (n_score_queries != INFMLLM_SCORE_OFF && kv == nullptr) {
         return INFMLLM_ERR_UNSUPPORTED;
     }
@@ -181,7 +221,7 @@ void infmllm_ubatch_done(
         const llm_graph_result       & res,
         const llama_memory_context_i * mctx,
         bool                           first_ubatch) {
-    const auto * kv_ctx = dynamic_cast<const llama_kv_cache_context *>(mctx);
+    const llama_kv_cache_context * kv_ctx = infmllm_main_context(mctx);
     if (kv_ctx == nullptr) {
         return;
     }

@@ -15,11 +15,12 @@
 #include <algorithm>
 
 // K must be a view of the KV-cache storage: no-cache (encoder) and cross attention
-// also pass through build_attn_mha and are not scored.  The flash path casts an F32 cache
+// also pass through build_attn_mha and are not scored, nor are the sliding-window layers of
+// an iSWA cache (they see their window only; the full-attention layers score every cell).  The flash path casts an F32 cache
 // to F16 first (a GGML_OP_CPY of the view): that copy holds the cached keys too, and is
 // what flash attention itself reads, so the scores are computed from it.
 static bool infmllm_k_is_cache(const llm_graph_context & gctx, const ggml_tensor * k) {
-    const auto * kv_ctx = dynamic_cast<const llama_kv_cache_context *>(gctx.mctx);
+    const llama_kv_cache_context * kv_ctx = infmllm_main_context(gctx.mctx);
     if (kv_ctx == nullptr) {
         return false;
     }

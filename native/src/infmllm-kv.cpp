@@ -2,6 +2,11 @@
 // Cells are never moved: eviction frees them for reuse, compaction only changes their
 // positions and lets llama.cpp's K-shift re-rotate the keys on the next decode.  The same
 // (cell, position) view is what a host-memory tier would copy K/V rows out of.
+//
+// In an iSWA cache the cells are those of the full-attention half; the sliding-window half
+// holds the newest of them again (fewer, where llama.cpp has reused the cells of positions
+// outside the window) and follows by position: an evicted position leaves it too, and
+// compaction gives its cells the positions their twins get.
 #include "infmllm.h"
 #include "infmllm-access.h"
 
@@ -15,24 +20,44 @@ struct seq_view {
     llama_kv_cache * kv;
     uint32_t         stream;
     llama_kv_cells * cells;
+    llama_kv_cache * swa       = nullptr; // iSWA: the sliding-window half
+    llama_kv_cells * swa_cells = nullptr;
 };
 
 int32_t resolve(llama_context * ctx, llama_seq_id seq_id, seq_view & out) {
-    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, out.kv, out.stream); rc != INFMLLM_OK) {
+    infmllm_kv_pair pair;
+    if (int32_t rc = infmllm_resolve_seq_pair(ctx, seq_id, pair, out.stream); rc != INFMLLM_OK) {
         return rc;
     }
+    out.kv    = pair.main;
     out.cells = &infmllm_access::cells(*out.kv, out.stream);
+    if (pair.swa != nullptr) {
+        out.swa       = pair.swa;
+        out.swa_cells = &infmllm_access::cells(*pair.swa, out.stream);
+    }
     return INFMLLM_OK;
 }
 
 // Remove seq_id from a cell (validated by the caller); a cell left empty is free for reuse.
 void free_cell(llama_context * ctx, const seq_view & v, llama_seq_id seq_id, uint32_t cell) {
+    const llama_pos pos = v.cells->pos_get(cell);
     if (v.cells->seq_rm(cell, seq_id)) { // the cell is free now
         uint32_t & head = infmllm_access::head(*v.kv, v.stream);
         head = std::min(head, cell);     // let find_slot refill holes first
         auto & scores = ctx->infmllm.scores;
         if (!scores.empty()) {
             scores[v.stream][cell] = 0.0f;
+        }
+    }
+    if (v.swa_cells != nullptr) { // the position's twin in the sliding window, if still held
+        const auto & sp = v.swa_cells->seq_pos_get(seq_id);
+        auto it = sp.lower_bound({pos, 0u});
+        if (it != sp.end() && it->first == pos) {
+            const uint32_t twin = it->second;
+            if (v.swa_cells->seq_rm(twin, seq_id)) {
+                uint32_t & head = infmllm_access::head(*v.swa, v.stream);
+                head = std::min(head, twin);
+            }
         }
     }
 }
@@ -43,7 +68,7 @@ int32_t infmllm_kv_size(llama_context * ctx) {
     if (ctx == nullptr) {
         return INFMLLM_ERR_INVALID_ARG;
     }
-    const llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    const llama_kv_cache * kv = infmllm_kv_caches(ctx).main;
     return kv == nullptr ? INFMLLM_ERR_UNSUPPORTED : (int32_t) kv->get_size();
 }
 
@@ -149,7 +174,7 @@ int32_t infmllm_kv_seq_compact(llama_context * ctx, llama_seq_id seq_id) {
     if (int32_t rc = resolve(ctx, seq_id, v); rc != INFMLLM_OK) {
         return rc;
     }
-    if (!v.kv->get_can_shift()) {
+    if (!v.kv->get_can_shift() || (v.swa != nullptr && !v.swa->get_can_shift())) {
         return INFMLLM_ERR_UNSUPPORTED;
     }
     const auto & sp = v.cells->seq_pos_get(seq_id);
@@ -159,10 +184,32 @@ int32_t infmllm_kv_seq_compact(llama_context * ctx, llama_seq_id seq_id) {
             return INFMLLM_ERR_SHARED_CELLS;
         }
     }
+    std::vector<std::pair<llama_pos, uint32_t>> twins;
+    if (v.swa_cells != nullptr) {
+        const auto & swa_sp = v.swa_cells->seq_pos_get(seq_id);
+        twins.assign(swa_sp.begin(), swa_sp.end());
+        for (const auto & [pos, cell] : twins) {
+            if (v.swa_cells->seq_count(cell) > 1) {
+                return INFMLLM_ERR_SHARED_CELLS;
+            }
+        }
+    }
     for (size_t rank = 0; rank < order.size(); ++rank) {
         const auto [pos, cell] = order[rank];
         if (pos != (llama_pos) rank) {
             v.cells->pos_add(cell, (llama_pos) rank - pos); // K-shift applied at next decode
+        }
+    }
+    for (const auto & [pos, cell] : twins) {
+        // its twin's rank; a position the full cache no longer holds leaves the window too
+        auto it = std::lower_bound(order.begin(), order.end(), std::make_pair(pos, 0u));
+        if (it == order.end() || it->first != pos) {
+            v.swa_cells->seq_rm(cell, seq_id);
+            continue;
+        }
+        const llama_pos rank = (llama_pos) (it - order.begin());
+        if (pos != rank) {
+            v.swa_cells->pos_add(cell, rank - pos);
         }
     }
     return (int32_t) order.size();

@@ -276,12 +276,12 @@ int32_t infmllm_kv_seq_arrange(llama_context * ctx, llama_seq_id seq_id, const i
 }
 
 int32_t infmllm_kv_seq_head(llama_context * ctx, llama_seq_id seq_id) {
-    llama_kv_cache * kv = nullptr;
+    infmllm_kv_pair kv;
     uint32_t stream = 0;
-    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+    if (int32_t rc = infmllm_resolve_seq_pair(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
         return rc;
     }
-    return (int32_t) infmllm_access::head(*kv, stream);
+    return (int32_t) infmllm_access::head(*kv.main, stream);
 }
 
 int32_t infmllm_kv_seq_place(
