@@ -97,6 +97,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     result = {
         "policy": llm.policy.name,
         "budget": args.budget,
+        "reposition": llm.policy.reposition,
         **run_ppl(llm, tokens, desc=f"ppl {llm.policy.name}"),
     }
     print(

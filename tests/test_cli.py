@@ -25,6 +25,14 @@ def test_ppl_json(tmp_path):
     assert result["policy"] == "infmllm" and result["n_tokens"] == 2500
     assert len(result["buckets"]) == 2 and 1 < result["ppl"] < 100
     assert result["kv"]["evictions"] > 0
+    assert result["reposition"] and result["kv"]["max_pos"] < 128 + 16
+
+
+def test_ppl_without_repositioning(tmp_path):
+    args = ("ppl", "--policy", "streamingllm", "--budget", "128", "--max-tokens", "1500", "--no-reposition")
+    result = run_json(tmp_path, *args)
+    assert not result["reposition"] and result["kv"]["evictions"] > 0
+    assert result["kv"]["max_pos"] == 1499 and 1 < result["ppl"] < 100  # positions grew with the stream
 
 
 def test_passkey_json(tmp_path):
