@@ -415,6 +415,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         model=args.model, mmproj=args.mmproj, kv_policy=args.policy, budget=args.budget, n_ctx=args.n_ctx,
+        reposition=args.reposition, flash_attn=args.flash_attn,
         slots=args.slots, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
         model_alias=args.model_alias, recall=args.recall, n_threads=args.threads,
     )  # fmt: skip

@@ -63,6 +63,8 @@ class ServerConfig:
     mmproj: str | None = None
     kv_policy: str = "infmllm"
     budget: int = 1024
+    reposition: bool = True
+    flash_attn: bool = False
     n_ctx: int | None = None  # per slot; default budget + chunk
     slots: int = 8
     sessions_dir: str = "infmllm-sessions"
@@ -77,11 +79,12 @@ class ServerConfig:
         from infmllm_gguf.policies import make_policy
         from infmllm_gguf.recall import Recall
 
-        policy = make_policy(self.kv_policy, budget=self.budget)
+        policy = make_policy(self.kv_policy, budget=self.budget, reposition=self.reposition)
         n_ctx = self.n_ctx or (policy.capacity if self.kv_policy != "full" else 2048)
         return Llama(
             self.model, kv_policy=policy, n_ctx=n_ctx, n_slots=self.slots, mmproj_path=self.mmproj,
             recall=Recall() if self.recall else None, embedding=True, n_threads=self.n_threads, seed=0,
+            flash_attn=self.flash_attn,
             pooling_type=getattr(lc, f"LLAMA_POOLING_TYPE_{self.pooling.upper()}"),
         )  # fmt: skip
 

@@ -393,13 +393,12 @@ class Stream:
                 f"the stream would hold {self.n_cached + n_cells} cells but n_ctx is {self.n_ctx} "
                 "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
             )
-        if not self.repositions and not isinstance(self.policy, FullCache):
-            if self.next_pos + n_positions > self.max_positions:
-                raise ContextFullError(
-                    f"the stream would reach position {self.next_pos + n_positions} but the model "
-                    f"was trained for {self.max_positions} and kv_policy has reposition=False; "
-                    "reset() the stream, or use reposition=True (1-D RoPE models) to stream on"
-                )
+        if not self.repositions and self.next_pos + n_positions > self.max_positions:
+            raise ContextFullError(
+                f"the stream would reach position {self.next_pos + n_positions} but the model "
+                f"was trained for {self.max_positions} and kv_policy has reposition=False; "
+                "reset() the stream, or use reposition=True (1-D RoPE models) to stream on"
+            )
 
     def _decode(
         self,

@@ -96,10 +96,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for col, budget in enumerate(budgets):
         mine = [r for r in rows if r["budget"] == budget or r["policy"] == "full"]
         base = next((r for r in mine if r["policy"] == "streamingllm"), None)
+        families = list(dict.fromkeys(r["policy"].split("+")[0] for r in mine))
         for r in mine:
             xs = (np.arange(len(r["buckets"])) + 1) * r["bucket_size"]
-            style = {
-                "linestyle": "--" if r["policy"] == "full" else "-",
+            family, *extras = r["policy"].split("+")
+            style = {  # a variant (NAME+...) in its policy's colour, dotted
+                "color": f"C{families.index(family)}",
+                "linestyle": "--" if r["policy"] == "full" else (":" if extras else "-"),
                 "label": f"{r['policy']} ({r['ppl']:.2f})",
             }
             axes[0, col].plot(xs, np.log(r["buckets"]), **style)

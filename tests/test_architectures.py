@@ -118,6 +118,15 @@ def _write_tiny(
     return _write_gguf(path, arch, tensors, write_all)
 
 
+# the attention models' shared metadata (GQA; RMS norms)
+ATTENTION_HPARAMS = {
+    "add_feed_forward_length": N_FF,
+    "add_head_count": N_HEAD,
+    "add_head_count_kv": N_HEAD_KV,
+    "add_layer_norm_rms_eps": 1e-6,
+}
+
+
 def _attention_block(rng: np.random.Generator, i: int, qkv_bias: bool = False) -> dict[str, np.ndarray]:
     """Block i of a llama-like transformer: norms, Q/K/V/output (biases optional), a gated FFN."""
     block = {
@@ -145,11 +154,7 @@ def mrope_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[
     def layer(i: int) -> dict[str, np.ndarray]:
         return _attention_block(rng, i, qkv_bias=True)
 
-    hparams = {
-        "add_feed_forward_length": N_FF,
-        "add_head_count": N_HEAD,
-        "add_head_count_kv": N_HEAD_KV,
-        "add_layer_norm_rms_eps": 1e-6,
+    hparams = ATTENTION_HPARAMS | {
         "add_rope_freq_base": 10000.0,
         # half the head dim, split temporal/height/width/extra like Qwen2-VL's [16, 24, 24, 0] of 64
         "add_rope_dimension_sections": [2, 3, 3, 0],
@@ -267,11 +272,7 @@ def iswa_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list[g
     def layer(i: int) -> dict[str, np.ndarray]:
         return _gemma_block(rng, i)
 
-    hparams = {
-        "add_feed_forward_length": N_FF,
-        "add_head_count": N_HEAD,
-        "add_head_count_kv": N_HEAD_KV,
-        "add_layer_norm_rms_eps": 1e-6,
+    hparams = ATTENTION_HPARAMS | {
         "add_attn_logit_softcapping": 50.0,
         "add_final_logit_softcapping": 30.0,
         "add_sliding_window": 32,
@@ -302,11 +303,7 @@ def gemma3_gguf(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: list
     def layer(i: int) -> dict[str, np.ndarray]:
         return _gemma_block(rng, i, qk_norm=True)
 
-    hparams = {
-        "add_feed_forward_length": N_FF,
-        "add_head_count": N_HEAD,
-        "add_head_count_kv": N_HEAD_KV,
-        "add_layer_norm_rms_eps": 1e-6,
+    hparams = ATTENTION_HPARAMS | {
         "add_sliding_window": 32,
     }
     path = tmp_path_factory.mktemp("gguf") / "gemma3.gguf"
