@@ -346,8 +346,16 @@ TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),
-    # partial rotary: RoPE on 4 of each head's 16 dims, as Pythia's rotary_pct 0.25
-    "pythia": ("gptneox", {"add_rope_dimension_count": 4, "add_layer_norm_eps": 1e-5}),
+    # partial rotary: RoPE on 4 of each head's 16 dims, as Pythia's rotary_pct 0.25; no GQA
+    "pythia": (
+        "gptneox",
+        {
+            "add_rope_dimension_count": 4,
+            "add_layer_norm_eps": 1e-5,
+            "add_head_count_kv": N_HEAD,
+            "add_parallel_residual": True,
+        },
+    ),
 }
 
 
@@ -360,13 +368,7 @@ def plain_gguf(
     """A 2-layer random model of each 1-D RoPE family in TINY_ARCHS."""
     arch, extra = TINY_ARCHS[request.param]
     rng = np.random.default_rng(5)
-    n_head_kv = N_HEAD if arch == "gptneox" else N_HEAD_KV
-    hparams = {"add_feed_forward_length": N_FF, "add_head_count": N_HEAD, "add_head_count_kv": n_head_kv}
-    hparams |= {"add_rope_freq_base": 10000.0} | extra
-    if arch == "gptneox":
-        hparams["add_parallel_residual"] = True
-    else:
-        hparams["add_layer_norm_rms_eps"] = 1e-6
+    hparams = ATTENTION_HPARAMS | {"add_rope_freq_base": 10000.0} | extra  # gptneox ignores the RMS eps
     path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
     top = {}
     if arch == "gptneox":  # an output matrix and a biased output norm of its own

@@ -53,18 +53,13 @@ int32_t infmllm_resolve_seq_pair(llama_context * ctx, llama_seq_id seq_id, infml
 }
 
 int32_t infmllm_resolve_seq(llama_context * ctx, llama_seq_id seq_id, llama_kv_cache *& kv, uint32_t & stream) {
-    if (ctx == nullptr) {
-        return INFMLLM_ERR_INVALID_ARG;
+    infmllm_kv_pair pair;
+    const int32_t rc = infmllm_resolve_seq_pair(ctx, seq_id, pair, stream);
+    if (pair.swa != nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED; // an iSWA cache: not a plain one, whatever the sequence
     }
-    kv = infmllm_kv_cache(ctx);
-    if (kv == nullptr) {
-        return INFMLLM_ERR_UNSUPPORTED;
-    }
-    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
-        return INFMLLM_ERR_INVALID_SEQ;
-    }
-    stream = kv->get_stream(seq_id);
-    return INFMLLM_OK;
+    kv = pair.main;
+    return rc;
 }
 
 const char * infmllm_status_str(int32_t status) {
