@@ -6,6 +6,8 @@ import ctypes
 import importlib.metadata
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -325,3 +327,30 @@ def test_vendored_python_layer_is_renamed():
         "import infmllm_gguf._llama_cpp as llama_cpp\n"
         "INFMLLM_GGUF_LIB_PATH\n"
     )
+
+
+@pytest.mark.slow
+def test_a_later_install_does_not_keep_cuda_from_the_build_dirs_cache(tmp_path):
+    """pyproject.toml's cmake.define turns the GPU backends off at every configure unless that
+    install asks for one (CMAKE_ARGS come after the defines): a build dir whose cache still says
+    GGML_CUDA=ON, as a CUDA install leaves it, configures back to the CPU build when configured
+    with the defines as scikit-build-core passes them (-DNAME=VALUE; no CUDA toolkit needed)."""
+    from scikit_build_core.settings.skbuild_read_settings import SettingsReader
+
+    cmake, sdist = shutil.which("cmake"), _cached_sdist()
+    if cmake is None or not sdist.is_file():
+        pytest.skip("needs cmake on PATH and the cached pinned sdist (the build downloads it)")
+    defines = SettingsReader.from_file(ROOT / "pyproject.toml").settings.cmake.define
+    assert {"GGML_CUDA", "GGML_HIP", "GGML_VULKAN"} <= set(defines)
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "CMakeCache.txt").write_text("GGML_CUDA:BOOL=ON\n")  # what a CUDA install leaves
+    run = subprocess.run(
+        [cmake, "-S", str(ROOT), "-B", str(build), *(f"-D{name}={value}" for name, value in defines.items())],
+        env=dict(os.environ, INFMLLM_LLAMA_SOURCE=str(sdist)),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.search(r"^GGML_CUDA:\w+=(FALSE|OFF)$", (build / "CMakeCache.txt").read_text(), re.M)
+    assert "Including CPU backend" in run.stdout and "CUDA" not in run.stdout
