@@ -4,7 +4,7 @@ Importing checks that the bundled libllama carries our patches (ImportError othe
 """
 
 from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
-from infmllm_gguf.info import build_info
+from infmllm_gguf.info import Device, build_info, devices
 from infmllm_gguf.llama import ContextFullError, InvariantError, Llama
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import (
@@ -29,6 +29,7 @@ __all__ = [
     "Recall",
     "RecallError",
     "ContextFullError",
+    "Device",
     "FullCache",
     "InfMLLM",
     "InvariantError",
@@ -44,4 +45,5 @@ __all__ = [
     "__version__",
     "build_info",
     "default_model_path",
+    "devices",
 ]

@@ -268,7 +268,10 @@ class Llama:
         self._projector: Projector | None = None
         if mmproj_path is not None:
             try:
-                self._projector = Projector(mmproj_path, self._model.model, n_embd, cparams.n_threads)
+                # the tower offloads like the layers (as llama.cpp's mtmd tools: unless told not to)
+                self._projector = Projector(
+                    mmproj_path, self._model.model, n_embd, cparams.n_threads, use_gpu=n_gpu_layers != 0
+                )
             except BaseException:
                 self.close()
                 raise

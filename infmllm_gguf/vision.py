@@ -122,7 +122,7 @@ Part = Union[TextPart, ImagePart]
 class Projector:
     """An mmproj GGUF loaded through libmtmd for one text model."""
 
-    def __init__(self, path: str | os.PathLike, model: int, n_embd: int, n_threads: int):
+    def __init__(self, path: str | os.PathLike, model: int, n_embd: int, n_threads: int, use_gpu: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"mmproj file not found: {self.path}")
@@ -130,7 +130,7 @@ class Projector:
             if fh.read(4) != b"GGUF":
                 raise ValueError(f"{self.path} is not a GGUF file")
         params = mt.mtmd_context_params_default()
-        params.use_gpu = False  # this build's backends are CPU-only unless built with a GPU
+        params.use_gpu = use_gpu  # the first GPU device where the build has one, else the CPU
         params.print_timings = False
         params.n_threads = n_threads
         params.warmup = False

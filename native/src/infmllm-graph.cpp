@@ -3,7 +3,8 @@
 // accumulated over layers into one float per cell (llm_graph_result::t_infmllm_scores).
 // And query capture: the newest query rows of each layer copied out as F32
 // (llm_graph_result::t_infmllm_queries), for the recall tier to score stored keys with.
-// Built from ggml ops only, so every backend computes them.
+// Built from ggml ops only, so every backend computes them; every op is named "infmllm_*"
+// (GGML_SCHED_DEBUG=2 lists each node with its backend, so a fallback to the CPU is visible).
 #include "infmllm-hooks.h"
 
 #include "llama-graph.h"
@@ -88,34 +89,41 @@ void infmllm_graph_attn(
                 q->nb[1], q->nb[2], q->nb[3], row0*q->nb[1]);
         ggml_tensor * kq = ggml_mul_mat(ctx0, k, q_rows);
         ggml_prec_set_acc(kq, GGML_PREC_F32);
+        gctx.cb(kq, "infmllm_kq", il);
 
         const auto & hparams = gctx.hparams;
         if (hparams.attn_soft_cap) {
             kq = ggml_scale(ctx0, kq, 1.0f / hparams.f_attn_logit_softcapping);
+            gctx.cb(kq, "infmllm_kq_softcap", il);
             kq = ggml_tanh (ctx0, kq);
+            gctx.cb(kq, "infmllm_kq_softcap", il);
             kq = ggml_scale(ctx0, kq, hparams.f_attn_logit_softcapping);
+            gctx.cb(kq, "infmllm_kq_softcap", il);
         }
 
         ggml_tensor * mask = ggml_view_4d(ctx0, kq_mask, kq_mask->ne[0], n_rows, kq_mask->ne[2], kq_mask->ne[3],
                 kq_mask->nb[1], kq_mask->nb[2], kq_mask->nb[3], row0*kq_mask->nb[1]);
         if (!ggml_is_contiguous(mask)) {
             mask = ggml_cont(ctx0, mask);
+            gctx.cb(mask, "infmllm_kq_mask", il);
         }
         p = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, hparams.f_max_alibi_bias);
         ggml_soft_max_add_sinks(p, sinks);
+        gctx.cb(p, "infmllm_probs", il);
     }
 
     // sum over rows and heads: [n_kv, rows, heads, streams] -> [n_kv, 1, 1, streams]
     // (repeat_back reduces over broadcast dims, reading the strided view in place)
     ggml_tensor * shape = ggml_new_tensor_4d(ctx0, GGML_TYPE_F32, p->ne[0], 1, 1, p->ne[3]);
     ggml_tensor * t = ggml_repeat_back(ctx0, p, shape);
-    gctx.cb(t, "infmllm_scores", il);
+    gctx.cb(t, "infmllm_layer_scores", il);
 
     llm_graph_result * res = gctx.res;
     if (res->t_infmllm_scores != nullptr) {
         // only the last layer's running sum is read back; earlier sums stay scratch memory
         res->t_infmllm_scores->flags &= ~GGML_TENSOR_FLAG_OUTPUT;
         t = ggml_add(ctx0, res->t_infmllm_scores, t);
+        gctx.cb(t, "infmllm_scores", il);
     }
     ggml_set_output(t);
     ggml_build_forward_expand(gctx.gf, t);
