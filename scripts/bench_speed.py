@@ -40,9 +40,17 @@ class PlainRunner:
 
     name = "plain"
 
-    def __init__(self, n_ctx: int, n_threads: int, n_keep: int = 4) -> None:
+    def __init__(
+        self, n_ctx: int, n_threads: int, n_keep: int = 4, model_path: str | None = None, **params
+    ) -> None:
+        """params: more of llama-cpp-python's Llama arguments (n_gpu_layers, flash_attn, ...)."""
         self.llm = llama_cpp_python.Llama(
-            str(default_model_path()), n_ctx=n_ctx, n_batch=PIECE, n_threads=n_threads, verbose=False
+            model_path or str(default_model_path()),
+            n_ctx=n_ctx,
+            n_batch=PIECE,
+            n_threads=n_threads,
+            verbose=False,
+            **params,
         )
         self.n_ctx, self.n_keep = n_ctx, n_keep
 
