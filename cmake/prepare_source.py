@@ -8,7 +8,10 @@ timestamps and only recompile what changed.
 Usage: prepare_source.py OUT_DIR
 Environment:
   INFMLLM_LLAMA_SOURCE  an already downloaded sdist (.tar.gz, hash-checked) or an
-                        extracted sdist directory (offline / air-gapped builds).
+                        extracted sdist directory (offline / air-gapped builds); a
+                        directory that `patch_tree` already patched (its PATCHED_MARKER
+                        names this checkout's patch set) is used as it is, so a machine
+                        without git can build from it.
   INFMLLM_CACHE_DIR     where the downloaded sdist is kept (default ~/.cache/infmllm-gguf).
 """
 
@@ -230,12 +233,41 @@ def vendor_python_package(src: Path, dest: Path) -> None:
 # --- driver ----------------------------------------------------------------------
 
 
-def stamp_for(sdist_id: str) -> str:
-    digest = hashlib.sha256(sdist_id.encode())
+def patch_set_id() -> str:
+    """Names the patches (and this script, which applies them) of this checkout."""
+    digest = hashlib.sha256()
     for patch in patch_files():
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
     digest.update((ROOT / "cmake" / "prepare_source.py").read_bytes())
     return digest.hexdigest()
+
+
+def stamp_for(sdist_id: str) -> str:
+    return hashlib.sha256(f"{sdist_id}\0{patch_set_id()}".encode()).hexdigest()
+
+
+# In the root of an extracted sdist that patch_tree patched: the patch set's id.
+PATCHED_MARKER = ".infmllm-patched"
+
+
+def patch_tree(tree: Path) -> None:
+    """Apply patches/ to an extracted sdist tree in place and mark it, for a build on a
+    machine without git (scripts/gpu_prepare.sh)."""
+    for patch in patch_files():
+        apply_patch(patch, tree / LLAMA_SUBDIR)
+    (tree / PATCHED_MARKER).write_text(patch_set_id())
+
+
+def _patched_already(source: Path) -> bool:
+    marker = source / PATCHED_MARKER
+    if not marker.is_file():
+        return False
+    if marker.read_text() != patch_set_id():
+        raise SourceError(
+            f"{source} was patched for another patch set than this checkout's patches/ "
+            "(prepare it again: scripts/gpu_prepare.sh)"
+        )
+    return True
 
 
 def prepare(out: Path) -> Path:
@@ -264,9 +296,12 @@ def prepare(out: Path) -> Path:
         copy_tree(source, staging)
     else:
         extract_sdist(source, staging)
-    for patch in patch_files():
-        print(f"infmllm-gguf: applying {patch.name}", flush=True)
-        apply_patch(patch, staging / LLAMA_SUBDIR)
+    if source.is_dir() and _patched_already(source):
+        print(f"infmllm-gguf: {source} is patched already ({PATCHED_MARKER})", flush=True)
+    else:
+        for patch in patch_files():
+            print(f"infmllm-gguf: applying {patch.name}", flush=True)
+            apply_patch(patch, staging / LLAMA_SUBDIR)
     vendor_python_package(staging / "llama_cpp", out / "python" / "_llama_cpp")
 
     if src.exists():

@@ -122,7 +122,9 @@ Part = Union[TextPart, ImagePart]
 class Projector:
     """An mmproj GGUF loaded through libmtmd for one text model."""
 
-    def __init__(self, path: str | os.PathLike, model: int, n_embd: int, n_threads: int, use_gpu: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, model: int, n_embd: int, n_threads: int, use_gpu: bool = True
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"mmproj file not found: {self.path}")

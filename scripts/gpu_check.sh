@@ -40,6 +40,7 @@ if [ "$mode" = gpu ]; then
 fi
 "$python" -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl ||
     fail "installing the carried wheels (run scripts/gpu_prepare.sh and carry .gpu)"
+export PYTHONPATH="$site" # the carried build backend too
 tar -xJf .gpu/llama_cpp_python-*-trimmed.tar.xz -C "$work" || fail "extracting the carried source"
 
 say "building (CMAKE_ARGS='$cmake_args')"
@@ -54,7 +55,6 @@ env INFMLLM_LLAMA_SOURCE="$(echo "$work"/llama_cpp_python-*)" CMAKE_ARGS="$cmake
 build_s=$((SECONDS - t))
 say "built in $build_s s ($(ls "$work"/dist))"
 "$python" -m pip install -q --upgrade --no-index --no-deps --target "$site" "$work"/dist/*.whl || fail "installing the wheel"
-export PYTHONPATH="$site"
 (cd tests && "$python" -c "
 import json, infmllm_gguf
 info = infmllm_gguf.build_info()

@@ -2,10 +2,13 @@
 # Prepare, on a machine with network, what scripts/gpu_check.sh needs on a GPU machine without
 # it, in .gpu/ (ignored by git; carry that folder along with the checkout):
 #   llama_cpp_python-<version>-trimmed.tar.xz   the pinned sdist (sha256-checked first) as the
-#       build extracts it (cmake/prepare_source.py's SKIP list), less the ggml backends and
-#       llama.cpp tools the CPU and CUDA builds never compile (src/models/ and tools/mtmd stay)
+#       build extracts it (cmake/prepare_source.py's SKIP list) and patched by patches/ (the
+#       GPU machine may have no git; the tree is marked with the patch set), less the ggml
+#       backends and llama.cpp tools the CPU and CUDA builds never compile (src/models/ and
+#       tools/mtmd stay)
 #   wheels/   the pure-Python packages the runtime and tests import that a CUDA image with
-#             PyTorch lacks (gguf, diskcache)
+#             PyTorch lacks (gguf, diskcache), and the build backend (scikit-build-core, in
+#             case the machine's is older than pyproject.toml asks)
 #
 # Usage: scripts/gpu_prepare.sh
 # Environment: PYTHON (default .venv/bin/python; its pip downloads), SDIST (default: the
@@ -35,6 +38,7 @@ sdist = Path(os.environ["SDIST"]) if os.environ.get("SDIST") else ps.download_sd
 ps.verify_sdist(sdist)
 name = ps.UPSTREAM["sdist"].removesuffix(".tar.gz")
 ps.extract_sdist(sdist, Path(sys.argv[1]) / name)
+ps.patch_tree(Path(sys.argv[1]) / name)  # the GPU machine may have no git
 print(name)
 EOF
 )"
@@ -52,7 +56,7 @@ tar -C "$tmp/src" -cJf "$out/$name-trimmed.tar.xz" "$name"
 
 # the versions this checkout's venv runs its tests with
 pins=()
-for pkg in gguf diskcache; do
+for pkg in gguf diskcache scikit-build-core; do
     pins+=("$pkg==$("$python" -c "import importlib.metadata as m; print(m.version('$pkg'))")")
 done
 "$python" -m pip download -q --no-deps --only-binary=:all: -d "$out/wheels" "${pins[@]}"

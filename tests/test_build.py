@@ -37,6 +37,7 @@ def test_build_info_reports_the_patched_library():
     assert info["llama_cpp_python_version"] == UPSTREAM["version"]
     assert info["patches"] == sorted(p.name for p in (ROOT / "patches").glob("*.patch"))
     assert "CPU" in info["backends"]
+    assert any(d["type"] == "cpu" and d["memory_total"] > 0 for d in info["devices"])
     assert Path(info["library"]).is_file()
 
 
@@ -311,6 +312,35 @@ def test_real_patches_apply_to_the_pinned_source(tmp_path):
         ps.apply_patch(patch, tmp_path)
     graph = (tmp_path / "src" / "llama-graph.cpp").read_text()
     assert graph.count("infmllm_graph_attn(") == 2  # flash and non-flash branches
+
+
+def test_a_tree_patched_beforehand_builds_without_git(tmp_path, monkeypatch):
+    """patch_tree (scripts/gpu_prepare.sh, where git is) marks the tree with the patch set;
+    prepare then takes it as it is with no git on PATH, and refuses a tree marked for other
+    patches, saying how to prepare it again."""
+    sdist = _cached_sdist()
+    if not sdist.is_file():
+        pytest.skip("the pinned sdist is not cached (the build downloads it)")
+    top = UPSTREAM["sdist"].removesuffix(".tar.gz")
+    llama = ps.LLAMA_SUBDIR.as_posix()
+    wanted = {f"{llama}/{rel}" for patch in ps.patch_files() for rel in ps.patch_targets(patch)}
+    wanted.add(f"{llama}/CMakeLists.txt")
+    tree = tmp_path / "tree"
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            rel = member.name.removeprefix(top + "/")
+            if member.isfile() and (rel in wanted or rel.startswith("llama_cpp/")):
+                (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tree / rel).write_bytes(tar.extractfile(member).read())
+    ps.patch_tree(tree)
+    monkeypatch.setenv("INFMLLM_LLAMA_SOURCE", str(tree))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git"))  # git apply would fail: not found
+    src = ps.prepare(tmp_path / "out")
+    graph = (src / llama / "src" / "llama-graph.cpp").read_text()
+    assert graph.count("infmllm_graph_attn(") == 2
+    (tree / ps.PATCHED_MARKER).write_text("another patch set")
+    with pytest.raises(ps.SourceError, match="gpu_prepare"):
+        ps.prepare(tmp_path / "out2")
 
 
 def test_vendored_python_layer_is_renamed():
