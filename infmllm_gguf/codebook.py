@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp._internals import LlamaModel
+from infmllm_gguf.synthetic import finish, mlp_projector
 
 PATCH = 14
 BITS = 18  # token ids below 262,144
@@ -185,23 +186,9 @@ def write_codebook_mmproj(
         r, c = divmod(k, CELLS)
         masks[k, 1 + 2 * r : 3 + 2 * r, 1 + 2 * c : 3 + 2 * c] = 1
     rgb = np.array([1 / 16, 1 / 8, 1 / 16], dtype=np.float32)  # x 4 pixels: R/4 + G/2 + B/4, exact in F16
-    zeros = np.zeros((n_v, n_v), dtype=np.float32)
 
-    w = gguf.GGUFWriter(out_path, "clip")
-    w.add_name("infmllm codebook")
+    w = mlp_projector(out_path, "infmllm codebook", n_v, n_embd, grid, PATCH)
     w.add_description(f"closed-form codebook vision tower: {len(words)} words as token embeddings")
-    w.add_bool("clip.has_vision_encoder", True)
-    w.add_string("clip.projector_type", "mlp")
-    w.add_uint32("clip.vision.image_size", PATCH * grid)
-    w.add_uint32("clip.vision.patch_size", PATCH)
-    w.add_uint32("clip.vision.embedding_length", n_v)
-    w.add_uint32("clip.vision.feed_forward_length", 2 * n_v)
-    w.add_uint32("clip.vision.block_count", 1)  # the llava graph runs block_count - 1 layers
-    w.add_uint32("clip.vision.projection_dim", n_embd)
-    w.add_uint32("clip.vision.attention.head_count", 1)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-9)  # 1 + eps == 1 in f32
-    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     w.add_array(f"{KEY}.words", words)
     w.add_array(f"{KEY}.tokens", tokens)
     w.add_uint32(f"{KEY}.pad_token", pad)
@@ -210,22 +197,12 @@ def write_codebook_mmproj(
 
     w.add_tensor("v.patch_embd.weight", (masks[:, None] * rgb[None, :, None, None]).astype(np.float16))
     w.add_tensor("v.position_embd.weight", np.zeros((grid * grid, n_v), dtype=np.float32))
-    w.add_tensor("v.pre_ln.weight", np.ones(n_v, dtype=np.float32))
-    w.add_tensor("v.pre_ln.bias", np.zeros(n_v, dtype=np.float32))
-    # required by the loader, never run; ffn shapes as a real tower's (n_ff != n_embd), else
-    # the loader takes them for swapped and says so
-    w.add_tensor("v.blk.0.attn_out.weight", zeros)
-    w.add_tensor("v.blk.0.ffn_up.weight", np.zeros((2 * n_v, n_v), dtype=np.float32))
-    w.add_tensor("v.blk.0.ffn_down.weight", np.zeros((n_v, 2 * n_v), dtype=np.float32))
     filters = np.stack([_cells(t).ravel() for t in coded]).astype(np.float32)
     w.add_tensor("mm.0.weight", GAIN * filters)
     w.add_tensor("mm.0.bias", np.full(len(coded), -GAIN * (n_v - 2), dtype=np.float32))
     w.add_tensor("mm.2.weight", np.ascontiguousarray(rows.T / (2 * GAIN), dtype=np.float32))
     w.add_tensor("mm.2.bias", np.zeros(n_embd, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return out_path
 
 

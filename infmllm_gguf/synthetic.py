@@ -13,10 +13,14 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
+
+if TYPE_CHECKING:
+    import gguf
 
 N_SPECIAL = 3  # <unk>, <s>, </s>
 N_BYTES = 256
@@ -118,10 +122,7 @@ def write_llama(path: str | Path, shape: LlamaShape, seed: int = 0) -> Path:
         w.add_tensor(f"blk.{i}.ffn_down.weight", weight(shape.n_embd, shape.n_ff))
     w.add_tensor("output_norm.weight", ones(shape.n_embd))
     w.add_tensor("output.weight", weight(shape.n_vocab, shape.n_embd))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -139,46 +140,62 @@ def quantize(
     return Path(dst)
 
 
-def write_mmproj(path: str | Path, n_embd: int, grid: int = 4, patch: int = 14, seed: int = 0) -> Path:
-    """A LLaVA-style "mlp" projector for a text model of width n_embd: random patch embedding
-    and projection, no tower layer; an image gives grid x grid cells."""
+def mlp_projector(
+    path: str | Path, name: str, n_v: int, n_embd: int, grid: int, patch: int
+) -> gguf.GGUFWriter:
+    """A GGUFWriter for libmtmd's LLaVA-1.5 "mlp" projector whose tower runs no layer: the
+    header, an identity pre-norm and the one block the loader requires and the graph never
+    runs (it runs block_count - 1).  The caller adds v.patch_embd, v.position_embd and the
+    mm.0 / mm.2 projection (and metadata of its own), then `finish(writer)`."""
     import gguf
 
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    n_v = 64  # vision width
-
-    def weight(*dims: int) -> np.ndarray:
-        return (0.05 * rng.standard_normal(dims, dtype=np.float32)).astype(np.float32)
-
     w = gguf.GGUFWriter(str(path), "clip")
-    w.add_name("random mlp projector")
+    w.add_name(name)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_string("clip.projector_type", "mlp")
     w.add_uint32("clip.vision.image_size", patch * grid)
     w.add_uint32("clip.vision.patch_size", patch)
     w.add_uint32("clip.vision.embedding_length", n_v)
     w.add_uint32("clip.vision.feed_forward_length", 2 * n_v)
-    w.add_uint32("clip.vision.block_count", 1)  # the llava graph runs block_count - 1 layers
+    w.add_uint32("clip.vision.block_count", 1)
     w.add_uint32("clip.vision.projection_dim", n_embd)
     w.add_uint32("clip.vision.attention.head_count", 1)
-    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-9)  # 1 + eps == 1 in f32
     w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
-    w.add_tensor("v.patch_embd.weight", weight(n_v, 3, patch, patch).astype(np.float16))
-    w.add_tensor("v.position_embd.weight", weight(grid * grid, n_v))
     w.add_tensor("v.pre_ln.weight", np.ones(n_v, np.float32))
     w.add_tensor("v.pre_ln.bias", np.zeros(n_v, np.float32))
-    # required by the loader, never run; ffn shapes as a real tower's
+    # required by the loader, never run; ffn shapes as a real tower's (n_ff != n_embd), else
+    # the loader takes them for swapped and says so
     w.add_tensor("v.blk.0.attn_out.weight", np.zeros((n_v, n_v), np.float32))
     w.add_tensor("v.blk.0.ffn_up.weight", np.zeros((2 * n_v, n_v), np.float32))
     w.add_tensor("v.blk.0.ffn_down.weight", np.zeros((n_v, 2 * n_v), np.float32))
-    w.add_tensor("mm.0.weight", weight(2 * n_v, n_v))
-    w.add_tensor("mm.0.bias", np.zeros(2 * n_v, np.float32))
-    w.add_tensor("mm.2.weight", weight(n_embd, 2 * n_v))
-    w.add_tensor("mm.2.bias", np.zeros(n_embd, np.float32))
+    return w
+
+
+def finish(w: gguf.GGUFWriter) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+
+
+def write_mmproj(path: str | Path, n_embd: int, grid: int = 4, patch: int = 14, seed: int = 0) -> Path:
+    """A random "mlp" projector for a text model of width n_embd (random patch embedding and
+    projection, no tower layer); an image gives grid x grid cells."""
+    rng = np.random.default_rng(seed)
+    n_v = 64  # vision width
+
+    def weight(*dims: int) -> np.ndarray:
+        return 0.05 * rng.standard_normal(dims, dtype=np.float32)
+
+    w = mlp_projector(path, "random mlp projector", n_v, n_embd, grid, patch)
+    w.add_tensor("v.patch_embd.weight", weight(n_v, 3, patch, patch).astype(np.float16))
+    w.add_tensor("v.position_embd.weight", weight(grid * grid, n_v))
+    w.add_tensor("mm.0.weight", weight(2 * n_v, n_v))
+    w.add_tensor("mm.0.bias", np.zeros(2 * n_v, np.float32))
+    w.add_tensor("mm.2.weight", weight(n_embd, 2 * n_v))
+    w.add_tensor("mm.2.bias", np.zeros(n_embd, np.float32))
+    finish(w)
+    return Path(path)

@@ -37,6 +37,8 @@ if [ "$mode" = gpu ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || fail "nvidia-smi"
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')"
     cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${cap}-real"
+    # the CUDA runtime and cuBLAS the libraries link to (RPATH is $ORIGIN only)
+    [ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 "$python" -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl ||
     fail "installing the carried wheels (run scripts/gpu_prepare.sh and carry .gpu)"

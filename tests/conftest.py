@@ -99,6 +99,50 @@ def make_ctx(model):
         lc.llama_free(ctx)
 
 
+@pytest.fixture
+def open_gguf():
+    """Factory: (model, context) on any GGUF, both freed after the test.  Everything stays on
+    the CPU unless n_gpu_layers asks otherwise (then the K/V and ops follow the layers)."""
+    made = []
+
+    def make(
+        path: str,
+        n_ctx: int = 256,
+        n_batch: int = 64,
+        n_seq_max: int = 1,
+        swa_full: bool = True,
+        flash_attn: bool = False,  # off, as Llama's default, for comparisons
+        n_gpu_layers: int = 0,
+        n_threads: int = 1,
+    ):
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        m = lc.llama_model_load_from_file(path.encode(), mp)
+        assert m, f"could not load {path}"
+        p = lc.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = p.n_ubatch = n_batch
+        p.n_seq_max = n_seq_max
+        p.swa_full = swa_full
+        p.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.offload_kqv = p.op_offload = n_gpu_layers != 0
+        p.n_threads = p.n_threads_batch = n_threads
+        p.no_perf = True
+        ctx = lc.llama_init_from_model(m, p)
+        if not ctx:
+            lc.llama_model_free(m)
+        assert ctx, "could not create a context"
+        made.append((m, ctx))
+        return m, ctx
+
+    yield make
+    for m, ctx in made:
+        lc.llama_free(ctx)
+        lc.llama_model_free(m)
+
+
 def logits_of(ctx, model) -> np.ndarray:
     """Logits of the last token that requested them."""
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))

@@ -15,7 +15,8 @@ with the real SmolLM2 vocabulary (no extra download).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -380,33 +381,11 @@ def plain_gguf(
 
 
 @pytest.fixture
-def make_tiny_ctx(model) -> Iterator[Callable[[str], tuple[Any, Any]]]:
-    """Factory: (model, context) on a GGUF, freed after the test.  Requesting conftest's `model`
-    initialises the backend and silences llama.cpp's log the same way as the other native tests."""
-    made = []
-
-    def make(
-        path: str, n_ctx: int = 256, n_batch: int = 64, n_seq_max: int = 1, swa_full: bool = True
-    ) -> tuple[Any, Any]:
-        m = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
-        assert m, f"could not load {path}"
-        p = lc.llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = p.n_ubatch = n_batch
-        p.n_seq_max = n_seq_max
-        p.swa_full = swa_full
-        p.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama's default, for comparisons
-        p.n_threads = p.n_threads_batch = N_THREADS
-        p.no_perf = True
-        ctx = lc.llama_init_from_model(m, p)
-        assert ctx, "could not create a context"
-        made.append((m, ctx))
-        return m, ctx
-
-    yield make
-    for m, ctx in made:
-        lc.llama_free(ctx)
-        lc.llama_model_free(m)
+def make_tiny_ctx(model, open_gguf) -> Callable[..., tuple[Any, Any]]:
+    """Factory: (model, context) on a GGUF, on the CPU, freed after the test.  Requesting
+    conftest's `model` initialises the backend and silences llama.cpp's log the same way as the
+    other native tests."""
+    return functools.partial(open_gguf, n_threads=N_THREADS)
 
 
 ARCHS = [("mrope_gguf", "M-RoPE"), ("mamba_gguf", "recurrent")]

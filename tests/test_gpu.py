@@ -15,14 +15,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import logits_of, replay_evictions
-from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 from infmllm_gguf import InfMLLM, Llama, Recall, build_info, devices, synthetic
 from infmllm_gguf.kv import KVCache, decode
@@ -61,32 +60,21 @@ def small_mmproj(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def make_ctx(gpu: str, small_gguf: str) -> Iterator[Callable[..., tuple[Any, Any]]]:
+def make_ctx(gpu: str, small_gguf: str, open_gguf) -> Callable[..., tuple[Any, Any]]:
     """Factory: (model, context) of the small model, on the GPU or (on_gpu=False) the CPU."""
-    made = []
 
     def make(on_gpu: bool = True, flash_attn: bool = False, n_ctx: int = 512, n_seq_max: int = 1):
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = N_GPU_LAYERS if on_gpu else 0
-        m = lc.llama_model_load_from_file(small_gguf.encode(), mp)
-        assert m, f"could not load {small_gguf}"
-        p = lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, 512, 512, n_seq_max
-        p.flash_attn_type = (
-            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        return open_gguf(
+            small_gguf,
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_seq_max=n_seq_max,
+            flash_attn=flash_attn,
+            n_gpu_layers=N_GPU_LAYERS if on_gpu else 0,
+            n_threads=N_THREADS,
         )
-        p.offload_kqv = p.op_offload = on_gpu
-        p.n_threads = p.n_threads_batch = N_THREADS
-        p.no_perf = True
-        ctx = lc.llama_init_from_model(m, p)
-        assert ctx, "could not create a context"
-        made.append((m, ctx))
-        return m, ctx
 
-    yield make
-    for m, ctx in made:
-        lc.llama_free(ctx)
-        lc.llama_model_free(m)
+    return make
 
 
 def _tokens(n: int, seed: int = 0) -> np.ndarray:
