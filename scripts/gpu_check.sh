@@ -13,7 +13,8 @@
 #           (INFMLLM_GPU_TESTS_ON_CPU=1) and the benchmark on a small model; it proves the
 #           script and the carry, nothing about a GPU
 # Environment: PYTHON (default python3), OUT, BUDGET_S (the whole run's seconds, default 480:
-# the benchmark's stream stops in time for it).
+# the benchmark's stream stops in time for it), WHEEL (install this wheel, e.g. one built with
+# CUDA on another machine and carried, instead of building).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -45,15 +46,20 @@ fi
 export PYTHONPATH="$site" # the carried build backend too
 tar -xJf .gpu/llama_cpp_python-*-trimmed.tar.xz -C "$work" || fail "extracting the carried source"
 
-say "building (CMAKE_ARGS='$cmake_args')"
 t=$SECONDS
-env INFMLLM_LLAMA_SOURCE="$(echo "$work"/llama_cpp_python-*)" CMAKE_ARGS="$cmake_args" PIP_NO_INDEX=1 \
-    "$python" -m pip wheel -v --no-build-isolation --no-deps --disable-pip-version-check \
-    -C "build-dir=build/gpu-check-$mode" -w "$work/dist" . >"$out/build.log" 2>&1 ||
-    {
-        tail -40 "$out/build.log"
-        fail "build"
-    }
+if [ -n "${WHEEL:-}" ]; then
+    say "installing $WHEEL instead of building"
+    mkdir -p "$work/dist" && cp "$WHEEL" "$work/dist/" || fail "no wheel at $WHEEL"
+else
+    say "building (CMAKE_ARGS='$cmake_args')"
+    env INFMLLM_LLAMA_SOURCE="$(echo "$work"/llama_cpp_python-*)" CMAKE_ARGS="$cmake_args" PIP_NO_INDEX=1 \
+        "$python" -m pip wheel -v --no-build-isolation --no-deps --disable-pip-version-check \
+        -C "build-dir=build/gpu-check-$mode" -w "$work/dist" . >"$out/build.log" 2>&1 ||
+        {
+            tail -40 "$out/build.log"
+            fail "build"
+        }
+fi
 build_s=$((SECONDS - t))
 say "built in $build_s s ($(ls "$work"/dist))"
 "$python" -m pip install -q --upgrade --no-index --no-deps --target "$site" "$work"/dist/*.whl || fail "installing the wheel"
