@@ -44,7 +44,9 @@ fi
 "$python" -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl ||
     fail "installing the carried wheels (run scripts/gpu_prepare.sh and carry .gpu)"
 export PYTHONPATH="$site" # the carried build backend too
-tar -xJf .gpu/llama_cpp_python-*-trimmed.tar.xz -C "$work" || fail "extracting the carried source"
+# Python's tarfile: a CUDA image need not have xz
+"$python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+    .gpu/llama_cpp_python-*-trimmed.tar.xz "$work" || fail "extracting the carried source"
 
 t=$SECONDS
 if [ -n "${WHEEL:-}" ]; then
