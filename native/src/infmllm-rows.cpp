@@ -75,11 +75,15 @@ void for_each_run(const std::vector<uint32_t> & cells, F && f) {
 }
 
 // Copy rows between the cache and host buffers laid out [layer][i][row] (to_host: read).
+// K rows (and untransposed V rows) move one call per run of consecutive cells.  A transposed
+// V keeps each channel of the cells apart (channel c of cell x at element x + c*kv_size), so
+// per run it would take one call per channel: on a GPU thousands of small copies per layer.
+// Instead its whole block moves in one call (and, to write, one more after patching it).
 void transfer(const rows_view & rv, const std::vector<uint32_t> & cells, uint8_t * k_buf, uint8_t * v_buf,
         bool to_host) {
     const size_t n = cells.size();
     const size_t kv_size = rv.cells->size();
-    std::vector<uint8_t> column;
+    std::vector<uint8_t> block;
     size_t k_off = 0;
     size_t v_off = 0;
     for (const auto & L : rv.layers) {
@@ -92,31 +96,29 @@ void transfer(const rows_view & rv, const std::vector<uint32_t> & cells, uint8_t
             } else {
                 ggml_backend_tensor_set(L.k, kb + i*L.k_row, cells[i]*L.k_row, len*L.k_row);
             }
-            if (!rv.v_trans) {
-                if (to_host) {
-                    ggml_backend_tensor_get(L.v, vb + i*L.v_row, cells[i]*L.v_row, len*L.v_row);
-                } else {
-                    ggml_backend_tensor_set(L.v, vb + i*L.v_row, cells[i]*L.v_row, len*L.v_row);
-                }
+            if (rv.v_trans) {
                 return;
             }
-            // transposed V: channel c of cell x sits at (x + c*kv_size) elements
-            column.resize(len*L.v_el);
-            for (int64_t c = 0; c < L.n_embd_v; ++c) {
-                const size_t src = (cells[i] + c*kv_size)*L.v_el;
-                if (!to_host) {
-                    for (size_t t = 0; t < len; ++t) {
-                        std::memcpy(column.data() + t*L.v_el, vb + (i + t)*L.v_row + c*L.v_el, L.v_el);
-                    }
-                    ggml_backend_tensor_set(L.v, column.data(), src, len*L.v_el);
-                    continue;
-                }
-                ggml_backend_tensor_get(L.v, column.data(), src, len*L.v_el);
-                for (size_t t = 0; t < len; ++t) {
-                    std::memcpy(vb + (i + t)*L.v_row + c*L.v_el, column.data() + t*L.v_el, L.v_el);
-                }
+            if (to_host) {
+                ggml_backend_tensor_get(L.v, vb + i*L.v_row, cells[i]*L.v_row, len*L.v_row);
+            } else {
+                ggml_backend_tensor_set(L.v, vb + i*L.v_row, cells[i]*L.v_row, len*L.v_row);
             }
         });
+        if (rv.v_trans) {
+            block.resize(ggml_nbytes(L.v)); // n_embd_v * kv_size elements
+            ggml_backend_tensor_get(L.v, block.data(), 0, block.size());
+            for (size_t i = 0; i < n; ++i) {
+                for (int64_t c = 0; c < L.n_embd_v; ++c) {
+                    uint8_t * cached = block.data() + (cells[i] + c*kv_size)*L.v_el;
+                    uint8_t * host   = vb + i*L.v_row + c*L.v_el;
+                    std::memcpy(to_host ? host : cached, to_host ? cached : host, L.v_el);
+                }
+            }
+            if (!to_host) {
+                ggml_backend_tensor_set(L.v, block.data(), 0, block.size());
+            }
+        }
         k_off += L.k_row;
         v_off += L.v_row;
     }
