@@ -237,6 +237,11 @@ infmllm_get_queries = _bind(
     ctypes.c_int32,
 )
 infmllm_clear_queries = _bind("infmllm_clear_queries", [llama_context_p, llama_seq_id], ctypes.c_int32)
+infmllm_set_queries = _bind(
+    "infmllm_set_queries",
+    [llama_context_p, llama_seq_id, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, ctypes.c_int32],
+    ctypes.c_int32,
+)
 infmllm_kv_update = _bind("infmllm_kv_update", [llama_context_p], ctypes.c_int32)
 infmllm_abort_on_fd = _bind("infmllm_abort_on_fd", [ctypes.c_void_p], ctypes.c_bool)
 

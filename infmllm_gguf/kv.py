@@ -221,6 +221,14 @@ class KVCache:
     def clear_queries(self, seq_id: int = 0) -> None:
         _check("infmllm_clear_queries", N.infmllm_clear_queries(self.ctx, seq_id))
 
+    def set_queries(self, queries: np.ndarray, held: int, seq_id: int = 0) -> None:
+        """Put back what `queries` gave (flat floats and rows held), e.g. into a restored session."""
+        flat = np.ascontiguousarray(queries, np.float32).ravel()
+        _check(
+            "infmllm_set_queries",
+            N.infmllm_set_queries(self.ctx, seq_id, flat.ctypes.data_as(_F32P), flat.size, held),
+        )
+
     def update(self) -> bool:
         """Re-rotate compacted keys now, uninterruptibly; True if there was a K-shift to apply."""
         return bool(_check("infmllm_kv_update", N.infmllm_kv_update(self.ctx)))

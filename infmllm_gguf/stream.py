@@ -221,8 +221,8 @@ class Stream:
     def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """Everything the stream is, as (JSON-able facts, arrays): its cells as llama.cpp saves a
         sequence (positions, K and V) and the cells holding them, history, per-cell records, last
-        logits, the policy's state and the recall store.  Captured queries are not kept: capture
-        starts again on load."""
+        logits, the policy's state, the recall store and the captured queries (a turn fed but
+        not yet answered recalls with them after a restore)."""
         size = lc.llama_state_seq_get_size(self.ctx, self.seq_id)
         cells = np.empty(size, np.uint8)
         got = lc.llama_state_seq_get_data(
@@ -250,6 +250,7 @@ class Stream:
         arrays.update({f"policy.{k}": v for k, v in self.policy.export_state(view.cells).items()})
         if self.store is not None:
             arrays.update({f"store.{k}": v for k, v in self.store.export().items()})
+            arrays["queries"], facts["queries_held"] = self.kv.queries(self._query_floats(), self.seq_id)
         return facts, arrays
 
     def import_state(self, facts: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -270,6 +271,13 @@ class Stream:
             raise ValueError("the saved stream is inconsistent or larger than this cache")
         if (self.store is None) != ("store.k" not in arrays):
             raise ValueError("the saved stream and this session differ in having a recall tier")
+        queries = arrays.get("queries")
+        if queries is not None and (
+            self.store is None
+            or queries.shape != (self._query_floats(),)
+            or not 0 <= int(facts.get("queries_held", -1)) <= self.recall.query_window
+        ):
+            raise ValueError("the saved captured queries do not fit this session's recall tier")
         stats = StreamStats(**facts["stats"])
         cells = np.ascontiguousarray(arrays["cells"], np.uint8)
         with self._guard.atomic():
@@ -302,6 +310,8 @@ class Stream:
             self.policy.import_state(policy_state, view.cells)
             if self.store is not None:
                 self.store.load({k[6:]: v for k, v in arrays.items() if k.startswith("store.")})
+                if queries is not None:
+                    self.kv.set_queries(queries, int(facts["queries_held"]), self.seq_id)
         if self.debug:
             self.check_invariants()
 
@@ -531,10 +541,16 @@ class Stream:
             self.recall_pages()
 
     # --- recall ------------------------------------------------------------------------------
+    def _query_shape(self) -> tuple[int, int, int, int]:
+        return (self.store.n_layer, self.store.n_head, self.recall.query_window, self.store.head_dim)
+
+    def _query_floats(self) -> int:
+        return int(np.prod(self._query_shape()))
+
     def _queries(self, rows: int) -> np.ndarray | None:
         """The newest captured query rows (at most `rows`) as [layer, head, rows, dim], or None."""
-        shape = (self.store.n_layer, self.store.n_head, self.recall.query_window, self.store.head_dim)
-        flat, held = self.kv.queries(int(np.prod(shape)), self.seq_id)
+        shape = self._query_shape()
+        flat, held = self.kv.queries(self._query_floats(), self.seq_id)
         held = min(held, rows)
         if held == 0:
             return None

@@ -157,6 +157,15 @@ def test_captured_queries_are_the_graph_queries_across_ubatches(make_ctx, text_t
         assert np.allclose(got, want, rtol=1e-5, atol=1e-5), la.il
     kv.clear_queries()
     assert kv.queries(n_floats)[1] == 0
+    kv.set_queries(flat, held)  # what a restored session puts back
+    again, held_again = kv.queries(n_floats)
+    assert held_again == held and np.array_equal(again, flat)
+    for bad, match in (((flat[:-1], held), "buffer size"), ((flat, w + 1), "invalid argument")):
+        with pytest.raises(NativeError, match=match):
+            kv.set_queries(*bad)
+    assert kv.queries(n_floats)[1] == held and np.array_equal(kv.queries(n_floats)[0], flat)  # unchanged
+    kv.clear_queries()
+    assert kv.queries(n_floats)[1] == 0
     with pytest.raises(NativeError, match="buffer size"):
         kv.queries(n_floats - 1)
     with pytest.raises(NativeError, match="invalid argument"):

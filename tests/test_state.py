@@ -114,6 +114,21 @@ def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_p
     llm.close()
 
 
+def test_a_turn_saved_before_its_answer_recalls_after_a_restore(model_path, text_tokens):
+    """The captured queries travel with the state: a question fed but not yet answered brings back
+    the same pages, and gets the same answer, in the session it was restored into."""
+    a = session(model_path, recall=Recall())
+    a.eval(text_tokens[:2000])
+    a.feed("\nWho was the first man?")
+    b = session(model_path, recall=Recall())
+    b.load_state(a.save_state())
+    answers = [llm.generate_text(8) for llm in (a, b)]
+    assert a.recalled() and a.recalled() == b.recalled()
+    assert answers[0] == answers[1] and a.kv_stats() == b.kv_stats()
+    a.close()
+    b.close()
+
+
 def _continuation(llm: Llama) -> tuple[int, str]:
     mark = llm.n_streamed
     llm.feed(" And")

@@ -243,6 +243,18 @@ LLAMA_API int32_t infmllm_get_queries(
 // taken back); returns INFMLLM_OK.
 LLAMA_API int32_t infmllm_clear_queries(struct llama_context * ctx, llama_seq_id seq_id);
 
+// Replace the kept queries of seq_id's stream with what infmllm_get_queries() gave (e.g. for a
+// restored session, whose cells hold the keys those queries were decoded with): n_floats as
+// infmllm_get_queries() wants it, n_held 0..n_rows, rows laid out as it writes them.  Returns
+// INFMLLM_OK; INFMLLM_ERR_BUFFER_TOO_SMALL if n_floats differs from the capture's size,
+// INFMLLM_ERR_INVALID_ARG for n_held out of range or NULL data, nothing changed on failure.
+LLAMA_API int32_t infmllm_set_queries(
+        struct llama_context * ctx,
+        llama_seq_id           seq_id,
+        const float          * in,
+        size_t                 n_floats,
+        int32_t                n_held);
+
 // Abort callback for llama_set_abort_callback(): data points to an int32_t file descriptor;
 // returns true once a byte is waiting on it (e.g. the signal wakeup fd that Python writes to
 // when SIGINT arrives), so llama_decode stops between graph nodes and returns 2.  The fd is

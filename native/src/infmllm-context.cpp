@@ -173,6 +173,29 @@ int32_t infmllm_clear_queries(llama_context * ctx, llama_seq_id seq_id) {
     return INFMLLM_OK;
 }
 
+int32_t infmllm_set_queries(
+        llama_context * ctx, llama_seq_id seq_id, const float * in, size_t n_floats, int32_t n_held) {
+    llama_kv_cache * kv = nullptr;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
+    }
+    auto & st = ctx->infmllm;
+    const size_t size = st.queries.empty() ? 0 : st.queries[stream].size();
+    if (n_floats != size) {
+        return INFMLLM_ERR_BUFFER_TOO_SMALL;
+    }
+    const int32_t n_rows = ctx->get_cparams().infmllm_query_rows;
+    if (n_held < 0 || n_held > n_rows || (in == nullptr && n_floats > 0)) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    if (size > 0) {
+        std::copy(in, in + n_floats, st.queries[stream].begin());
+        st.query_rows_held[stream] = n_held;
+    }
+    return INFMLLM_OK;
+}
+
 // Append the ubatch's captured rows to each stream's kept window, oldest rows dropping out.
 static void infmllm_queries_extract(llama_context & lctx, const llm_graph_result & res, uint32_t s0) {
     auto & st = lctx.infmllm;
