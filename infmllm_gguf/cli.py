@@ -126,13 +126,17 @@ def passkey_tokens(
 
 
 def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key: str) -> dict:
-    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it."""
-    tokens, _ = passkey_tokens(llm, filler, length, depth, key)
+    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it.  With a recall
+    tier, also whether a page of the needle was among the recalled ones when it answered."""
+    tokens, needle = passkey_tokens(llm, filler, length, depth, key)
     llm.reset()
     llm.eval(tokens)
     answer = llm.generate_text(max_tokens=8, temperature=0.0)
     digits = "".join(ch for ch in answer if ch.isdigit())
-    return {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
+    result = {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
+    if llm.recall is not None:
+        result["needle_recalled"] = any(a < needle.stop and needle.start < b for a, b in llm.recalled())
+    return result
 
 
 def run_passkey(llm: Llama, length: int, depths: Sequence[float], trials: int, seed: int = 0) -> dict:

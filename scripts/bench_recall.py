@@ -2,8 +2,10 @@
 haystacks 4x ... 32x the budget, asked for at the end (one turn, so one recall).
 
 Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a control whose
-recall brings back random stored pages into the same reserve (what the selection is worth),
-and the full cache (n_ctx = stream length) where it fits, as the model's own reference.
+recall brings back random stored pages into the same reserve (what the selection is worth), one
+whose recall brings back the needle's own pages (what any selection could reach: the rest is
+the model's), and the full cache (n_ctx = stream length) where it fits, as the model's own
+reference.  With recall, each key also records whether a page of the needle came back.
 
     python scripts/bench_recall.py --quick    # budget 256, 4x/8x, 3 depths, 1 key (minutes)
     python scripts/bench_recall.py            # budget 512, 4x..32x, 3 depths, 2 keys
@@ -25,7 +27,7 @@ from infmllm_gguf import Llama, Recall
 from infmllm_gguf.cli import run_passkey
 from infmllm_gguf.policies import make_policy
 
-RUNS = ("recall", "no recall", "random pages", "full")
+RUNS = ("recall", "no recall", "random pages", "needle pages", "full")
 
 
 def random_pages(llm: Llama, seed: int) -> None:
@@ -41,6 +43,32 @@ def random_pages(llm: Llama, seed: int) -> None:
                 break
             chosen.append(int(pid))
             used += n
+        return chosen
+
+    store.select = pick
+
+
+def needle_pages(llm: Llama) -> None:
+    """Make the stream's recall pick the stored pages holding the needle ("pass key" occurs only
+    there and in the question, which is never evicted), each with its next and previous page as
+    the selection takes them, into the same room."""
+    store = llm._stream.store
+    marker = np.array(llm.tokenize(" pass key", add_bos=False))
+
+    def pick(queries: np.ndarray, room: int, shortlist: int = 0) -> list[int]:
+        hist = llm.history
+        windows = np.lib.stride_tricks.sliding_window_view(hist, len(marker))
+        at = np.flatnonzero((windows == marker).all(axis=1))
+        chosen, used = [], 0
+        for pid in dict.fromkeys(int(i) // store.page for i in at):
+            for p in (pid, pid + 1, pid - 1):
+                page = store._pages.get(p)
+                if page is None or p in chosen:
+                    continue
+                if used + page.n > room:
+                    return chosen
+                chosen.append(p)
+                used += page.n
         return chosen
 
     store.select = pick
@@ -75,23 +103,27 @@ def main() -> int:
         runs = [("recall", args.trials), ("no recall", args.control_trials)]
         if multiple <= args.max_control_multiple:
             runs.append(("random pages", args.control_trials))
+        runs.append(("needle pages", args.control_trials))
         if length <= args.max_full_ctx:
             runs.append(("full", args.control_trials))
         runs = [(run, trials) for run, trials in runs if run in args.runs]
         for run, trials in runs:
             policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
             n_ctx = length + 16 if run == "full" else policy.capacity
-            recall = Recall() if run in ("recall", "random pages") else None
+            recall = Recall() if run in ("recall", "random pages", "needle pages") else None
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
             if run == "random pages":
                 random_pages(llm, seed=multiple)
+            elif run == "needle pages":
+                needle_pages(llm)
             start = time.perf_counter()
             result = run_passkey(llm, length, args.depths, trials)
             seconds = time.perf_counter() - start
             stats = llm.kv_stats()
             llm.close()
             for depth in args.depths:
-                hits = [t["correct"] for t in result["trials"] if t["depth"] == depth]
+                mine = [t for t in result["trials"] if t["depth"] == depth]
+                hits = [t["correct"] for t in mine]
                 rows.append(
                     {
                         "run": run,
@@ -100,6 +132,9 @@ def main() -> int:
                         "length": length,
                         "depth": depth,
                         "accuracy": float(np.mean(hits)),
+                        "needle_recalled": (
+                            float(np.mean([t["needle_recalled"] for t in mine])) if recall else None
+                        ),
                         "trials": len(hits),
                         "seconds_per_trial": seconds / len(result["trials"]),
                         "store_mb": stats.get("store_mb", 0.0),
@@ -125,6 +160,7 @@ def main() -> int:
             "length",
             "depth",
             "accuracy",
+            "needle_recalled",
             "trials",
             "seconds_per_trial",
             "store_mb",
