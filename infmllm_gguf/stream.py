@@ -37,7 +37,7 @@ from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, CellView, KVCache, NativeError
 from infmllm_gguf.policies import FullCache, KVPolicy
-from infmllm_gguf.recall import PageStore, Recall, RecallError
+from infmllm_gguf.recall import PageStore, Recall, RecallError, one_blas_thread
 
 
 class ContextFullError(ValueError):
@@ -525,20 +525,28 @@ class Stream:
         if self.store is not None and self.recall_error is None and out.any():
             k, v = self.kv.read_rows(view.positions[out], self.store.k_bytes, self.store.v_bytes, self.seq_id)
             self.store.add(self._stream_index[out], view.positions[out], k, v)
-        with self._unit():
-            # evict validates everything before it changes anything
-            self.kv.evict_cells(view.cells[~keep], self.seq_id)
-            if self.repositions:
-                self.kv.compact(self.seq_id)  # cannot fail after a successful evict on the same sequence
-                self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
-                self.next_pos = int(keep.sum())
-            self.policy.forget(view.cells[~keep])
-            self._stream_index = self._stream_index[keep]
-            self._recalled = self._recalled[keep]
-            self.stats.n_evicted += int(out.sum())
-            self.stats.evictions += 1
-        if then_recall and self.recall is not None and self.recall.when == "chunk":
-            self.recall_pages()
+        # chunk mode recalls right after: its arrangement re-positions the cells again, so both
+        # moves share one K-shift, applied before the block ends (a decode never sees it pending)
+        recall_next = then_recall and self.recall is not None and self.recall.when == "chunk"
+        with self._guard.atomic():
+            with self._unit():
+                # evict validates everything before it changes anything
+                self.kv.evict_cells(view.cells[~keep], self.seq_id)
+                if self.repositions:
+                    self.kv.compact(self.seq_id)  # cannot fail after a successful evict on the same sequence
+                    if not recall_next:
+                        self.kv.update()  # the K-shift now, where Ctrl-C cannot stop it halfway
+                    self.next_pos = int(keep.sum())
+                self.policy.forget(view.cells[~keep])
+                self._stream_index = self._stream_index[keep]
+                self._recalled = self._recalled[keep]
+                self.stats.n_evicted += int(out.sum())
+                self.stats.evictions += 1
+            if recall_next:
+                try:
+                    self.recall_pages()
+                finally:
+                    self.kv.update()  # nothing to do if the recall re-positioned (and shifted) already
 
     # --- recall ------------------------------------------------------------------------------
     def _query_shape(self) -> tuple[int, int, int, int]:
@@ -568,7 +576,8 @@ class Stream:
             return False
         room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
         try:
-            pids = self.store.select(queries, room, self.recall.shortlist)
+            with one_blas_thread():
+                pids = self.store.select(queries, room, self.recall.shortlist)
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
             self.recall_error = str(exc)

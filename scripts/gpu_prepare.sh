@@ -7,7 +7,7 @@
 #       backends and llama.cpp tools the CPU and CUDA builds never compile (src/models/ and
 #       tools/mtmd stay)
 #   wheels/   the pure-Python packages the runtime and tests import that a CUDA image with
-#             PyTorch lacks (gguf, diskcache), and the build backend (scikit-build-core, in
+#             PyTorch lacks (gguf, diskcache, threadpoolctl), and the build backend (scikit-build-core, in
 #             case the machine's is older than pyproject.toml asks)
 #
 # Usage: scripts/gpu_prepare.sh
@@ -56,7 +56,7 @@ tar -C "$tmp/src" -cJf "$out/$name-trimmed.tar.xz" "$name"
 
 # the versions this checkout's venv runs its tests with
 pins=()
-for pkg in gguf diskcache scikit-build-core; do
+for pkg in gguf diskcache threadpoolctl scikit-build-core; do
     pins+=("$pkg==$("$python" -c "import importlib.metadata as m; print(m.version('$pkg'))")")
 done
 "$python" -m pip download -q --no-deps --only-binary=:all: -d "$out/wheels" "${pins[@]}"

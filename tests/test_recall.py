@@ -30,6 +30,8 @@ def test_recall_configuration_is_checked():
     for bad in ({"page": 0}, {"when": "always"}, {"reserve": 0}, {"store_limit_mb": 0}, {"query_window": 0}):
         with pytest.raises(ValueError):
             Recall(**bad)
+    with pytest.raises(ValueError, match="shortlist"):
+        Recall(shortlist=0)
     with pytest.raises(ValueError, match="not a directory"):
         Recall(spill_dir="/nonexistent/dir")
     with pytest.raises(ValueError, match="evicting kv_policy"):
@@ -97,6 +99,34 @@ def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler
     assert stats["recalls"] >= stats["evictions"] // 2 > 0
     assert stats["n_recalled"] <= stats["recall_reserve"]
     assert stats["n_cached"] <= chunk.policy.capacity
+
+
+def _layer0_keys(llm: Llama) -> np.ndarray:
+    """Layer 0's keys of the cells at positions 0..n_cached-1, as float32 [cell, dim]."""
+    kv, n = llm._stream.kv, llm.n_cached
+    layers = kv.layers()
+    k_bytes, v_bytes = (sum(getattr(la, f) for la in layers) for f in ("k_row_bytes", "v_row_bytes"))
+    k, _ = kv.read_rows(np.arange(n), k_bytes, v_bytes)
+    return k.reshape(len(layers), n, -1)[0].view(np.float16).astype(np.float32)
+
+
+def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
+    """Evictions and recalls move cells many times, each pair sharing one K-shift: every cached
+    key of layer 0 (a function of its token and position alone) is the one a fresh context
+    computes for that token at that position."""
+    llm = _llm(Recall(when="chunk"))
+    llm.eval([1] + filler[: 4 * BUDGET])
+    stats = llm.kv_stats()
+    assert stats["recalls"] > 0 and stats["n_recalled"] > 0
+    tokens = llm.history[llm.cached_stream_indices()]
+    fresh = Llama(n_ctx=llm.n_cached + 64, kv_policy="full", seed=0, recall=None)
+    fresh.eval(tokens)
+    got, want = _layer0_keys(llm), _layer0_keys(fresh)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 4e-3 * scale
+    assert np.abs(got[1:] - want[:-1]).max() > 0.1 * scale  # the check can fail: one position off
+    llm.close()
+    fresh.close()
 
 
 def test_store_is_bounded_by_dropping_oldest_pages(filler):
