@@ -400,12 +400,16 @@ class PageStore:
         # only pages that stand out: at least halfway from the shortlist's median to its best
         # (pages of ordinary score crowd the answer out, the 135M model then copies them)
         cut = (score[short].max() + np.median(score[short])) / 2
+        best = [pids[i] for i in np.argsort(-score, kind="stable")[: len(short)] if score[i] >= cut]
+        return self.with_neighbours(best, room)
+
+    def with_neighbours(self, pids: list[int], room: int) -> list[int]:
+        """The stored pages among pids, in their order, each followed by the page after and the
+        page before it, until the next one would pass `room` tokens."""
         chosen: list[int] = []
         used = 0
-        for i in np.argsort(-score, kind="stable")[: len(short)]:
-            if score[i] < cut:
-                break
-            for pid in (pids[i], pids[i] + 1, pids[i] - 1):
+        for first in pids:
+            for pid in (first, first + 1, first - 1):
                 page = self._pages.get(pid)
                 if page is None or pid in chosen:
                     continue

@@ -59,17 +59,7 @@ def needle_pages(llm: Llama) -> None:
         hist = llm.history
         windows = np.lib.stride_tricks.sliding_window_view(hist, len(marker))
         at = np.flatnonzero((windows == marker).all(axis=1))
-        chosen, used = [], 0
-        for pid in dict.fromkeys(int(i) // store.page for i in at):
-            for p in (pid, pid + 1, pid - 1):
-                page = store._pages.get(p)
-                if page is None or p in chosen:
-                    continue
-                if used + page.n > room:
-                    return chosen
-                chosen.append(p)
-                used += page.n
-        return chosen
+        return store.with_neighbours(list(dict.fromkeys(int(i) // store.page for i in at)), room)
 
     store.select = pick
 
