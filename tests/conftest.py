@@ -14,7 +14,7 @@ import pytest
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 from infmllm_gguf import default_model_path
-from infmllm_gguf.kv import decode
+from infmllm_gguf.kv import KVCache, decode
 from infmllm_gguf.texts import genesis
 
 N_THREADS = min(2, os.cpu_count() or 1)
@@ -141,6 +141,15 @@ def open_gguf():
     for m, ctx in made:
         lc.llama_free(ctx)
         lc.llama_model_free(m)
+
+
+def f16_keys(kv: KVCache, n: int, first: int = 0) -> np.ndarray:
+    """The F16 keys of the cells at positions first..first+n-1, every layer, as float32
+    [layer, cell, dim]."""
+    layers = kv.layers()
+    k_bytes = sum(layer.k_row_bytes for layer in layers)
+    k, _ = kv.read_rows(np.arange(first, first + n), k_bytes, sum(layer.v_row_bytes for layer in layers))
+    return k.view(np.float16).astype(np.float32).reshape(len(layers), n, -1)
 
 
 def logits_of(ctx, model) -> np.ndarray:

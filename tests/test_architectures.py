@@ -23,7 +23,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import logits_of, replay_evictions
+from conftest import f16_keys, logits_of, replay_evictions
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 
 from infmllm_gguf import H2O, ContextFullError, InfMLLM, KVPolicy, Llama, Recall
@@ -672,15 +672,6 @@ def test_an_mrope_image_larger_than_a_batch_is_refused(mrope_gguf: str, mrope_mm
         llm.close()
 
 
-def _keys(kv: KVCache, n: int, first: int = 0) -> np.ndarray:
-    """The F16 keys of the cells at positions first..first+n-1, all layers, as float32
-    [layer, cell, dim]."""
-    layers = kv.layers()
-    k_bytes = sum(layer.k_row_bytes for layer in layers)
-    k, _ = kv.read_rows(np.arange(first, first + n), k_bytes, sum(layer.v_row_bytes for layer in layers))
-    return k.view(np.float16).astype(np.float32).reshape(len(layers), n, -1)
-
-
 def test_compaction_of_each_family_rotates_keys_like_fresh_positions(make_tiny_ctx, plain_gguf: str) -> None:
     """The K-shift of each RoPE flavour (normal, NeoX, partial rotary): kept tokens that never
     saw the evicted ones (another sequence) hold, once compacted, the keys of every layer that
@@ -695,13 +686,13 @@ def test_compaction_of_each_family_rotates_keys_like_fresh_positions(make_tiny_c
     assert kv.compact() == 60 and kv.update()
     _, fresh = make_tiny_ctx(plain_gguf, n_ctx=256)
     decode(fresh, tokens[40:100], np.arange(60))
-    shifted, expected = _keys(kv, 60), _keys(KVCache(fresh), 60)
+    shifted, expected = f16_keys(kv, 60), f16_keys(KVCache(fresh), 60)
     scale = np.abs(expected).max()
     assert np.abs(shifted - expected).max() < 4e-3 * scale
     unshifted = make_tiny_ctx(plain_gguf, n_ctx=256)[1]
     decode(unshifted, tokens[40:100], np.arange(40, 100))
     # the check can fail: the same keys left at 40..99
-    assert np.abs(_keys(KVCache(unshifted), 60, first=40) - expected).max() > 0.1 * scale
+    assert np.abs(f16_keys(KVCache(unshifted), 60, first=40) - expected).max() > 0.1 * scale
     decode(ctx, tokens[100:], [60])
     decode(fresh, tokens[100:], [60])
     np.testing.assert_allclose(logits_of(ctx, model), logits_of(fresh, model), rtol=5e-3, atol=5e-3)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import logits_of, replay_evictions
+from conftest import f16_keys, logits_of, replay_evictions
 
 from infmllm_gguf import InfMLLM, Llama, Recall, build_info, devices, synthetic
 from infmllm_gguf.kv import KVCache, decode
@@ -105,14 +105,6 @@ def test_scores_on_the_gpu_match_the_cpu(make_ctx, flash_attn: bool) -> None:
     assert _rel(gpu_step, cpu_step) < 1e-3
 
 
-def _keys(kv: KVCache, n: int) -> np.ndarray:
-    """The F16 keys of the cells at positions 0..n-1, every layer, as float32 [layer, cell, dim]."""
-    layers = kv.layers()
-    k_bytes = sum(layer.k_row_bytes for layer in layers)
-    k, _ = kv.read_rows(np.arange(n), k_bytes, sum(layer.v_row_bytes for layer in layers))
-    return k.view(np.float16).astype(np.float32).reshape(len(layers), n, -1)
-
-
 @FLASH
 def test_compaction_on_the_gpu_rotates_keys_like_fresh_positions(make_ctx, flash_attn: bool) -> None:
     """Tokens that never saw the evicted ones (another sequence), compacted from 40..99 to
@@ -126,7 +118,7 @@ def test_compaction_on_the_gpu_rotates_keys_like_fresh_positions(make_ctx, flash
     assert kv.compact() == 60 and kv.update()
     _, fresh = make_ctx(flash_attn=flash_attn)
     decode(fresh, tokens[40:100], np.arange(60))
-    shifted, expected = _keys(kv, 60), _keys(KVCache(fresh), 60)
+    shifted, expected = f16_keys(kv, 60), f16_keys(KVCache(fresh), 60)
     assert np.abs(shifted - expected).max() < 4e-3 * np.abs(expected).max()
     decode(ctx, tokens[100:], [60])
     decode(fresh, tokens[100:], [60])

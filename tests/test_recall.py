@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import f16_keys
 
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
 from infmllm_gguf.cli import passkey_trial
@@ -101,15 +102,6 @@ def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler
     assert stats["n_cached"] <= chunk.policy.capacity
 
 
-def _layer0_keys(llm: Llama) -> np.ndarray:
-    """Layer 0's keys of the cells at positions 0..n_cached-1, as float32 [cell, dim]."""
-    kv, n = llm._stream.kv, llm.n_cached
-    layers = kv.layers()
-    k_bytes, v_bytes = (sum(getattr(la, f) for la in layers) for f in ("k_row_bytes", "v_row_bytes"))
-    k, _ = kv.read_rows(np.arange(n), k_bytes, v_bytes)
-    return k.reshape(len(layers), n, -1)[0].view(np.float16).astype(np.float32)
-
-
 def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
     """Evictions and recalls move cells many times, each pair sharing one K-shift: every cached
     key of layer 0 (a function of its token and position alone) is the one a fresh context
@@ -121,7 +113,8 @@ def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
     tokens = llm.history[llm.cached_stream_indices()]
     fresh = Llama(n_ctx=llm.n_cached + 64, kv_policy="full", seed=0, recall=None)
     fresh.eval(tokens)
-    got, want = _layer0_keys(llm), _layer0_keys(fresh)
+    # layer 0 of the cells at positions 0..n-1 of each
+    got, want = (f16_keys(x._stream.kv, x.n_cached)[0] for x in (llm, fresh))
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 4e-3 * scale
     assert np.abs(got[1:] - want[:-1]).max() > 0.1 * scale  # the check can fail: one position off
