@@ -125,13 +125,16 @@ def passkey_tokens(
     return head + needle + hay[at:] + question, range(len(head), len(head) + len(needle))
 
 
-def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key: str) -> dict:
-    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it.  With a recall
-    tier, also whether a page of the needle was among the recalled ones when it answered."""
+def passkey_trial(
+    llm: Llama, filler: list[int], length: int, depth: float, key: str, answer_tokens: int = 8
+) -> dict:
+    """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it; correct when
+    the answer's first digits are the key.  With a recall tier, also whether a page of the
+    needle was among the recalled ones when it answered."""
     tokens, needle = passkey_tokens(llm, filler, length, depth, key)
     llm.reset()
     llm.eval(tokens)
-    answer = llm.generate_text(max_tokens=8, temperature=0.0)
+    answer = llm.generate_text(max_tokens=answer_tokens, temperature=0.0)
     digits = "".join(ch for ch in answer if ch.isdigit())
     result = {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
     if llm.recall is not None:
@@ -139,7 +142,17 @@ def passkey_trial(llm: Llama, filler: list[int], length: int, depth: float, key:
     return result
 
 
-def run_passkey(llm: Llama, length: int, depths: Sequence[float], trials: int, seed: int = 0) -> dict:
+def run_passkey(
+    llm: Llama,
+    length: int,
+    depths: Sequence[float],
+    trials: int,
+    seed: int = 0,
+    spread: bool = False,
+    answer_tokens: int = 8,
+) -> dict:
+    """`trials` keys per depth in KJV haystacks: all from the text's start, or with `spread` each
+    from its own random start (wrapping around), so that the keys do not share one ending."""
     rng = np.random.default_rng(seed)
     filler = llm.tokenize(kjv()[:200_000], add_bos=False)
     results = []
@@ -147,7 +160,9 @@ def run_passkey(llm: Llama, length: int, depths: Sequence[float], trials: int, s
         for depth in depths:
             for _ in range(trials):
                 key = str(rng.integers(10_000, 100_000))
-                results.append(passkey_trial(llm, filler, length, depth, key))
+                start = int(rng.integers(len(filler))) if spread else 0
+                hay = filler[start:] + filler[:start]
+                results.append(passkey_trial(llm, hay, length, depth, key, answer_tokens))
                 bar.update(1)
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "trials": results}
 

@@ -10,7 +10,7 @@ the shortlist exactly.  Scores are standardised per (layer, kv head, query row) 
 sample of all pages, so heads of different scale compare; a page counts by its strongest
 single (layer, head, row) — a sum over heads dilutes a needle — less its mean over them,
 since a page that every head attends to (the text right after the sinks) is generic rather
-than an answer.  Pages that stand out, each with the pages before and after it, are written
+than an answer.  Pages that stand out, then the pages after and before them, are written
 back into a reserve of the budget, in stream order, and llama.cpp's own K-shift re-positions
 them with the rest of the cache.
 
@@ -46,11 +46,13 @@ class Recall:
     """Configuration of the recall tier (one per `Llama`; the store itself lives in the stream).
 
     reserve: cells of the budget that recalled pages may occupy (default budget // 4); the
-      policy keeps the rest.  page: stream tokens per page.  when: "turn" recalls once per
-      question or prompt, before answering (the prompt's last `query_window` tokens are
-      decoded again with the pages in place); "chunk" also recalls after every eviction,
-      scored by the newest `query_window` query rows.  store_limit_mb: host memory for stored
-      rows; past it the oldest pages are dropped, or spilled to a file in `spill_dir`.
+      policy keeps the rest, and the part recalled pages do not hold until a recall needs it
+      (so "turn" costs a stream nothing between questions).  page: stream tokens per page.
+      when: "turn" recalls once per question or prompt, before answering (the prompt's last
+      `query_window` tokens are decoded again with the pages in place); "chunk" also recalls
+      after every eviction, scored by the newest `query_window` query rows.  store_limit_mb:
+      host memory for stored rows; past it the oldest pages are dropped, or spilled to a file
+      in `spill_dir`.
       shortlist: pages each of the two summary rankings passes on to the exact re-rank with
       the stored keys (which bounds a recall's cost however large the store grows).
     """
@@ -359,8 +361,8 @@ class PageStore:
     # --- selection ------------------------------------------------------------------------
     def select(self, queries: np.ndarray, room: int, shortlist: int = 64) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
-        by their strongest head, each with the pages after and before it, best first, at most
-        `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
+        by their strongest head, best first, then the pages after and before each of them, at
+        most `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
         head, query row) less its mean over them: a page every head attends to (the text right
         after the sinks) is generic, not an answer."""
         if self.n_pages == 0 or room <= 0:
@@ -404,19 +406,20 @@ class PageStore:
         return self.with_neighbours(best, room)
 
     def with_neighbours(self, pids: list[int], room: int) -> list[int]:
-        """The stored pages among pids, in their order, each followed by the page after and the
-        page before it, until the next one would pass `room` tokens."""
+        """The stored pages among pids, in their order, then the page after and the page before
+        each of them, until the next one would pass `room` tokens.  Every chosen page comes
+        before any neighbour: a needle ranked fourth must not lose its place to the neighbours
+        of the three pages ahead of it."""
         chosen: list[int] = []
         used = 0
-        for first in pids:
-            for pid in (first, first + 1, first - 1):
-                page = self._pages.get(pid)
-                if page is None or pid in chosen:
-                    continue
-                if used + page.n > room:
-                    return chosen
-                chosen.append(pid)
-                used += page.n
+        for pid in [*pids, *(n for first in pids for n in (first + 1, first - 1))]:
+            page = self._pages.get(pid)
+            if page is None or pid in chosen:
+                continue
+            if used + page.n > room:
+                break
+            chosen.append(pid)
+            used += page.n
         return chosen
 
     def _exact(self, slots: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -16,8 +16,9 @@ make the sliding-window half follow every eviction and compaction.
 
 With a recall tier (recall.py), what the policy evicts is copied to a host-memory store
 first, and recalled pages sit in a reserve of the budget beside the policy's cells, in stream
-order: the policy ranks and evicts only its own cells; recalled ones leave when the next
-recall replaces them.
+order: the policy ranks and evicts only its own cells, and holds the part of the reserve that
+recalled cells do not until a recall needs it; recalled ones leave when the next recall
+replaces them.
 
 Every native state change (decode, evict + compact + K-shift, roll back, recall) and its
 Python bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
@@ -503,18 +504,25 @@ class Stream:
             self._scoring = n_score_queries
 
     # --- eviction and roll-back -------------------------------------------------------------
-    def _evict(self, n_keep: int, then_recall: bool = True) -> None:
+    def _evict(self, n_keep: int, then_recall: bool = True, make_room: bool = False) -> None:
         """The one eviction path: the policy picks n_keep cells, native evicts and compacts.
 
-        With a recall tier the policy ranks only its own cells and keeps n_keep - reserve of
-        them; the recalled cells stay (all of them, or none where n_keep cannot hold them), and
-        whatever the policy evicts is copied to the store first."""
+        With a recall tier the policy ranks only its own cells; the recalled cells stay (all of
+        them, or none where n_keep cannot hold them), and whatever the policy evicts is copied
+        to the store first.  The part of the reserve that recalled cells do not hold is the
+        policy's until a recall needs it: the policy keeps n_keep - reserve cells before a
+        recall (chunk mode's, right after, or `make_room` for a turn's) and n_keep - recalled
+        otherwise, so a stream between turns keeps as many cells as it would without recall."""
         view = self.view()
         own = ~self._recalled
         n_own_keep = n_keep
+        # chunk mode recalls right after: its arrangement re-positions the cells again, so both
+        # moves share one K-shift, applied before the block ends (a decode never sees it pending)
+        recall_next = then_recall and self.recall is not None and self.recall.when == "chunk"
         if self.store is not None:
+            held = self.reserve if recall_next or make_room else self.n_recalled
             # without re-positioning the newest cell (an own one) must stay, see KVPolicy.select
-            n_own_keep = max(0 if self.repositions else 1, n_keep - self.reserve)
+            n_own_keep = max(0 if self.repositions else 1, n_keep - held)
             if n_own_keep + self.n_recalled > n_keep:
                 own[:] = True  # too little room (a large image): recalled cells go too
         keep = ~own
@@ -524,10 +532,11 @@ class Stream:
         out = own & ~keep & ~self._recalled  # recalled cells are in the store already
         if self.store is not None and self.recall_error is None and out.any():
             k, v = self.kv.read_rows(view.positions[out], self.store.k_bytes, self.store.v_bytes, self.seq_id)
-            self.store.add(self._stream_index[out], view.positions[out], k, v)
-        # chunk mode recalls right after: its arrangement re-positions the cells again, so both
-        # moves share one K-shift, applied before the block ends (a decode never sees it pending)
-        recall_next = then_recall and self.recall is not None and self.recall.when == "chunk"
+            try:  # adding cells to a spilled page reads it back
+                self.store.add(self._stream_index[out], view.positions[out], k, v)
+            except RecallError as exc:
+                self._switch_off(exc)
+                raise
         with self._guard.atomic():
             with self._unit():
                 # evict validates everything before it changes anything
@@ -580,8 +589,7 @@ class Stream:
                 pids = self.store.select(queries, room, self.recall.shortlist)
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
-            self.recall_error = str(exc)
-            self.store.clear()
+            self._switch_off(exc)
             raise
         # a recalled cell is a stored cell of its page: it stays while its page is chosen
         drop = self._recalled & ~np.isin(self._stream_index // self.recall.page, pids)
@@ -607,6 +615,11 @@ class Stream:
             self.stats.pages_recalled += len(pids)
         return True
 
+    def _switch_off(self, exc: RecallError) -> None:
+        """The store failed: empty it and go on without recall (kv_stats reports why)."""
+        self.recall_error = str(exc)
+        self.store.clear()
+
     def recall_turn(self) -> None:
         """Before answering: recall with the queries of the turn's newest text (at most
         query_window rows, none from before the turn), making room in the reserve first, then
@@ -622,7 +635,7 @@ class Stream:
         redo = len(tail) > 0 and self.rollback(self._n_history - len(tail))
         try:
             if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
-                self._evict(self.policy.budget, then_recall=False)
+                self._evict(self.policy.budget, then_recall=False, make_room=True)
             self.recall_pages(rows)
         finally:
             if redo:

@@ -1,5 +1,8 @@
 """Passkey retrieval with the recall tier: a 5-digit key planted at several depths of KJV
-haystacks 4x ... 32x the budget, asked for at the end (one turn, so one recall).
+haystacks 4x ... 32x the budget, asked for at the end (one turn, so one recall).  Each key has
+its own stretch of KJV (a random start), so the keys of one length do not share the ending the
+model reads just before the question; the answer may take 16 tokens ("the pass key. 52586 is
+...": correct when its first digits are the key).
 
 Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a control whose
 recall brings back random stored pages into the same reserve (what the selection is worth), one
@@ -107,7 +110,7 @@ def main() -> int:
             elif run == "needle pages":
                 needle_pages(llm)
             start = time.perf_counter()
-            result = run_passkey(llm, length, args.depths, trials)
+            result = run_passkey(llm, length, args.depths, trials, spread=True, answer_tokens=16)
             seconds = time.perf_counter() - start
             stats = llm.kv_stats()
             llm.close()

@@ -102,6 +102,36 @@ def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler
     assert stats["n_cached"] <= chunk.policy.capacity
 
 
+def test_turn_mode_streams_like_the_policy_alone_until_a_question(filler):
+    """Between questions the reserve's empty part is the policy's: the stream keeps the cells
+    and predicts the text as the policy without recall does; a question first makes room."""
+    text = [1] + filler[: 4 * BUDGET]
+    plain, turn = _llm(None), _llm(Recall(when="turn"))
+    lp_plain, lp_turn = plain.stream_logprobs(text), turn.stream_logprobs(text)
+    assert turn.kv_stats()["evictions"] == plain.kv_stats()["evictions"] > 0
+    np.testing.assert_array_equal(turn.cached_stream_indices(), plain.cached_stream_indices())
+    np.testing.assert_allclose(lp_turn, lp_plain, atol=1e-4)
+    turn.generate_text(max_tokens=2)
+    stats = turn.kv_stats()
+    assert stats["recalls"] == 1 and 0 < stats["n_recalled"] <= stats["recall_reserve"]
+    assert stats["n_cached"] <= turn.policy.capacity
+    turn.check_invariants()
+    plain.close()
+    turn.close()
+
+
+def test_chosen_pages_come_before_any_neighbour(filler):
+    """A page ranked fourth still comes back when the neighbours of the three ahead of it
+    would fill the room: neighbours only take what the chosen pages leave."""
+    llm = _llm(Recall())
+    llm.eval([1] + filler[: 3 * BUDGET])
+    store, page = llm._stream.store, Recall().page
+    best = [int(p) for p in store.page_ids()[[2, 6, 10, 14]]]
+    assert store.with_neighbours(best, 4 * page) == best
+    assert store.with_neighbours(best, 6 * page) == [*best, best[0] + 1, best[0] - 1]
+    llm.close()
+
+
 def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
     """Evictions and recalls move cells many times, each pair sharing one K-shift: every cached
     key of layer 0 (a function of its token and position alone) is the one a fresh context
