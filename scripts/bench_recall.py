@@ -110,7 +110,9 @@ def main() -> int:
             elif run == "needle pages":
                 needle_pages(llm)
             start = time.perf_counter()
-            result = run_passkey(llm, length, args.depths, trials, spread=True, answer_tokens=16)
+            result = run_passkey(
+                llm, length, args.depths, trials, spread=True, answer_tokens=16, paragraphs=True
+            )
             seconds = time.perf_counter() - start
             stats = llm.kv_stats()
             llm.close()

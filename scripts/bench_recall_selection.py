@@ -1,8 +1,8 @@
 """Page-selection quality of the recall tier: does a recall bring back the pages that a full
 cache, holding the whole stream, attends to most when the question is asked?
 
-For each passkey stream (KJV haystack, key at a depth, question at the end; as
-bench_recall.py) two runs:
+For each passkey stream (as bench_recall.py: a KJV haystack from a random start per key, the
+key at a depth, in a paragraph of its own, the question at the end) two runs:
   - the full cache (n_ctx = stream length) with query capture on: the question's last
     `query_window` query rows of every layer and head, softmax-attended over all the cached
     keys (read back from the cache) exactly as the model does it, averaged over layers, heads
@@ -88,11 +88,13 @@ def main() -> int:
         for depth in args.depths:
             for _ in range(args.keys):
                 key = str(rng.integers(10_000, 100_000))
-                tokens, needle = passkey_tokens(llm, filler, length, depth, key)
+                start = int(rng.integers(len(filler)))
+                hay = filler[start:] + filler[:start]
+                tokens, needle = passkey_tokens(llm, hay, length, depth, key, paragraphs=True)
                 mass = attention_by_page(full, tokens, recall.query_window, recall.page)
                 llm.reset()
                 llm.eval(tokens)
-                answer = llm.generate_text(max_tokens=8)
+                answer = llm.generate_text(max_tokens=16)
                 stored = llm._stream.store.page_ids()
                 recalled = {a // recall.page for a, _ in llm.recalled()}
                 ranked = stored[np.argsort(-mass[stored], kind="stable")]
