@@ -112,13 +112,20 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def passkey_tokens(
-    llm: Llama, filler: list[int], length: int, depth: float, key: str, paragraphs: bool = False
+    llm: Llama,
+    filler: list[int],
+    length: int,
+    depth: float,
+    key: str,
+    paragraphs: bool = False,
+    start: int = 0,
 ) -> tuple[list[int], range]:
-    """A `length`-token haystack with `key` planted at `depth`, ending in the question; returns
-    the tokens and the needle's token range.  With `paragraphs` the needle and the question
-    each stand in a paragraph of their own, which the model reads as a break from the
-    haystack: a full cache then answers 8 of 9 keys at 2k tokens and 6 of 6 at 4k, against 3
-    of 9 at 2k with both inline, where it mostly continues the haystack's last sentence."""
+    """A `length`-token haystack (filler from index `start` on, wrapping around) with `key`
+    planted at `depth`, ending in the question; returns the tokens and the needle's token
+    range.  With `paragraphs` the needle and the question each stand in a paragraph of their
+    own, which the model reads as a break from the haystack: a full cache then answers 8 of 9
+    keys at 2k tokens and 6 of 6 at 4k, against 3 of 9 at 2k with both inline, where it
+    mostly continues the haystack's last sentence."""
     sep = "\n\n" if paragraphs else " "
     needle = llm.tokenize(
         f"{sep}The pass key is {key}. Remember it. {key} is the pass key.{sep}", add_bos=False
@@ -126,7 +133,7 @@ def passkey_tokens(
     question = llm.tokenize(f"{sep}What is the pass key? The pass key is", add_bos=False)
     n_hay = max(0, length - len(needle) - len(question))
     at = int(depth * n_hay)
-    hay = [filler[i % len(filler)] for i in range(n_hay)]
+    hay = [filler[(start + i) % len(filler)] for i in range(n_hay)]
     head = llm.tokenize("", add_bos=True) + hay[:at]  # BOS where the model wants one
     return head + needle + hay[at:] + question, range(len(head), len(head) + len(needle))
 
@@ -139,11 +146,12 @@ def passkey_trial(
     key: str,
     answer_tokens: int = 8,
     paragraphs: bool = False,
+    start: int = 0,
 ) -> dict:
     """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it; correct when
     the answer's first digits are the key.  With a recall tier, also whether a page of the
     needle was among the recalled ones when it answered."""
-    tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs)
+    tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs, start)
     llm.reset()
     llm.eval(tokens)
     answer = llm.generate_text(max_tokens=answer_tokens, temperature=0.0)
@@ -175,8 +183,9 @@ def run_passkey(
             for _ in range(trials):
                 key = str(rng.integers(10_000, 100_000))
                 start = int(rng.integers(len(filler))) if spread else 0
-                hay = filler[start:] + filler[:start]
-                results.append(passkey_trial(llm, hay, length, depth, key, answer_tokens, paragraphs))
+                results.append(
+                    passkey_trial(llm, filler, length, depth, key, answer_tokens, paragraphs, start)
+                )
                 bar.update(1)
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "trials": results}
 

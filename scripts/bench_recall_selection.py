@@ -97,8 +97,7 @@ def main() -> int:
             for _ in range(args.keys):
                 key = str(rng.integers(10_000, 100_000))
                 start = int(rng.integers(len(filler)))
-                hay = filler[start:] + filler[:start]
-                tokens, needle = passkey_tokens(llm, hay, length, depth, key, paragraphs=True)
+                tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs=True, start=start)
                 mass = attention_by_page(full, tokens, recall.query_window, recall.page)
                 llm.reset()
                 llm.eval(tokens)
