@@ -7,7 +7,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,22 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 # --- ppl ---------------------------------------------------------------------------
 
 
-def run_ppl(llm: Llama, tokens: np.ndarray, piece: int = 512, bucket: int = 1000, desc: str = "ppl") -> dict:
-    """Streaming perplexity: log p of every token as the stream goes, cache evicting."""
+def run_ppl(
+    llm: Llama,
+    tokens: np.ndarray,
+    piece: int = 512,
+    bucket: int = 1000,
+    desc: str = "ppl",
+    feed: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """Streaming perplexity: log p of every token as the stream goes, cache evicting; `feed`
+    (default `llm.stream_logprobs`) streams a piece and gives its log-probs."""
     logprobs = np.empty(len(tokens))
+    feed = feed or llm.stream_logprobs
     start = time.perf_counter()
     with tqdm(total=len(tokens), desc=desc, unit="tok", file=sys.stderr) as bar:
         for i in range(0, len(tokens), piece):
-            logprobs[i : i + piece] = llm.stream_logprobs(tokens[i : i + piece])
+            logprobs[i : i + piece] = feed(tokens[i : i + piece])
             bar.update(min(piece, len(tokens) - i))
             bar.set_postfix(cached=llm.n_cached, evicted=llm.kv_stats()["n_evicted"])
     elapsed = time.perf_counter() - start

@@ -620,27 +620,31 @@ class Stream:
         self.recall_error = str(exc)
         self.store.clear()
 
-    def recall_turn(self) -> None:
+    def recall_turn(self) -> np.ndarray | None:
         """Before answering: recall with the queries of the turn's newest text (at most
         query_window rows, none from before the turn), making room in the reserve first, then
         decode those last tokens again with the recalled pages in place, so that the answer's
-        first token sees them too.  Only text is decoded again, never part of an image."""
+        first token sees them too.  Only text is decoded again, never part of an image.
+        Returns log p of the tokens decoded again but the first (whose logits came before
+        them), or None where nothing was."""
         if self.store is None or self._n_history == self._n_turn:
-            return
+            return None
         rows = min(self.recall.query_window, self._n_history - self._n_turn)
         tail = np.array(self.history[self._n_history - rows :])
         images = np.flatnonzero(tail < 0)
         if len(images):
             tail = tail[images[-1] + 1 :]  # the text after the last image
         redo = len(tail) > 0 and self.rollback(self._n_history - len(tail))
+        logprobs = None
         try:
             if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
                 self._evict(self.policy.budget, then_recall=False, make_room=True)
             self.recall_pages(rows)
         finally:
             if redo:
-                self.feed(tail)
+                logprobs = self.feed(tail, logprobs=True)[1:]
             self._n_turn = self._n_history
+        return logprobs
 
     def rollback(self, n_keep: int) -> bool:
         """Drop the stream's keys from index n_keep on, if all of them are still cached."""

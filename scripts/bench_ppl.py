@@ -8,6 +8,7 @@
     python scripts/bench_ppl.py --quick --policies full streamingllm infmllm infmllm+recall
                                                 # NAME+recall: with Recall(when="chunk");
                                                 # NAME+recall-turn: Recall() (no questions here)
+                                                # NAME+recall-lookahead: a reference, see below
     python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
         --out bench/results/reposition_ppl
                                                 # NAME+fixed: reposition=False (kept tokens keep
@@ -34,6 +35,27 @@ POLICY_ORDER = ["full", "window", "streamingllm", "h2o", "snapkv", "infmllm"]
 RECALLS = {"recall": Recall(when="chunk"), "recall-turn": Recall(when="turn")}
 
 
+def lookahead_feed(llm: Llama, policy_chunk: int):
+    """A reference, not a mode of the runtime: every piece of `chunk` tokens is decoded, its own
+    queries recall pages (a turn-mode recall scored by the whole piece), and it is decoded again
+    with them in place; the second pass's log-probs count, the piece's first token's from the
+    first.  The selection has seen the tokens it then predicts, so this is what recall by the
+    text's own queries could give at most, at about twice a decode's cost."""
+    stream = llm._stream
+
+    def feed(piece: np.ndarray) -> np.ndarray:
+        out = np.empty(len(piece))
+        for i in range(0, len(piece), policy_chunk):
+            part = piece[i : i + policy_chunk]
+            out[i : i + len(part)] = llm.stream_logprobs(part)
+            again = stream.recall_turn()
+            if again is not None:
+                out[i + len(part) - len(again) : i + len(part)] = again
+        return out
+
+    return feed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="8k tokens at budget 256")
@@ -58,10 +80,13 @@ def main() -> int:
             policy = make_policy(base, budget=budget, reposition="fixed" not in extras)
             n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
             recall = next((RECALLS[e] for e in extras if e in RECALLS), None)
+            if "recall-lookahead" in extras:
+                recall = Recall(when="turn", query_window=policy.chunk)
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]
-            result = run_ppl(llm, tokens, desc=f"{name}@{budget}")
+            feed = lookahead_feed(llm, policy.chunk) if "recall-lookahead" in extras else None
+            result = run_ppl(llm, tokens, desc=f"{name}@{budget}", feed=feed)
             rows.append({"policy": name, "budget": budget if name != "full" else n_ctx, **result})
             print(
                 f"{name:>13} budget {rows[-1]['budget']:>5}: ppl {result['ppl']:.3f} "

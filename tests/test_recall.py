@@ -120,6 +120,21 @@ def test_turn_mode_streams_like_the_policy_alone_until_a_question(filler):
     turn.close()
 
 
+def test_a_turn_gives_the_log_probs_of_the_tokens_it_decodes_again(filler):
+    """A turn's recall rolls back the newest query_window tokens and decodes them again with the
+    pages in place; their log-probs (but the first's) come back, as a stream's would."""
+    llm = _llm(Recall(when="turn"))
+    lp = llm.stream_logprobs([1] + filler[:100])
+    again = llm._stream.recall_turn()  # nothing stored yet: the same cache, the same predictions
+    np.testing.assert_allclose(again, lp[-7:], atol=2e-3)
+    assert llm._stream.recall_turn() is None  # nothing new since that turn
+    llm.stream_logprobs(filler[100 : 100 + 3 * BUDGET])
+    again = llm._stream.recall_turn()
+    assert again.shape == (7,) and np.isfinite(again).all() and (again <= 0).all()
+    assert llm.kv_stats()["recalls"] == 1
+    llm.close()
+
+
 def test_chosen_pages_come_before_any_neighbour(filler):
     """A page ranked fourth still comes back when the neighbours of the three ahead of it
     would fill the room: neighbours only take what the chosen pages leave."""
