@@ -122,12 +122,18 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["budget"] == budget or r["policy"] == "full"]
         base = next((r for r in mine if r["policy"] == "streamingllm"), None)
         families = list(dict.fromkeys(r["policy"].split("+")[0] for r in mine))
+        variants = {f: [r["policy"] for r in mine if r["policy"].startswith(f + "+")] for f in families}
+        dashes = [":", "-.", (0, (5, 2)), (0, (1, 4)), (0, (3, 1, 1, 1, 1, 1))]
         for r in mine:
             xs = (np.arange(len(r["buckets"])) + 1) * r["bucket_size"]
             family, *extras = r["policy"].split("+")
-            style = {  # a variant (NAME+...) in its policy's colour, dotted
+            if r["policy"] == "full":
+                linestyle = "--"
+            else:
+                linestyle = dashes[variants[family].index(r["policy"]) % len(dashes)] if extras else "-"
+            style = {  # a variant (NAME+...) in its policy's colour, each with its own dashes
                 "color": f"C{families.index(family)}",
-                "linestyle": "--" if r["policy"] == "full" else (":" if extras else "-"),
+                "linestyle": linestyle,
                 "label": f"{r['policy']} ({r['ppl']:.2f})",
             }
             axes[0, col].plot(xs, np.log(r["buckets"]), **style)
