@@ -134,6 +134,7 @@ def main() -> int:
                         "seconds_per_trial": seconds / len(result["trials"]),
                         "store_mb": stats.get("store_mb", 0.0),
                         "pages_stored": stats.get("pages_stored", 0),
+                        "keys": mine,  # per key: the answer, and whether the needle came back (JSON)
                     }
                 )
             print(
