@@ -11,6 +11,11 @@ key at a depth, in a paragraph of its own, the question at the end) two runs:
 Among the pages the policy evicted (those in its store) the k most attended by the full cache
 are the targets; reported: the share of them that came back (k = 1, 3), whether the needle's
 pages came back, and what a random choice of as many pages would find (recalled / stored).
+Ranked by a page's attention to its tokens the policy no longer holds (`top3_evicted_found`):
+what a recall can bring back, without the attention the sinks draw (they stay cached, and
+page 0 holds them).  And as attention mass: the share of the full cache's attention to
+evicted tokens that the recalled pages hold (`evicted_mass_recalled`), against the share the
+same number of pages holds at best (`evicted_mass_best`, chosen knowing the attention).
 
     python scripts/bench_recall_selection.py --quick   # 2k tokens, 2 depths (minutes)
     python scripts/bench_recall_selection.py           # 2k and 4k tokens, 4 depths, 2 keys
@@ -42,9 +47,9 @@ def beyond_start_found(top3: np.ndarray, recalled: set[int], page: int) -> float
     return float(np.mean([p in recalled for p in targets])) if targets else float("nan")
 
 
-def attention_by_page(llm: Llama, tokens: list[int], rows: int, page: int) -> np.ndarray:
-    """Mean attention of the stream's last `rows` queries (all layers and heads) per page, in a
-    full cache holding all of `tokens`."""
+def attention_by_token(llm: Llama, tokens: list[int], rows: int) -> np.ndarray:
+    """Mean attention of the stream's last `rows` queries (all layers and heads) to each token,
+    in a full cache holding all of `tokens`."""
     kv = llm._stream.kv
     layers = kv.layers()
     la = layers[0]
@@ -69,7 +74,7 @@ def attention_by_page(llm: Llama, tokens: list[int], rows: int, page: int) -> np
         w = np.exp(logits - logits.max(axis=2, keepdims=True))
         w /= w.sum(axis=2, keepdims=True)
         mass += w.mean(axis=(0, 1))
-    return np.bincount(positions // page, weights=mass / len(layers))
+    return mass / len(layers)  # positions are the stream's indices 0..n-1
 
 
 def main() -> int:
@@ -98,13 +103,23 @@ def main() -> int:
                 key = str(rng.integers(10_000, 100_000))
                 start = int(rng.integers(len(filler)))
                 tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs=True, start=start)
-                mass = attention_by_page(full, tokens, recall.query_window, recall.page)
+                attention = attention_by_token(full, tokens, recall.query_window)
+                mass = np.bincount(np.arange(len(attention)) // recall.page, weights=attention)
                 llm.reset()
                 llm.eval(tokens)
-                answer = llm.generate_text(max_tokens=16)
-                stored = llm._stream.store.page_ids()
+                stream = llm._stream
+                stream.recall_turn()  # the question's recall, as the answer would start with it
+                stored = stream.store.page_ids()
                 recalled = {a // recall.page for a, _ in llm.recalled()}
                 ranked = stored[np.argsort(-mass[stored], kind="stable")]
+                # what a recall can bring back: attention to the tokens the policy no longer holds
+                evicted = np.ones(len(attention), bool)
+                evicted[stream._stream_index[~stream._recalled]] = False
+                answer = llm.generate_text(max_tokens=16)  # no second recall: the turn is answered
+                lost = np.bincount(np.arange(len(attention)) // recall.page, weights=attention * evicted)
+                ranked_lost = stored[np.argsort(-lost[stored], kind="stable")]
+                back = np.array(sorted(recalled & set(stored.tolist())), np.int64)
+                best = ranked_lost[: len(back)]  # the same number of pages, chosen knowing the answer
                 needle_pages = set(range(needle.start // recall.page, (needle.stop - 1) // recall.page + 1))
                 rows.append(
                     {
@@ -116,11 +131,15 @@ def main() -> int:
                         "top1_found": float(ranked[0] in recalled),
                         "top3_found": float(np.mean([p in recalled for p in ranked[:3]])),
                         "top3_beyond_start_found": beyond_start_found(ranked[:3], recalled, recall.page),
+                        "top3_evicted_found": float(np.mean([p in recalled for p in ranked_lost[:3]])),
+                        "evicted_mass_recalled": float(lost[back].sum() / lost[stored].sum()),
+                        "evicted_mass_best": float(lost[best].sum() / lost[stored].sum()),
                         "random_expected": len(recalled) / len(stored),
                         "needle_in_top3": bool(needle_pages & set(ranked[:3].tolist())),
                         "needle_recalled": bool(needle_pages & recalled),
                         "answer_correct": "".join(c for c in answer if c.isdigit()).startswith(key),
                         "top3": ranked[:3].tolist(),
+                        "top3_evicted": ranked_lost[:3].tolist(),
                         "recalled": sorted(recalled),
                     }
                 )
@@ -133,8 +152,11 @@ def main() -> int:
         print(
             f"{length:>6} tokens: top-1 found {np.mean([r['top1_found'] for r in mine]):.2f}, "
             f"top-3 found {np.mean([r['top3_found'] for r in mine]):.2f} "
-            f"(beyond the first 32 tokens {np.nanmean([r['top3_beyond_start_found'] for r in mine]):.2f}) "
-            f"(random {np.mean([r['random_expected'] for r in mine]):.2f}), "
+            f"(random {np.mean([r['random_expected'] for r in mine]):.2f}; "
+            f"beyond the first 32 tokens {np.nanmean([r['top3_beyond_start_found'] for r in mine]):.2f}; "
+            f"by attention to evicted tokens {np.mean([r['top3_evicted_found'] for r in mine]):.2f}), "
+            f"evicted attention brought back {np.mean([r['evicted_mass_recalled'] for r in mine]):.2f} "
+            f"of at most {np.mean([r['evicted_mass_best'] for r in mine]):.2f}, "
             f"needle among the full cache's top 3 {np.mean([r['needle_in_top3'] for r in mine]):.2f}, "
             f"needle recalled {np.mean([r['needle_recalled'] for r in mine]):.2f}, "
             f"answered {np.mean([r['answer_correct'] for r in mine]):.2f}"
