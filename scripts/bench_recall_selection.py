@@ -104,7 +104,8 @@ def main() -> int:
                 start = int(rng.integers(len(filler)))
                 tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs=True, start=start)
                 attention = attention_by_token(full, tokens, recall.query_window)
-                mass = np.bincount(np.arange(len(attention)) // recall.page, weights=attention)
+                page_of = np.arange(len(attention)) // recall.page
+                mass = np.bincount(page_of, weights=attention)
                 llm.reset()
                 llm.eval(tokens)
                 stream = llm._stream
@@ -116,7 +117,7 @@ def main() -> int:
                 evicted = np.ones(len(attention), bool)
                 evicted[stream._stream_index[~stream._recalled]] = False
                 answer = llm.generate_text(max_tokens=16)  # no second recall: the turn is answered
-                lost = np.bincount(np.arange(len(attention)) // recall.page, weights=attention * evicted)
+                lost = np.bincount(page_of, weights=attention * evicted)
                 ranked_lost = stored[np.argsort(-lost[stored], kind="stable")]
                 back = np.array(sorted(recalled & set(stored.tolist())), np.int64)
                 best = ranked_lost[: len(back)]  # the same number of pages, chosen knowing the answer

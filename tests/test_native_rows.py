@@ -18,13 +18,13 @@ def _row_bytes(kv: KVCache) -> tuple[int, int]:
     return sum(la.k_row_bytes for la in layers), sum(la.v_row_bytes for la in layers)
 
 
-def _probe(ctx, model, tokens: np.ndarray, start: int) -> list[np.ndarray]:
+def _probe(kv: KVCache, model, tokens: np.ndarray, start: int) -> list[np.ndarray]:
     """Decode `tokens` from position `start`, take each one's logits, and take them back out of
     the cache."""
     positions = np.arange(start, start + len(tokens))
-    decode(ctx, tokens, positions, all_logits=True)
-    logits = [logits_of(ctx, model, i) for i in range(len(tokens))]
-    KVCache(ctx).evict(positions)
+    decode(kv.ctx, tokens, positions, all_logits=True)
+    logits = [logits_of(kv.ctx, model, i) for i in range(len(tokens))]
+    kv.evict(positions)
     return logits
 
 
@@ -42,7 +42,7 @@ def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_
     kv = KVCache(ctx)
     decode(ctx, text_tokens[:300], np.arange(300))
     probe = text_tokens[300:316]
-    whole = _probe(ctx, model, probe, 300)
+    whole = _probe(kv, model, probe, 300)
 
     k_bytes, v_bytes = _row_bytes(kv)
     out = np.arange(200, 264)
@@ -51,7 +51,7 @@ def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_
     kv.evict(out)
     assert kv.compact() == 236
     kv.update()
-    without = _probe(ctx, model, probe, 236)
+    without = _probe(kv, model, probe, 236)
 
     cells = kv.write_rows(out, k, v)  # at 200..263, among the compacted cells' positions
     assert len(set(cells)) == 64
@@ -63,7 +63,7 @@ def test_rows_evicted_and_written_back_restore_the_logits(make_ctx, model, text_
     assert kv.arrange(order) == 300
     assert kv.update()
     assert np.array_equal(kv.cells().positions, np.arange(300))
-    restored = _probe(ctx, model, probe, 300)
+    restored = _probe(kv, model, probe, 300)
 
     assert _mean_kl(whole, restored) < 1e-2
     assert _mean_kl(whole, without) > 5 * max(_mean_kl(whole, restored), 1e-3)
