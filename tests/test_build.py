@@ -41,6 +41,15 @@ def test_build_info_reports_the_patched_library():
     assert Path(info["library"]).is_file()
 
 
+def test_the_cpu_backend_has_no_amx_kernels():
+    # ggml's AMX matmul segfaults on the first decode on some AMX CPUs; the build leaves it out
+    # (it is compiled in only where -march=native finds AMX, so this fails only on such a CPU)
+    from infmllm_gguf._llama_cpp import llama_cpp as lc
+
+    features = lc.llama_print_system_info().decode()
+    assert "AMX_INT8" not in features, features
+
+
 def test_unpatched_library_is_refused_with_instructions(tmp_path):
     # a real libllama-sized library without our marker: ggml-base from the same install
     lib_dir = Path(infmllm_gguf.build_info()["library"]).parent
