@@ -120,6 +120,14 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 # --- passkey -------------------------------------------------------------------------
 
 
+# the passkey test's usual opening (Mohtashami and Jaggi's landmark attention, and the long-context
+# work after it): it tells the model that a key is coming and will be asked for
+PASSKEY_PREAMBLE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+
+
 def passkey_tokens(
     llm: Llama,
     filler: list[int],
@@ -128,22 +136,28 @@ def passkey_tokens(
     key: str,
     paragraphs: bool = False,
     start: int = 0,
+    preamble: bool = False,
 ) -> tuple[list[int], range]:
     """A `length`-token haystack (filler from index `start` on, wrapping around) with `key`
     planted at `depth`, ending in the question; returns the tokens and the needle's token
     range.  With `paragraphs` the needle and the question each stand in a paragraph of their
     own, which the model reads as a break from the haystack: a full cache then answers 8 of 9
     keys at 2k tokens and 6 of 6 at 4k, against 3 of 9 at 2k with both inline, where it
-    mostly continues the haystack's last sentence."""
+    mostly continues the haystack's last sentence.  With `preamble` the stream opens with
+    PASSKEY_PREAMBLE (within `length`): without it the model sometimes defines a pass key ("a
+    key that is used to open doors") instead of copying the one it was given."""
     sep = "\n\n" if paragraphs else " "
     needle = llm.tokenize(
         f"{sep}The pass key is {key}. Remember it. {key} is the pass key.{sep}", add_bos=False
     )
     question = llm.tokenize(f"{sep}What is the pass key? The pass key is", add_bos=False)
-    n_hay = max(0, length - len(needle) - len(question))
+    opening = llm.tokenize("", add_bos=True)  # BOS where the model wants one
+    if preamble:
+        opening += llm.tokenize(PASSKEY_PREAMBLE, add_bos=False)
+    n_hay = max(0, length - len(opening) - len(needle) - len(question))
     at = int(depth * n_hay)
     hay = [filler[(start + i) % len(filler)] for i in range(n_hay)]
-    head = llm.tokenize("", add_bos=True) + hay[:at]  # BOS where the model wants one
+    head = opening + hay[:at]
     return head + needle + hay[at:] + question, range(len(head), len(head) + len(needle))
 
 
@@ -156,11 +170,12 @@ def passkey_trial(
     answer_tokens: int = 8,
     paragraphs: bool = False,
     start: int = 0,
+    preamble: bool = False,
 ) -> dict:
     """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it; correct when
     the answer's first digits are the key.  With a recall tier, also whether a page of the
     needle was among the recalled ones when it answered."""
-    tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs, start)
+    tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs, start, preamble)
     llm.reset()
     llm.eval(tokens)
     answer = llm.generate_text(max_tokens=answer_tokens, temperature=0.0)
@@ -180,10 +195,11 @@ def run_passkey(
     spread: bool = False,
     answer_tokens: int = 8,
     paragraphs: bool = False,
+    preamble: bool = False,
 ) -> dict:
     """`trials` keys per depth in KJV haystacks: all from the text's start, or with `spread` each
     from its own random start (wrapping around), so that the keys do not share one ending;
-    `answer_tokens` and `paragraphs` as in passkey_trial."""
+    `answer_tokens`, `paragraphs` and `preamble` as in passkey_trial."""
     rng = np.random.default_rng(seed)
     filler = llm.tokenize(kjv()[:200_000], add_bos=False)
     results = []
@@ -193,7 +209,7 @@ def run_passkey(
                 key = str(rng.integers(10_000, 100_000))
                 start = int(rng.integers(len(filler))) if spread else 0
                 results.append(
-                    passkey_trial(llm, filler, length, depth, key, answer_tokens, paragraphs, start)
+                    passkey_trial(llm, filler, length, depth, key, answer_tokens, paragraphs, start, preamble)
                 )
                 bar.update(1)
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "trials": results}

@@ -1,8 +1,10 @@
 """Passkey retrieval with the recall tier: a 5-digit key planted at several depths of KJV
 haystacks 4x ... 32x the budget, asked for at the end (one turn, so one recall).  Each key has
 its own stretch of KJV (a random start), so the keys of one length do not share the ending the
-model reads just before the question; the answer may take 16 tokens ("the pass key. 52586 is
-...": correct when its first digits are the key).
+model reads just before the question; the stream opens with the passkey test's usual preamble
+("There is an important info hidden ... I will quiz you about the important information
+there.") unless --no-preamble; the answer may take 16 tokens ("the pass key. 52586 is ...":
+correct when its first digits are the key).
 
 Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a control whose
 recall brings back random stored pages into the same reserve (what the selection is worth), one
@@ -85,6 +87,7 @@ def main() -> int:
         choices=RUNS,
         help="runs to do; the rows of others are kept from an earlier run at --out",
     )
+    ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
     ap.add_argument("--out", default=str(RESULTS / "recall_passkey"))
     args = ap.parse_args()
     if args.quick:
@@ -111,7 +114,14 @@ def main() -> int:
                 needle_pages(llm)
             start = time.perf_counter()
             result = run_passkey(
-                llm, length, args.depths, trials, spread=True, answer_tokens=16, paragraphs=True
+                llm,
+                length,
+                args.depths,
+                trials,
+                spread=True,
+                answer_tokens=16,
+                paragraphs=True,
+                preamble=not args.no_preamble,
             )
             seconds = time.perf_counter() - start
             stats = llm.kv_stats()
@@ -142,7 +152,13 @@ def main() -> int:
                 flush=True,
             )
 
-    meta = {"budget": args.budget, "policy": args.policy, "depths": args.depths, "recall": repr(Recall())}
+    meta = {
+        "budget": args.budget,
+        "policy": args.policy,
+        "depths": args.depths,
+        "recall": repr(Recall()),
+        "preamble": not args.no_preamble,
+    }
     rows = merge_rows(args.out, meta, rows, ("run", "length", "depth"))
     rows.sort(key=lambda r: (r["length"], RUNS.index(r["run"]), r["depth"]))
     out = write_results(

@@ -9,7 +9,10 @@ import sys
 import pexpect
 import pytest
 
-from infmllm_gguf.cli import main
+from infmllm_gguf import Llama
+from infmllm_gguf.cli import PASSKEY_PREAMBLE, main, passkey_tokens
+from infmllm_gguf.policies import FullCache
+from infmllm_gguf.texts import kjv
 
 
 def run_json(tmp_path, *args) -> dict:
@@ -56,6 +59,19 @@ def test_passkey_json(tmp_path):
     # the full context finds most needles in a short haystack; which one it reads as part of
     # the text (inline, "the night.") differs between CPUs' rounding
     assert result["accuracy"] >= 0.75
+
+
+def test_a_passkey_stream_with_the_preamble_keeps_its_length_and_needle():
+    llm = Llama(n_ctx=512, kv_policy=FullCache(), seed=0)
+    filler = llm.tokenize(kjv()[:20_000], add_bos=False)
+    plain, _ = passkey_tokens(llm, filler, 1000, 0.5, "12345", paragraphs=True, start=7)
+    tokens, needle = passkey_tokens(llm, filler, 1000, 0.5, "12345", paragraphs=True, start=7, preamble=True)
+    opening = llm.tokenize("", add_bos=True) + llm.tokenize(PASSKEY_PREAMBLE, add_bos=False)
+    assert len(tokens) == len(plain) == 1000 and tokens[: len(opening)] == opening
+    text = llm.detokenize(tokens[needle.start : needle.stop]).decode()
+    assert text.strip() == "The pass key is 12345. Remember it. 12345 is the pass key."
+    assert tokens[len(opening)] == filler[7]  # the haystack follows, from its start
+    llm.close()
 
 
 def test_stream_command_answers(tmp_path):
