@@ -285,13 +285,17 @@ DEMO_QUESTIONS = [
     "Who was the father of Isaac?",
     "Who was sold into Egypt by his brothers?",
     "What is the name of Abraham's wife?",
-    "Who wrestled with an angel?",
 ]
 
 
 # pass-key style facts planted early in the demo's text (character offset, name, code): the
 # 135M model copies a code from its context well in completion form
 DEMO_FACTS = [(4_000, "red door", "48213"), (12_000, "old well", "90574"), (20_000, "east tower", "31862")]
+# the demo's text opens as a passkey test does: the model is told that keys will be asked for
+DEMO_PREAMBLE = (
+    "There are pass keys hidden inside a lot of irrelevant text. Find them and memorize them. "
+    "I will quiz you about them at the end.\n\n"
+)
 
 
 def plant_facts(text: str, facts: Sequence[tuple[int, str, str]]) -> tuple[str, list[tuple[int, str, str]]]:
@@ -300,7 +304,7 @@ def plant_facts(text: str, facts: Sequence[tuple[int, str, str]]) -> tuple[str, 
     planted = [f for f in facts if f[0] < len(text)]
     for offset, name, code in sorted(planted, reverse=True):
         cut = text.find("\n", offset) + 1 or offset
-        fact = f"The pass key of the {name} is {code}. Remember it. {code} is the pass key of the {name}.\n"
+        fact = f"The pass key of the {name} is {code}. Remember it.\n"
         text = text[:cut] + fact + text[cut:]
     return text, planted
 
@@ -329,6 +333,7 @@ def ask_facts(llm: Llama, facts: Sequence[tuple[int, str, str]], out=sys.stdout)
 def cmd_demo(args: argparse.Namespace) -> int:
     llm = _make_llama(args)
     text, planted = plant_facts(_read_text(args.text)[: args.max_tokens * 8], DEMO_FACTS)
+    text = DEMO_PREAMBLE + text
     print(f"infmllm-gguf demo: {llm.model_path.name}, policy {llm.policy!r}, n_ctx {llm.n_ctx()}")
     print(f"recall tier: {llm.recall!r}" if llm.recall else "recall tier: off (--recall brings it in)")
     print(
