@@ -145,7 +145,9 @@ def passkey_tokens(
     keys at 2k tokens and 6 of 6 at 4k, against 3 of 9 at 2k with both inline, where it
     mostly continues the haystack's last sentence.  With `preamble` the stream opens with
     PASSKEY_PREAMBLE (within `length`): without it the model sometimes defines a pass key ("a
-    key that is used to open doors") instead of copying the one it was given."""
+    key that is used to open doors") instead of copying the one it was given (a full cache:
+    24 of 24 keys at 2k-4k tokens with it, 23 without), though at 16k tokens with a recalled
+    needle it does so more often (7 of 12 keys against 3)."""
     sep = "\n\n" if paragraphs else " "
     needle = llm.tokenize(
         f"{sep}The pass key is {key}. Remember it. {key} is the pass key.{sep}", add_bos=False
@@ -277,6 +279,8 @@ def stream_and_ask(
     return answers
 
 
+# one question every `every` tokens, one fewer than the default stream has room for: plain text,
+# not a chat answer, comes right before the pass-key questions (the model copies a fresh answer)
 DEMO_QUESTIONS = [
     "Who created the heaven and the earth?",
     "What did God call the light?",
