@@ -11,7 +11,6 @@ import pytest
 
 from infmllm_gguf import Llama
 from infmllm_gguf.cli import PASSKEY_PREAMBLE, main, passkey_tokens
-from infmllm_gguf.policies import FullCache
 from infmllm_gguf.texts import kjv
 
 
@@ -62,7 +61,7 @@ def test_passkey_json(tmp_path):
 
 
 def test_a_passkey_stream_with_the_preamble_keeps_its_length_and_needle():
-    llm = Llama(n_ctx=512, kv_policy=FullCache(), seed=0)
+    llm = Llama(n_ctx=512, kv_policy="full", seed=0)
     filler = llm.tokenize(kjv()[:20_000], add_bos=False)
     plain, _ = passkey_tokens(llm, filler, 1000, 0.5, "12345", paragraphs=True, start=7)
     tokens, needle = passkey_tokens(llm, filler, 1000, 0.5, "12345", paragraphs=True, start=7, preamble=True)
