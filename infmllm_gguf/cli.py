@@ -176,7 +176,8 @@ def passkey_trial(
 ) -> dict:
     """Plant `key` at `depth` of a `length`-token haystack, stream it, ask for it; correct when
     the answer's first digits are the key.  With a recall tier, also whether a page of the
-    needle was among the recalled ones when it answered."""
+    needle was among the recalled ones when it answered, and whether all of the needle was in
+    the cache then (a needle across a page boundary can come back in part)."""
     tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs, start, preamble)
     llm.reset()
     llm.eval(tokens)
@@ -185,6 +186,7 @@ def passkey_trial(
     result = {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
     if llm.recall is not None:
         result["needle_recalled"] = any(a < needle.stop and needle.start < b for a, b in llm.recalled())
+        result["needle_whole"] = bool(np.isin(needle, llm.cached_stream_indices()).all())
     return result
 
 

@@ -10,7 +10,8 @@ Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a 
 recall brings back random stored pages into the same reserve (what the selection is worth), one
 whose recall brings back the needle's own pages (what any selection could reach: the rest is
 the model's), and the full cache (n_ctx = stream length) where it fits, as the model's own
-reference.  With recall, each key also records whether a page of the needle came back.
+reference.  With recall, each key also records whether a page of the needle came back, and
+whether all of the needle was in the cache when it answered.
 
     python scripts/bench_recall.py --quick    # budget 256, 4x/8x, 3 depths, 1 key (minutes)
     python scripts/bench_recall.py            # budget 512, 4x..32x, 3 depths, 2 keys
@@ -140,6 +141,7 @@ def main() -> int:
                         "needle_recalled": (
                             float(np.mean([t["needle_recalled"] for t in mine])) if recall else None
                         ),
+                        "needle_whole": float(np.mean([t["needle_whole"] for t in mine])) if recall else None,
                         "trials": len(hits),
                         "seconds_per_trial": seconds / len(result["trials"]),
                         "store_mb": stats.get("store_mb", 0.0),
@@ -173,6 +175,7 @@ def main() -> int:
             "depth",
             "accuracy",
             "needle_recalled",
+            "needle_whole",
             "trials",
             "seconds_per_trial",
             "store_mb",
