@@ -10,8 +10,7 @@ the shortlist exactly.  Scores are standardised per (layer, kv head, query row) 
 sample of all pages, so heads of different scale compare; a page counts by its strongest
 single (layer, head, row) — a sum over heads dilutes a needle — less its mean over them,
 since a page that every head attends to (the text right after the sinks) is generic rather
-than an answer.  Pages that stand out, the adjacent pages that score above the median with
-them (a fact across a page boundary), then the pages after and before them, are written
+than an answer.  Pages that stand out, then the pages after and before them, are written
 back into a reserve of the budget, in stream order, and llama.cpp's own K-shift re-positions
 them with the rest of the cache.
 
@@ -362,9 +361,8 @@ class PageStore:
     # --- selection ------------------------------------------------------------------------
     def select(self, queries: np.ndarray, room: int, shortlist: int = 64) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
-        by their strongest head, best first, then the adjacent pages that score above the
-        shortlist's median (`with_runs`), then the pages after and before each, at most `room`
-        tokens in all.  A page's score is its largest standardised q·k over (layer, kv
+        by their strongest head, best first, then the pages after and before each of them, at
+        most `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
         head, query row) less its mean over them: a page every head attends to (the text right
         after the sinks) is generic, not an answer."""
         if self.n_pages == 0 or room <= 0:
@@ -403,27 +401,9 @@ class PageStore:
         pids = self._slot_page
         # only pages that stand out: at least halfway from the shortlist's median to its best
         # (pages of ordinary score crowd the answer out, the 135M model then copies them)
-        median = np.median(score[short])
-        cut = (score[short].max() + median) / 2
-        ranked = np.argsort(-score, kind="stable")[: len(short)]
-        best = [pids[i] for i in ranked if score[i] >= cut]
-        above = {pids[i] for i in ranked if score[i] >= median}
-        return self.with_neighbours(self.with_runs(best, above), room)
-
-    @staticmethod
-    def with_runs(best: list[int], above: set[int]) -> list[int]:
-        """best, then for each of its pages the adjacent pages in `above`, outwards on both sides
-        until one is not: a fact that straddles page boundaries comes back whole though only
-        one of its pages stands out (the needle "The pass key is 3|4961. Remember it. 3|4961 is
-        the pass key" ranks its last page first and the others below the cut)."""
-        chosen = list(best)
-        for first in best:
-            for step in (1, -1):
-                pid = first + step
-                while pid in above and pid not in chosen:
-                    chosen.append(pid)
-                    pid += step
-        return chosen
+        cut = (score[short].max() + np.median(score[short])) / 2
+        best = [pids[i] for i in np.argsort(-score, kind="stable")[: len(short)] if score[i] >= cut]
+        return self.with_neighbours(best, room)
 
     def with_neighbours(self, pids: list[int], room: int) -> list[int]:
         """The stored pages among pids, in their order, then the page after and the page before
