@@ -63,6 +63,15 @@ def test_needle_that_left_the_window_is_recalled_and_answered(filler, policy):
     assert stats["n_cached"] <= llm.policy.capacity
 
 
+def test_a_passkey_trial_says_whether_all_of_the_needle_was_cached(filler):
+    """A needle that never left the cache is whole and was not recalled; the trial reports both,
+    so that a needle brought back in part is not counted as back."""
+    llm = _llm(Recall())
+    result = passkey_trial(llm, filler, BUDGET // 2, 0.5, "58213")
+    assert result["needle_whole"] is True and result["needle_recalled"] is False, result
+    llm.close()
+
+
 def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     """Round trip through the store: the V rows of recalled cells are the stored bytes (keys are
     re-rotated, checked natively), and every stored page holds evicted tokens only."""
