@@ -55,6 +55,10 @@ class Recall:
       in `spill_dir`.
       shortlist: pages each of the two summary rankings passes on to the exact re-rank with
       the stored keys (which bounds a recall's cost however large the store grows).
+      reencode: after a turn's recall, decode the cached text from the first recalled cell on
+      again, so that the recalled pages and what follows them are computed in the context
+      they now sit in (their stored rows were computed in their original one); at most a
+      budget of tokens per turn, text only, `when="turn"` only.
     """
 
     reserve: int | None = None
@@ -64,6 +68,7 @@ class Recall:
     spill_dir: str | os.PathLike | None = None
     query_window: int = 8
     shortlist: int = 64
+    reencode: bool = False
 
     WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
 
@@ -78,6 +83,8 @@ class Recall:
             raise ValueError(f"reserve must be an integer >= 1 or None, got {self.reserve!r}")
         if self.when not in self.WHEN:
             raise ValueError(f"when must be one of {', '.join(self.WHEN)}, got {self.when!r}")
+        if self.reencode and self.when != "turn":
+            raise ValueError('reencode decodes a budget of tokens again per recall: when="turn" only')
         limit = self.store_limit_mb
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
             raise ValueError(f"store_limit_mb must be a number > 0, got {limit!r}")

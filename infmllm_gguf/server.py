@@ -71,6 +71,8 @@ class ServerConfig:
     max_queue: int = 32
     model_alias: str | None = None
     recall: bool = False
+    recall_when: str = "turn"
+    recall_reencode: bool = False
     n_threads: int | None = None
     pooling: str = "mean"  # /v1/embeddings: one vector per input
 
@@ -80,10 +82,11 @@ class ServerConfig:
         from infmllm_gguf.recall import Recall
 
         policy = make_policy(self.kv_policy, budget=self.budget, reposition=self.reposition)
+        recall = Recall(when=self.recall_when, reencode=self.recall_reencode) if self.recall else None
         n_ctx = self.n_ctx or (policy.capacity if self.kv_policy != "full" else 2048)
         return Llama(
             self.model, kv_policy=policy, n_ctx=n_ctx, n_slots=self.slots, mmproj_path=self.mmproj,
-            recall=Recall() if self.recall else None, embedding=True, n_threads=self.n_threads, seed=0,
+            recall=recall, embedding=True, n_threads=self.n_threads, seed=0,
             flash_attn=self.flash_attn,
             pooling_type=getattr(lc, f"LLAMA_POOLING_TYPE_{self.pooling.upper()}"),
         )  # fmt: skip

@@ -615,6 +615,46 @@ class Stream:
             self.stats.pages_recalled += len(pids)
         return True
 
+    def _reencode(self) -> None:
+        """Decode the cached text from the first recalled cell on again at the same positions,
+        the policy's state carried over by rank.  Where a cell is part of an image, or positions
+        are not compacted, nothing is done.  A failed decode leaves the cells before it cached
+        and counts the rest as evicted (the recalled ones stay in the store)."""
+        if not self.repositions or self.mrope or not self._recalled.any():
+            return
+        first = int(np.argmax(self._recalled))
+        keys = self._history_buf[self._stream_index[first:]]
+        if keys.min() < 0:
+            return
+        view = self.kv.cells(self.seq_id)
+        state = self.policy.export_state(view.cells)
+        self._set_scoring(0)
+        no_logits = np.zeros(self.n_batch, np.int8)
+        done = first
+        with self._unit():
+            try:
+                if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first, -1):
+                    raise RuntimeError("the cache refused to remove the cells to decode again")
+                for i in range(0, len(keys), self.n_batch):
+                    piece = keys[i : i + self.n_batch]
+                    pos = np.arange(done, done + len(piece))
+                    rc = self._batch.decode(self.ctx, piece, pos, self.seq_id, no_logits[: len(piece)])
+                    if rc == 2:
+                        raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
+                    if rc != 0:
+                        raise RuntimeError(f"llama_decode failed with status {rc}")
+                    done += len(piece)
+            except BaseException:
+                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, done, -1)
+                self.policy.forget(view.cells[first:])  # cells decoded again start without scores
+                self.stats.n_evicted += int((~self._recalled[done:]).sum())
+                self._stream_index = self._stream_index[:done]
+                self._recalled = self._recalled[:done]
+                self.next_pos = done
+                raise
+            self.policy.forget(view.cells[first:])
+            self.policy.import_state(state, self.kv.cells(self.seq_id).cells)
+
     def _switch_off(self, exc: RecallError) -> None:
         """The store failed: empty it and go on without recall (kv_stats reports why)."""
         self.recall_error = str(exc)
@@ -639,7 +679,8 @@ class Stream:
         try:
             if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
                 self._evict(self.policy.budget, then_recall=False, make_room=True)
-            self.recall_pages(rows)
+            if self.recall_pages(rows) and self.recall.reencode:
+                self._reencode()
         finally:
             if redo:
                 logprobs = self.feed(tail, logprobs=True)[1:]

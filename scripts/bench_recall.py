@@ -6,7 +6,8 @@ model reads just before the question; the stream opens with the passkey test's u
 there.") unless --no-preamble; the answer may take 16 tokens ("the pass key. 52586 is ...":
 correct when its first digits are the key).
 
-Runs, side by side: the policy alone (no recall), the policy with `Recall()`, a control whose
+Runs, side by side: the policy alone (no recall), the policy with `Recall()` and with
+`Recall(reencode=True)` (the cached text from the recalled pages on decoded again), a control whose
 recall brings back random stored pages into the same reserve (what the selection is worth), one
 whose recall brings back the needle's own pages (what any selection could reach: the rest is
 the model's), and the full cache (n_ctx = stream length) where it fits, as the model's own
@@ -33,7 +34,7 @@ from infmllm_gguf import Llama, Recall
 from infmllm_gguf.cli import run_passkey
 from infmllm_gguf.policies import make_policy
 
-RUNS = ("recall", "no recall", "random pages", "needle pages", "full")
+RUNS = ("recall", "recall, re-encoded", "no recall", "random pages", "needle pages", "full")
 
 
 def random_pages(llm: Llama, seed: int) -> None:
@@ -97,7 +98,11 @@ def main() -> int:
     rows = []
     for multiple in args.multiples:
         length = args.budget * multiple
-        runs = [("recall", args.trials), ("no recall", args.control_trials)]
+        runs = [
+            ("recall", args.trials),
+            ("recall, re-encoded", args.trials),
+            ("no recall", args.control_trials),
+        ]
         if multiple <= args.max_control_multiple:
             runs.append(("random pages", args.control_trials))
         runs.append(("needle pages", args.control_trials))
@@ -107,7 +112,9 @@ def main() -> int:
         for run, trials in runs:
             policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
             n_ctx = length + 16 if run == "full" else policy.capacity
-            recall = Recall() if run in ("recall", "random pages", "needle pages") else None
+            recall = (
+                Recall(reencode=run == "recall, re-encoded") if run != "no recall" and run != "full" else None
+            )
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
             if run == "random pages":
                 random_pages(llm, seed=multiple)

@@ -11,6 +11,8 @@ because the 135M model copies from its context there and hardly at all in chat f
 bench_multiround.py, where even the full cache finds a fact 5 rounds back 1 time in 10), and
 each name is told once, so that the question's words point at one fact.
 
+Each policy runs alone, with `Recall()` and with `Recall(reencode=True)`.
+
     python scripts/bench_recall_facts.py --quick   # 80 rounds (minutes)
     python scripts/bench_recall_facts.py           # 180 rounds, budget 256
 
@@ -118,6 +120,9 @@ def main() -> int:
     for name in args.policies:
         configs.append((name, make_policy(name, budget=args.budget), None))
         configs.append((f"{name}+recall", make_policy(name, budget=args.budget), Recall()))
+        configs.append(
+            (f"{name}+recall-reencode", make_policy(name, budget=args.budget), Recall(reencode=True))
+        )
     results = [run_config(label, policy, recall, args) for label, policy, recall in configs]
     for res in results:
         by_d = ", ".join(f"d={d}: {a:.2f}" for d, a in res["accuracy_by_distance"].items())

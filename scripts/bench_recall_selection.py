@@ -1,8 +1,9 @@
 """Page-selection quality of the recall tier: does a recall bring back the pages that a full
 cache, holding the whole stream, attends to most when the question is asked?
 
-For each passkey stream (as bench_recall.py: a KJV haystack from a random start per key, the
-key at a depth, in a paragraph of its own, the question at the end) two runs:
+For each passkey stream (as bench_recall.py: the preamble unless --no-preamble, a KJV haystack
+from a random start per key, the key at a depth, in a paragraph of its own, the question at the
+end) two runs:
   - the full cache (n_ctx = stream length) with query capture on: the question's last
     `query_window` query rows of every layer and head, softmax-attended over all the cached
     keys (read back from the cache) exactly as the model does it, averaged over layers, heads
@@ -85,6 +86,7 @@ def main() -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     ap.add_argument("--keys", type=int, default=2, help="keys per depth")
+    ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
     ap.add_argument("--out", default=str(RESULTS / "recall_selection"))
     args = ap.parse_args()
     if args.quick:
@@ -102,7 +104,16 @@ def main() -> int:
             for _ in range(args.keys):
                 key = str(rng.integers(10_000, 100_000))
                 start = int(rng.integers(len(filler)))
-                tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs=True, start=start)
+                tokens, needle = passkey_tokens(
+                    llm,
+                    filler,
+                    length,
+                    depth,
+                    key,
+                    paragraphs=True,
+                    start=start,
+                    preamble=not args.no_preamble,
+                )
                 attention = attention_by_token(full, tokens, recall.query_window)
                 page_of = np.arange(len(attention)) // recall.page
                 mass = np.bincount(page_of, weights=attention)
@@ -164,7 +175,15 @@ def main() -> int:
         )
     columns = list(rows[0])
     out = write_results(
-        args.out, {"budget": args.budget, "policy": args.policy, "recall": repr(recall)}, rows, columns
+        args.out,
+        {
+            "budget": args.budget,
+            "policy": args.policy,
+            "recall": repr(recall),
+            "preamble": not args.no_preamble,
+        },
+        rows,
+        columns,
     )
     print(f"wrote {out}.json/.csv")
     return 0

@@ -9,6 +9,7 @@ from conftest import f16_keys
 
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
 from infmllm_gguf.cli import passkey_trial
+from infmllm_gguf.kv import decode
 from infmllm_gguf.texts import kjv
 
 BUDGET = 256
@@ -31,6 +32,8 @@ def test_recall_configuration_is_checked():
     for bad in ({"page": 0}, {"when": "always"}, {"reserve": 0}, {"store_limit_mb": 0}, {"query_window": 0}):
         with pytest.raises(ValueError):
             Recall(**bad)
+    with pytest.raises(ValueError, match="turn"):
+        Recall(reencode=True, when="chunk")
     with pytest.raises(ValueError, match="shortlist"):
         Recall(shortlist=0)
     with pytest.raises(ValueError, match="not a directory"):
@@ -174,6 +177,41 @@ def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
     assert np.abs(got[1:] - want[:-1]).max() > 0.1 * scale  # the check can fail: one position off
     llm.close()
     fresh.close()
+
+
+def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
+    """With reencode, a turn's recall decodes the cached text from the first recalled cell on
+    again: those cells hold, in every layer, what a fresh decode of their tokens after the
+    cells before them computes, and the recalled ones no longer hold their stored rows."""
+    llm = _llm(Recall(reencode=True))
+    passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
+    st = llm._stream
+    assert llm.kv_stats()["recalls"] == 1 and st.n_recalled > 0
+    first, n = int(np.argmax(st._recalled)), st.n_cached
+    layers = st.kv.layers()
+    k_bytes, v_bytes = sum(la.k_row_bytes for la in layers), sum(la.v_row_bytes for la in layers)
+    k, v = (x.reshape(len(layers), n, -1) for x in st.kv.read_rows(np.arange(n), k_bytes, v_bytes))
+
+    ref = Llama(n_ctx=n + 64, kv_policy="full", seed=0)
+    kv = ref._stream.kv
+    kv.write_rows(np.arange(first), k[:, :first].ravel(), v[:, :first].ravel())
+    decode(ref._stream.ctx, llm.history[st._stream_index[first:]], np.arange(first, n))
+    rk, rv = (x.reshape(len(layers), n, -1) for x in kv.read_rows(np.arange(n), k_bytes, v_bytes))
+    for got, want in ((k, rk), (v, rv)):
+        got, want = (x[:, first:].view(np.float16).astype(np.float32) for x in (got, want))
+        scale = np.abs(want).max(axis=(1, 2), keepdims=True)
+        # one batch or token by token: a few 1e-2 of the largest row at most, 1e-4 on average
+        err = np.abs(got - want) / scale
+        assert err.max() < 5e-2 and err.mean() < 1e-3
+        assert (np.abs(got[:, 1:] - want[:, :-1]) / scale).mean() > 2e-2  # the check can fail
+    ref.close()
+
+    rec = st._recalled
+    sidx = st._stream_index[rec]
+    s_sidx, _, _, s_v = st.store.rows(sorted(set((sidx // st.recall.page).tolist())))
+    stored = s_v.reshape(len(layers), len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
+    assert not np.array_equal(v[:, rec], stored)
+    llm.close()
 
 
 def test_store_is_bounded_by_dropping_oldest_pages(filler):
