@@ -432,11 +432,7 @@ class Stream:
         batch = self._batch if inputs.ndim == 1 else self._embd_batch
         with self._unit():
             try:
-                rc = batch.decode(self.ctx, inputs, positions, self.seq_id, flags)
-                if rc == 2:
-                    raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with status {rc}")
+                self._batch_decode(batch, inputs, positions, flags)
             except BaseException:
                 # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
                 # an M-RoPE image's cells all sit at its first (t) position
@@ -447,6 +443,16 @@ class Stream:
             self._record(
                 keys, max_pos, max_pos + 1 if next_pos is None else next_pos, scored, flags, logprobs_out
             )
+
+    def _batch_decode(
+        self, batch: Batch, inputs: np.ndarray, positions: np.ndarray, flags: np.ndarray
+    ) -> None:
+        """llama_decode one batch into this sequence, raising where it did not succeed."""
+        rc = batch.decode(self.ctx, inputs, positions, self.seq_id, flags)
+        if rc == 2:
+            raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc}")
 
     @contextlib.contextmanager
     def _unit(self) -> Iterator[None]:
@@ -618,9 +624,10 @@ class Stream:
     def _reencode(self) -> None:
         """Decode the cached text from the first recalled cell on again at the same positions,
         the policy's state carried over by rank.  Where a cell is part of an image, or positions
-        are not compacted, nothing is done.  A failed decode leaves the cells before it cached
-        and counts the rest as evicted (the recalled ones stay in the store)."""
-        if not self.repositions or self.mrope or not self._recalled.any():
+        are not compacted (a batch's must be consecutive), nothing is done.  A failed decode
+        leaves the cells before it cached and counts the rest as evicted (the recalled ones stay
+        in the store)."""
+        if not self.repositions or not self._recalled.any():
             return
         first = int(np.argmax(self._recalled))
         keys = self._history_buf[self._stream_index[first:]]
@@ -638,11 +645,7 @@ class Stream:
                 for i in range(0, len(keys), self.n_batch):
                     piece = keys[i : i + self.n_batch]
                     pos = np.arange(done, done + len(piece))
-                    rc = self._batch.decode(self.ctx, piece, pos, self.seq_id, no_logits[: len(piece)])
-                    if rc == 2:
-                        raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
-                    if rc != 0:
-                        raise RuntimeError(f"llama_decode failed with status {rc}")
+                    self._batch_decode(self._batch, piece, pos, no_logits[: len(piece)])
                     done += len(piece)
             except BaseException:
                 lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, done, -1)

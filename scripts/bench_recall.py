@@ -112,9 +112,8 @@ def main() -> int:
         for run, trials in runs:
             policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
             n_ctx = length + 16 if run == "full" else policy.capacity
-            recall = (
-                Recall(reencode=run == "recall, re-encoded") if run != "no recall" and run != "full" else None
-            )
+            with_recall = run not in ("no recall", "full")
+            recall = Recall(reencode=run == "recall, re-encoded") if with_recall else None
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
             if run == "random pages":
                 random_pages(llm, seed=multiple)

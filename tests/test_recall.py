@@ -28,6 +28,12 @@ def _llm(recall: Recall | None, policy=None, **kw) -> Llama:
     return Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall, debug=True, **kw)
 
 
+def _stored_v(st, sidx: np.ndarray) -> np.ndarray:
+    """The stored V rows of the cells at stream indices sidx, as [layer, cell, row bytes]."""
+    s_sidx, _, _, s_v = st.store.rows(sorted(set((sidx // st.recall.page).tolist())))
+    return s_v.reshape(st.store.n_layer, len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
+
+
 def test_recall_configuration_is_checked():
     for bad in ({"page": 0}, {"when": "always"}, {"reserve": 0}, {"store_limit_mb": 0}, {"query_window": 0}):
         with pytest.raises(ValueError):
@@ -86,11 +92,7 @@ def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     rec = st._recalled
     _, v = st.kv.read_rows(view.positions[rec], st.store.k_bytes, st.store.v_bytes)
     sidx = st._stream_index[rec]
-    pids = sorted(set((sidx // st.recall.page).tolist()))
-    s_sidx, _, _, s_v = st.store.rows(pids)
-    n_layer = st.store.n_layer
-    stored = s_v.reshape(n_layer, len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
-    assert np.array_equal(v.reshape(n_layer, len(sidx), -1), stored)
+    assert np.array_equal(v.reshape(st.store.n_layer, len(sidx), -1), _stored_v(st, sidx))
     cached_own = set(st._stream_index[~rec].tolist())
     for pid in st.store.page_ids():
         assert not cached_own & set(st.store._pages[int(pid)].stream_index.tolist())
@@ -188,15 +190,14 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     st = llm._stream
     assert llm.kv_stats()["recalls"] == 1 and st.n_recalled > 0
     first, n = int(np.argmax(st._recalled)), st.n_cached
-    layers = st.kv.layers()
-    k_bytes, v_bytes = sum(la.k_row_bytes for la in layers), sum(la.v_row_bytes for la in layers)
-    k, v = (x.reshape(len(layers), n, -1) for x in st.kv.read_rows(np.arange(n), k_bytes, v_bytes))
+    n_layer, k_bytes, v_bytes = st.store.n_layer, st.store.k_bytes, st.store.v_bytes
+    k, v = (x.reshape(n_layer, n, -1) for x in st.kv.read_rows(np.arange(n), k_bytes, v_bytes))
 
     ref = Llama(n_ctx=n + 64, kv_policy="full", seed=0)
     kv = ref._stream.kv
     kv.write_rows(np.arange(first), k[:, :first].ravel(), v[:, :first].ravel())
     decode(ref._stream.ctx, llm.history[st._stream_index[first:]], np.arange(first, n))
-    rk, rv = (x.reshape(len(layers), n, -1) for x in kv.read_rows(np.arange(n), k_bytes, v_bytes))
+    rk, rv = (x.reshape(n_layer, n, -1) for x in kv.read_rows(np.arange(n), k_bytes, v_bytes))
     for got, want in ((k, rk), (v, rv)):
         got, want = (x[:, first:].view(np.float16).astype(np.float32) for x in (got, want))
         scale = np.abs(want).max(axis=(1, 2), keepdims=True)
@@ -207,10 +208,7 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     ref.close()
 
     rec = st._recalled
-    sidx = st._stream_index[rec]
-    s_sidx, _, _, s_v = st.store.rows(sorted(set((sidx // st.recall.page).tolist())))
-    stored = s_v.reshape(len(layers), len(s_sidx), -1)[:, np.isin(s_sidx, sidx)]
-    assert not np.array_equal(v[:, rec], stored)
+    assert not np.array_equal(v[:, rec], _stored_v(st, st._stream_index[rec]))
     llm.close()
 
 
