@@ -38,8 +38,24 @@ if [ "$mode" = gpu ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader || fail "nvidia-smi"
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')"
     cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${cap}-real"
+    say "$(nvcc --version | tail -1)"
     # the CUDA runtime and cuBLAS the libraries link to (RPATH is $ORIGIN only)
     [ -d /usr/local/cuda/lib64 ] && export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1; then
+        # a toolkit without cuBLAS: take the one of Python's nvidia-cublas package (PyTorch's),
+        # under the unversioned names CMake's FindCUDAToolkit looks for
+        pkgs="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia"
+        lib="$(find "$pkgs" -name 'libcublas.so.*' 2>/dev/null | head -1)"
+        inc="$(find "$pkgs" -name cublas_v2.h 2>/dev/null | head -1)"
+        [ -n "$lib" ] && [ -n "$inc" ] || fail "no cuBLAS in /usr/local/cuda nor under $pkgs"
+        mkdir -p "$work/cublas"
+        for f in "$(dirname "$lib")"/libcublas*.so.*; do
+            ln -sf "$f" "$work/cublas/$(basename "$f" | sed 's/\.so\..*/.so/')"
+        done
+        export CMAKE_LIBRARY_PATH="$work/cublas" CPATH="$(dirname "$inc")${CPATH:+:$CPATH}"
+        export LD_LIBRARY_PATH="$(dirname "$lib"):$LD_LIBRARY_PATH"
+        say "cuBLAS from $(dirname "$lib")"
+    fi
 fi
 "$python" -m pip install -q --no-index --no-deps --target "$site" .gpu/wheels/*.whl ||
     fail "installing the carried wheels (run scripts/gpu_prepare.sh and carry .gpu)"
