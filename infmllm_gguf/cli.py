@@ -46,7 +46,11 @@ def _read_text(path: str | None) -> str:
 def _make_llama(args: argparse.Namespace) -> Llama:
     n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
     policy = make_policy(args.policy, budget=args.budget, reposition=args.reposition)
-    recall = Recall(when=args.recall_when, reencode=args.recall_reencode) if args.recall else None
+    recall = (
+        Recall(when=args.recall_when, reencode=args.recall_reencode, adjacent=args.recall_adjacent)
+        if args.recall
+        else None
+    )
     return Llama(
         args.model,
         n_ctx=n_ctx,
@@ -496,7 +500,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reposition=args.reposition, flash_attn=args.flash_attn,
         slots=args.slots, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
         model_alias=args.model_alias, recall=args.recall, recall_when=args.recall_when,
-        recall_reencode=args.recall_reencode, n_threads=args.threads,
+        recall_reencode=args.recall_reencode, recall_adjacent=args.recall_adjacent, n_threads=args.threads,
     )  # fmt: skip
     serve(config, args.host, args.port)
     return 0
@@ -542,6 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--recall-reencode",
             action="store_true",
             help="after a turn's recall, decode the cached text from the recalled pages on again",
+        )
+        p.add_argument(
+            "--recall-adjacent",
+            action="store_true",
+            help="a recalled page brings the adjacent pages that score above the median (whole facts)",
         )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")

@@ -10,9 +10,10 @@ the shortlist exactly.  Scores are standardised per (layer, kv head, query row) 
 sample of all pages, so heads of different scale compare; a page counts by its strongest
 single (layer, head, row) — a sum over heads dilutes a needle — less its mean over them,
 since a page that every head attends to (the text right after the sinks) is generic rather
-than an answer.  Pages that stand out, then the pages after and before them, are written
-back into a reserve of the budget, in stream order, and llama.cpp's own K-shift re-positions
-them with the rest of the cache.
+than an answer.  Pages that stand out (with `adjacent` also the pages next to them that score
+above the median), then the pages after and before them, are written back into a reserve of
+the budget, in stream order, and llama.cpp's own K-shift re-positions them with the rest of
+the cache.
 
 Keys are compared as stored: rotated at their compacted position at eviction time, which
 lies within the cache's window like the query's own, so the relative distances seen are
@@ -59,6 +60,10 @@ class Recall:
       again, so that the recalled pages and what follows them are computed in the context
       they now sit in (their stored rows were computed in their original one); at most a
       budget of tokens per turn, text only, `when="turn"` only.
+      adjacent: a chosen page also brings the adjacent pages that score above the shortlist's
+      median, outwards, before any page's plain neighbours, so that a fact across page
+      boundaries comes back whole (with `reencode` a fragment decoded again loses what its
+      stored rows knew); they take room the neighbours of other chosen pages would have.
     """
 
     reserve: int | None = None
@@ -69,6 +74,7 @@ class Recall:
     query_window: int = 8
     shortlist: int = 64
     reencode: bool = False
+    adjacent: bool = False
 
     WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
 
@@ -366,10 +372,11 @@ class PageStore:
         self._spill_size = 0
 
     # --- selection ------------------------------------------------------------------------
-    def select(self, queries: np.ndarray, room: int, shortlist: int = 64) -> list[int]:
+    def select(self, queries: np.ndarray, room: int, shortlist: int = 64, runs: bool = False) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
-        by their strongest head, best first, then the pages after and before each of them, at
-        most `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
+        by their strongest head, best first, with `runs` the adjacent pages that score above the
+        shortlist's median (`with_runs`), then the pages after and before each of them, at most
+        `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
         head, query row) less its mean over them: a page every head attends to (the text right
         after the sinks) is generic, not an answer."""
         if self.n_pages == 0 or room <= 0:
@@ -408,9 +415,28 @@ class PageStore:
         pids = self._slot_page
         # only pages that stand out: at least halfway from the shortlist's median to its best
         # (pages of ordinary score crowd the answer out, the 135M model then copies them)
-        cut = (score[short].max() + np.median(score[short])) / 2
-        best = [pids[i] for i in np.argsort(-score, kind="stable")[: len(short)] if score[i] >= cut]
+        median = np.median(score[short])
+        cut = (score[short].max() + median) / 2
+        ranked = np.argsort(-score, kind="stable")[: len(short)]
+        best = [pids[i] for i in ranked if score[i] >= cut]
+        if runs:
+            best = self.with_runs(best, {pids[i] for i in ranked if score[i] >= median})
         return self.with_neighbours(best, room)
+
+    @staticmethod
+    def with_runs(best: list[int], above: set[int]) -> list[int]:
+        """best, then for each of its pages the adjacent pages in `above`, outwards on both sides
+        until one is not: a fact that straddles page boundaries comes back whole though only
+        one of its pages stands out (the needle "The pass key is 3|4961. Remember it. 3|4961 is
+        the pass key" ranks its last page first and the others below the cut)."""
+        chosen = list(best)
+        for first in best:
+            for step in (1, -1):
+                pid = first + step
+                while pid in above and pid not in chosen:
+                    chosen.append(pid)
+                    pid += step
+        return chosen
 
     def with_neighbours(self, pids: list[int], room: int) -> list[int]:
         """The stored pages among pids, in their order, then the page after and the page before

@@ -73,6 +73,7 @@ class ServerConfig:
     recall: bool = False
     recall_when: str = "turn"
     recall_reencode: bool = False
+    recall_adjacent: bool = False
     n_threads: int | None = None
     pooling: str = "mean"  # /v1/embeddings: one vector per input
 
@@ -82,7 +83,11 @@ class ServerConfig:
         from infmllm_gguf.recall import Recall
 
         policy = make_policy(self.kv_policy, budget=self.budget, reposition=self.reposition)
-        recall = Recall(when=self.recall_when, reencode=self.recall_reencode) if self.recall else None
+        recall = (
+            Recall(when=self.recall_when, reencode=self.recall_reencode, adjacent=self.recall_adjacent)
+            if self.recall
+            else None
+        )
         n_ctx = self.n_ctx or (policy.capacity if self.kv_policy != "full" else 2048)
         return Llama(
             self.model, kv_policy=policy, n_ctx=n_ctx, n_slots=self.slots, mmproj_path=self.mmproj,

@@ -7,7 +7,8 @@ there.") unless --no-preamble; the answer may take 16 tokens ("the pass key. 525
 correct when its first digits are the key).
 
 Runs, side by side: the policy alone (no recall), the policy with `Recall()` and with
-`Recall(reencode=True)` (the cached text from the recalled pages on decoded again), a control whose
+`Recall(reencode=True)` (the cached text from the recalled pages on decoded again), the latter
+with `adjacent=True` (a chosen page brings its adjacent pages above the median), a control whose
 recall brings back random stored pages into the same reserve (what the selection is worth), one
 whose recall brings back the needle's own pages (what any selection could reach: the rest is
 the model's), and the full cache (n_ctx = stream length) where it fits, as the model's own
@@ -34,7 +35,15 @@ from infmllm_gguf import Llama, Recall
 from infmllm_gguf.cli import run_passkey
 from infmllm_gguf.policies import make_policy
 
-RUNS = ("recall", "recall, re-encoded", "no recall", "random pages", "needle pages", "full")
+RUNS = (
+    "recall",
+    "recall, re-encoded",
+    "recall, re-encoded, adjacent",
+    "no recall",
+    "random pages",
+    "needle pages",
+    "full",
+)
 
 
 def random_pages(llm: Llama, seed: int) -> None:
@@ -101,6 +110,7 @@ def main() -> int:
         runs = [
             ("recall", args.trials),
             ("recall, re-encoded", args.trials),
+            ("recall, re-encoded, adjacent", args.trials),
             ("no recall", args.control_trials),
         ]
         if multiple <= args.max_control_multiple:
@@ -113,7 +123,11 @@ def main() -> int:
             policy = make_policy("full" if run == "full" else args.policy, budget=args.budget)
             n_ctx = length + 16 if run == "full" else policy.capacity
             with_recall = run not in ("no recall", "full")
-            recall = Recall(reencode=run == "recall, re-encoded") if with_recall else None
+            recall = (
+                Recall(reencode=run.startswith("recall, re-encoded"), adjacent=run.endswith("adjacent"))
+                if with_recall
+                else None
+            )
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
             if run == "random pages":
                 random_pages(llm, seed=multiple)

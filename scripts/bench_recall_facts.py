@@ -11,7 +11,8 @@ because the 135M model copies from its context there and hardly at all in chat f
 bench_multiround.py, where even the full cache finds a fact 5 rounds back 1 time in 10), and
 each name is told once, so that the question's words point at one fact.
 
-Each policy runs alone, with `Recall()` and with `Recall(reencode=True)`.
+Each policy runs alone, with `Recall()`, with `Recall(reencode=True)` and with
+`Recall(reencode=True, adjacent=True)`.
 
     python scripts/bench_recall_facts.py --quick   # 80 rounds (minutes)
     python scripts/bench_recall_facts.py           # 180 rounds, budget 256
@@ -122,6 +123,13 @@ def main() -> int:
         configs.append((f"{name}+recall", make_policy(name, budget=args.budget), Recall()))
         configs.append(
             (f"{name}+recall-reencode", make_policy(name, budget=args.budget), Recall(reencode=True))
+        )
+        configs.append(
+            (
+                f"{name}+recall-reencode-adjacent",
+                make_policy(name, budget=args.budget),
+                Recall(reencode=True, adjacent=True),
+            )
         )
     results = [run_config(label, policy, recall, args) for label, policy, recall in configs]
     for res in results:

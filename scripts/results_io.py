@@ -36,6 +36,11 @@ def merge_rows(out: str | Path, meta: dict, rows: list[dict], key: tuple[str, ..
     earlier = json.loads(path.read_text())
     differing = {k: (earlier.get(k), v) for k, v in meta.items() if earlier.get(k) != v}
     if differing:
-        raise SystemExit(f"cannot merge into {path}: settings differ (earlier, now): {differing}")
+        kept = path.with_suffix(".unmerged.json")  # an hour's run is not lost to a settings check
+        kept.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        raise SystemExit(
+            f"cannot merge into {path}: settings differ (earlier, now): {differing}; "
+            f"this run's rows are in {kept}"
+        )
     redone = {tuple(r[k] for k in key) for r in rows}
     return [r for r in earlier["rows"] if tuple(r[k] for k in key) not in redone] + rows

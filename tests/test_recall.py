@@ -161,6 +161,20 @@ def test_chosen_pages_come_before_any_neighbour(filler):
     llm.close()
 
 
+def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
+    """With `adjacent` a fact across page boundaries comes back whole: the pages next to a
+    chosen one that score above the median join it, outwards until one does not, before any
+    plain neighbour."""
+    llm = _llm(Recall())
+    llm.eval([1] + filler[: 3 * BUDGET])
+    store, page = llm._stream.store, Recall().page
+    p = int(store.page_ids()[10])
+    runs = store.with_runs([p], {p - 2, p - 1, p + 1, p + 3})
+    assert runs == [p, p + 1, p - 1, p - 2]
+    assert store.with_neighbours(runs, 5 * page) == [*runs, p + 2]
+    llm.close()
+
+
 def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
     """Evictions and recalls move cells many times, each pair sharing one K-shift: every cached
     key of layer 0 (a function of its token and position alone) is the one a fresh context
