@@ -372,9 +372,11 @@ class PageStore:
         self._spill_size = 0
 
     # --- selection ------------------------------------------------------------------------
-    def select(self, queries: np.ndarray, room: int, shortlist: int = 64, runs: bool = False) -> list[int]:
+    def select(
+        self, queries: np.ndarray, room: int, shortlist: int = 64, adjacent: bool = False
+    ) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
-        by their strongest head, best first, with `runs` the adjacent pages that score above the
+        by their strongest head, best first, with `adjacent` the adjacent pages that score above the
         shortlist's median (`with_runs`), then the pages after and before each of them, at most
         `room` tokens in all.  A page's score is its largest standardised q·k over (layer, kv
         head, query row) less its mean over them: a page every head attends to (the text right
@@ -419,7 +421,7 @@ class PageStore:
         cut = (score[short].max() + median) / 2
         ranked = np.argsort(-score, kind="stable")[: len(short)]
         best = [pids[i] for i in ranked if score[i] >= cut]
-        if runs:
+        if adjacent:
             best = self.with_runs(best, {pids[i] for i in ranked if score[i] >= median})
         return self.with_neighbours(best, room)
 

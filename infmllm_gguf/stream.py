@@ -592,7 +592,7 @@ class Stream:
         room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
         try:
             with one_blas_thread():
-                pids = self.store.select(queries, room, self.recall.shortlist, runs=self.recall.adjacent)
+                pids = self.store.select(queries, room, self.recall.shortlist, adjacent=self.recall.adjacent)
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
             self._switch_off(exc)

@@ -10,6 +10,7 @@ from conftest import f16_keys
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
 from infmllm_gguf.cli import passkey_trial
 from infmllm_gguf.kv import decode
+from infmllm_gguf.recall import PageStore
 from infmllm_gguf.texts import kjv
 
 BUDGET = 256
@@ -173,6 +174,24 @@ def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
     assert runs == [p, p + 1, p - 1, p - 2]
     assert store.with_neighbours(runs, 5 * page) == [*runs, p + 2]
     llm.close()
+
+
+def test_adjacent_reaches_the_selection(filler, monkeypatch):
+    """A turn's recall selects with the adjacent-pages rule exactly when Recall(adjacent=True)."""
+    seen = []
+    select = PageStore.select
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("adjacent", False))
+        return select(self, *args, **kw)
+
+    monkeypatch.setattr(PageStore, "select", spy)
+    for adjacent in (False, True):
+        llm = _llm(Recall(adjacent=adjacent))
+        passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
+        assert seen and set(seen) == {adjacent}
+        seen.clear()
+        llm.close()
 
 
 def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
