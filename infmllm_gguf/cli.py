@@ -43,14 +43,16 @@ def _read_text(path: str | None) -> str:
     return load_text(path)
 
 
+def _recall(args: argparse.Namespace) -> Recall | None:
+    """The recall tier the --recall flags ask for (None with --no-recall)."""
+    if not args.recall:
+        return None
+    return Recall(when=args.recall_when, reencode=args.recall_reencode, adjacent=args.recall_adjacent)
+
+
 def _make_llama(args: argparse.Namespace) -> Llama:
     n_ctx = args.n_ctx or (args.budget + max(16, args.budget // 8) if args.policy != "full" else 2048)
     policy = make_policy(args.policy, budget=args.budget, reposition=args.reposition)
-    recall = (
-        Recall(when=args.recall_when, reencode=args.recall_reencode, adjacent=args.recall_adjacent)
-        if args.recall
-        else None
-    )
     return Llama(
         args.model,
         n_ctx=n_ctx,
@@ -58,7 +60,7 @@ def _make_llama(args: argparse.Namespace) -> Llama:
         flash_attn=args.flash_attn,
         seed=0,
         mmproj_path=args.mmproj,
-        recall=recall,
+        recall=_recall(args),
     )
 
 
@@ -499,8 +501,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, mmproj=args.mmproj, kv_policy=args.policy, budget=args.budget, n_ctx=args.n_ctx,
         reposition=args.reposition, flash_attn=args.flash_attn,
         slots=args.slots, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
-        model_alias=args.model_alias, recall=args.recall, recall_when=args.recall_when,
-        recall_reencode=args.recall_reencode, recall_adjacent=args.recall_adjacent, n_threads=args.threads,
+        model_alias=args.model_alias, recall=_recall(args), n_threads=args.threads,
     )  # fmt: skip
     serve(config, args.host, args.port)
     return 0

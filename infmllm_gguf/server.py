@@ -32,6 +32,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from infmllm_gguf.llama import Llama
+from infmllm_gguf.recall import Recall
 from infmllm_gguf.state import StateError
 
 __all__ = ["ServerConfig", "SlotPool", "make_app", "serve"]
@@ -70,28 +71,19 @@ class ServerConfig:
     sessions_dir: str = "infmllm-sessions"
     max_queue: int = 32
     model_alias: str | None = None
-    recall: bool = False
-    recall_when: str = "turn"
-    recall_reencode: bool = False
-    recall_adjacent: bool = False
+    recall: Recall | None = None  # the recall tier of every slot's stream
     n_threads: int | None = None
     pooling: str = "mean"  # /v1/embeddings: one vector per input
 
     def make_llama(self) -> Llama:
         from infmllm_gguf._llama_cpp import llama_cpp as lc
         from infmllm_gguf.policies import make_policy
-        from infmllm_gguf.recall import Recall
 
         policy = make_policy(self.kv_policy, budget=self.budget, reposition=self.reposition)
-        recall = (
-            Recall(when=self.recall_when, reencode=self.recall_reencode, adjacent=self.recall_adjacent)
-            if self.recall
-            else None
-        )
         n_ctx = self.n_ctx or (policy.capacity if self.kv_policy != "full" else 2048)
         return Llama(
             self.model, kv_policy=policy, n_ctx=n_ctx, n_slots=self.slots, mmproj_path=self.mmproj,
-            recall=recall, embedding=True, n_threads=self.n_threads, seed=0,
+            recall=self.recall, embedding=True, n_threads=self.n_threads, seed=0,
             flash_attn=self.flash_attn,
             pooling_type=getattr(lc, f"LLAMA_POOLING_TYPE_{self.pooling.upper()}"),
         )  # fmt: skip
@@ -441,7 +433,19 @@ def prometheus(pool: SlotPool, in_flight: int) -> str:
         "# TYPE infmllm_slot_evictions_total counter",
         *(f'infmllm_slot_evictions_total{{slot="{s["slot"]}"}} {s["stats"]["evictions"]}' for s in slots),
     ]
+    if slots and "recalls" in slots[0]["stats"]:  # the recall tier is on
+        for name, kind, key in RECALL_METRICS:
+            lines.append(f"# TYPE infmllm_slot_{name} {kind}")
+            lines.extend(f'infmllm_slot_{name}{{slot="{s["slot"]}"}} {s["stats"][key]:g}' for s in slots)
     return "\n".join(lines) + "\n"
+
+
+RECALL_METRICS = (  # (metric, Prometheus type, kv_stats key) per slot, with the recall tier on
+    ("recall_pages_stored", "gauge", "pages_stored"),
+    ("recall_store_mb", "gauge", "store_mb"),
+    ("recalls_total", "counter", "recalls"),
+    ("recall_pages_recalled_total", "counter", "pages_recalled"),
+)
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

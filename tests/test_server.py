@@ -254,3 +254,24 @@ def test_anonymous_conversations_are_found_by_their_prefix(tmp_path):
     m = srv.metrics()
     assert m["infmllm_sessions_restored_total"] == 1 and m["infmllm_sessions_saved_total"] == 2
     srv.stop()
+
+
+def test_a_conversation_longer_than_its_budget_recalls_with_recall_on(tmp_path):
+    """`serve --recall`: a conversation that outgrows its slot's budget stores what it evicts, and
+    its next question recalls pages; /metrics reports both per slot."""
+    srv = Server(tmp_path, 1, 2, "--recall")
+    client = srv.client()
+    text = "In the beginning God created the heaven and the earth. " * 60  # ~780 tokens > budget 256
+    messages = [{"role": "user", "content": "The pass key is 48213. Remember it. " + text}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    messages += [
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "What is the pass key?"},
+    ]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    m = srv.metrics()
+    assert m['infmllm_slot_recall_pages_stored{slot="0"}'] > 0
+    assert m['infmllm_slot_recall_store_mb{slot="0"}'] > 0
+    assert m['infmllm_slot_recalls_total{slot="0"}'] >= 1
+    assert m['infmllm_slot_recall_pages_recalled_total{slot="0"}'] >= 1
+    srv.stop()
