@@ -412,7 +412,7 @@ class PageStore:
         std = exact[:, :, in_sample].std(axis=2, keepdims=True) + 1e-6
         z = ((exact - mean) / std).transpose(2, 0, 1, 3).reshape(len(slots), -1)
         score = np.full(n, -np.inf, np.float32)
-        score[slots] = z.max(axis=1) - z.mean(axis=1)
+        score[slots] = self.page_score(z)
         score[np.setdiff1d(slots, short)] = -np.inf  # sampled only: not shortlisted
         pids = self._slot_page
         # only pages that stand out: at least halfway from the shortlist's median to its best
@@ -424,6 +424,15 @@ class PageStore:
         if adjacent:
             best = self.with_runs(best, {pids[i] for i in ranked if score[i] >= median})
         return self.with_neighbours(best, room)
+
+    @staticmethod
+    def page_score(z: np.ndarray) -> np.ndarray:
+        """Per page, from z [pages, n] (its standardised q·k for every layer, kv head and query
+        row): the strongest single one, which a needle read by a few heads has, less their mean,
+        which is high for text every head attends to (the stream's opening).  Without the mean
+        the needle's pages come back whole more often and so does the opening, which the model
+        then copies where it is ordinary text (`scripts/bench_recall_rules.py` compares)."""
+        return z.max(axis=1) - z.mean(axis=1)
 
     @staticmethod
     def with_runs(best: list[int], above: set[int]) -> list[int]:

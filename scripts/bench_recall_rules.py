@@ -1,0 +1,157 @@
+"""Passkey answers under other page-scoring rules of the recall tier, each from the same state.
+
+Each passkey stream of bench_recall.py's recall run (same keys, haystacks, preamble and answer
+length) is streamed once and its state saved before the question; then for every rule the
+state is restored, `PageStore.page_score` is the rule, and the question is answered (its turn
+recall scored by that rule).  A stream costs one pass however many rules are compared, and the
+shipped rule's answers are those of bench_recall.py's "recall" run, key for key.
+
+Rules (z: a page's standardised q·k for every layer, kv head and query row):
+  max-mean       the shipped rule: the strongest single one less their mean
+  max            the strongest single one
+  max-half-mean  the strongest less half their mean
+
+Per key: correct, the answer, whether all of the needle was cached when it answered, and
+whether the recall brought back part of the stream's opening (its first three pages).
+
+    python scripts/bench_recall_rules.py --quick          # 4x/8x, 1 key per depth (minutes)
+    python scripts/bench_recall_rules.py                  # 4x..32x, 4 keys per depth (~30 min)
+
+Writes bench/results/recall_rules.json, .csv and .png (accuracy per rule and length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from results_io import RESULTS, write_results
+from tqdm import tqdm
+
+from infmllm_gguf import Llama, Recall
+from infmllm_gguf.cli import passkey_tokens
+from infmllm_gguf.policies import make_policy
+from infmllm_gguf.recall import PageStore
+from infmllm_gguf.texts import kjv
+
+RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "max-mean": PageStore.page_score,
+    "max": lambda z: z.max(axis=1),
+    "max-half-mean": lambda z: z.max(axis=1) - 0.5 * z.mean(axis=1),
+}
+OPENING_PAGES = 3
+
+
+def answer_with(llm: Llama, rule: Callable[[np.ndarray], np.ndarray], key: str, needle: range) -> dict:
+    """Answer the question in the stream's current state with `rule` scoring the pages."""
+    shipped = PageStore.__dict__["page_score"]  # the staticmethod itself
+    PageStore.page_score = staticmethod(rule)
+    try:
+        answer = llm.generate_text(max_tokens=16, temperature=0.0)
+    finally:
+        PageStore.page_score = shipped
+    recalled = llm.recalled()
+    page = llm.recall.page
+    return {
+        "correct": "".join(ch for ch in answer if ch.isdigit()).startswith(key),
+        "answer": answer.strip(),
+        "needle_whole": bool(np.isin(needle, llm.cached_stream_indices()).all()),
+        "opening_recalled": any(a < OPENING_PAGES * page for a, _ in recalled),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--policy", default="infmllm")
+    ap.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--trials", type=int, default=4, help="keys per depth")
+    ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
+    ap.add_argument("--out", default=str(RESULTS / "recall_rules"))
+    args = ap.parse_args()
+    if args.quick:
+        args.multiples, args.trials = [4, 8], 1
+
+    rows = []
+    total = len(args.multiples) * len(args.depths) * args.trials
+    bar = tqdm(total=total, desc="streams", file=sys.stderr)
+    for multiple in args.multiples:
+        length = args.budget * multiple
+        policy = make_policy(args.policy, budget=args.budget)
+        llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=Recall())
+        rng = np.random.default_rng(0)  # run_passkey's keys and haystacks, as bench_recall.py's
+        filler = llm.tokenize(kjv()[:200_000], add_bos=False)
+        for depth in args.depths:
+            for _ in range(args.trials):
+                key = str(rng.integers(10_000, 100_000))
+                start = int(rng.integers(len(filler)))
+                preamble = not args.no_preamble
+                tokens, needle = passkey_tokens(
+                    llm, filler, length, depth, key, paragraphs=True, start=start, preamble=preamble
+                )
+                llm.reset()
+                llm.eval(tokens)
+                state = llm.save_state()
+                for rule in args.rules:
+                    llm.load_state(state)
+                    result = answer_with(llm, RULES[rule], key, needle)
+                    rows.append({"rule": rule, "length": length, "depth": depth, "key": key, **result})
+                bar.update(1)
+        llm.close()
+    bar.close()
+    for rule in args.rules:
+        per_length = [
+            sum(r["correct"] for r in rows if r["rule"] == rule and r["length"] == args.budget * m)
+            for m in args.multiples
+        ]
+        mine = [r for r in rows if r["rule"] == rule]
+        whole, opening = sum(r["needle_whole"] for r in mine), sum(r["opening_recalled"] for r in mine)
+        print(
+            f"{rule:>14}: correct {' / '.join(map(str, per_length))} of {len(args.depths) * args.trials} "
+            f"at {' / '.join(f'{m}x' for m in args.multiples)}; "
+            f"needle whole {whole}, opening recalled {opening} of {len(mine)}"
+        )
+    meta = {
+        "budget": args.budget,
+        "policy": args.policy,
+        "depths": args.depths,
+        "recall": repr(Recall()),
+        "preamble": not args.no_preamble,
+    }
+    columns = ["rule", "length", "depth", "key", "correct", "needle_whole", "opening_recalled", "answer"]
+    out = write_results(args.out, meta, rows, columns)
+    plot(rows, args.budget, out.with_suffix(".png"))
+    print(f"wrote {out}.json/.csv/.png")
+    return 0
+
+
+def plot(rows: list[dict], budget: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        mine = [r for r in rows if r["rule"] == rule]
+        lengths = sorted({r["length"] for r in mine})
+        acc = [np.mean([r["correct"] for r in mine if r["length"] == n]) for n in lengths]
+        ax.plot(lengths, acc, marker="o", label=rule)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("stream length (tokens)")
+    ax.set_ylabel("passkey accuracy (mean over depths)")
+    ax.set_title(f"page-scoring rules of the recall tier, budget {budget}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
