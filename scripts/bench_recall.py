@@ -207,23 +207,25 @@ def main() -> int:
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, series: str = "run", value: str = "accuracy", title: str = "") -> None:
+    """Passkey accuracy against stream length, a line per value of `series`, averaged over the
+    rows' `value` at each length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in dict.fromkeys(r["run"] for r in rows):
-        mine = [r for r in rows if r["run"] == run]
+    for name in dict.fromkeys(r[series] for r in rows):
+        mine = [r for r in rows if r[series] == name]
         lengths = sorted({r["length"] for r in mine})
-        acc = [np.mean([r["accuracy"] for r in mine if r["length"] == n]) for n in lengths]
-        ax.plot(lengths, acc, marker="o", label=run)
+        acc = [np.mean([r[value] for r in mine if r["length"] == n]) for n in lengths]
+        ax.plot(lengths, acc, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("stream length (tokens)")
     ax.set_ylabel("passkey accuracy (mean over depths)")
-    ax.set_title(f"passkey with the recall tier, {rows[0]['policy']} budget {rows[0]['budget']}")
+    ax.set_title(title or f"passkey with the recall tier, {rows[0]['policy']} budget {rows[0]['budget']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

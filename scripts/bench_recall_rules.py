@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+from bench_recall import plot
 from results_io import RESULTS, write_results
 from tqdm import tqdm
 
@@ -126,31 +126,10 @@ def main() -> int:
     }
     columns = ["rule", "length", "depth", "key", "correct", "needle_whole", "opening_recalled", "answer"]
     out = write_results(args.out, meta, rows, columns)
-    plot(rows, args.budget, out.with_suffix(".png"))
+    title = f"page-scoring rules of the recall tier, budget {args.budget}"
+    plot(rows, out.with_suffix(".png"), series="rule", value="correct", title=title)
     print(f"wrote {out}.json/.csv/.png")
     return 0
-
-
-def plot(rows: list[dict], budget: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for rule in dict.fromkeys(r["rule"] for r in rows):
-        mine = [r for r in rows if r["rule"] == rule]
-        lengths = sorted({r["length"] for r in mine})
-        acc = [np.mean([r["correct"] for r in mine if r["length"] == n]) for n in lengths]
-        ax.plot(lengths, acc, marker="o", label=rule)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("stream length (tokens)")
-    ax.set_ylabel("passkey accuracy (mean over depths)")
-    ax.set_title(f"page-scoring rules of the recall tier, budget {budget}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
