@@ -187,13 +187,29 @@ def passkey_trial(
     tokens, needle = passkey_tokens(llm, filler, length, depth, key, paragraphs, start, preamble)
     llm.reset()
     llm.eval(tokens)
+    return {"depth": depth, **passkey_answer(llm, key, needle, answer_tokens)}
+
+
+def passkey_answer(llm: Llama, key: str, needle: range, answer_tokens: int = 8) -> dict:
+    """Answer the pass-key question the stream ends with, as passkey_trial does."""
     answer = llm.generate_text(max_tokens=answer_tokens, temperature=0.0)
     digits = "".join(ch for ch in answer if ch.isdigit())
-    result = {"depth": depth, "key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
+    result = {"key": key, "answer": answer.strip(), "correct": digits.startswith(key)}
     if llm.recall is not None:
         result["needle_recalled"] = any(a < needle.stop and needle.start < b for a, b in llm.recalled())
         result["needle_whole"] = bool(np.isin(needle, llm.cached_stream_indices()).all())
     return result
+
+
+def passkey_draws(
+    rng: np.random.Generator, n_filler: int, depths: Sequence[float], trials: int, spread: bool
+) -> Iterator[tuple[float, str, int]]:
+    """(depth, key, haystack start) for `trials` keys per depth, in run_passkey's order: the same
+    seed gives the same keys and haystacks wherever they are drawn."""
+    for depth in depths:
+        for _ in range(trials):
+            key = str(rng.integers(10_000, 100_000))
+            yield depth, key, int(rng.integers(n_filler)) if spread else 0
 
 
 def run_passkey(
@@ -214,14 +230,11 @@ def run_passkey(
     filler = llm.tokenize(kjv()[:200_000], add_bos=False)
     results = []
     with tqdm(total=len(depths) * trials, desc=f"passkey {llm.policy.name}", file=sys.stderr) as bar:
-        for depth in depths:
-            for _ in range(trials):
-                key = str(rng.integers(10_000, 100_000))
-                start = int(rng.integers(len(filler))) if spread else 0
-                results.append(
-                    passkey_trial(llm, filler, length, depth, key, answer_tokens, paragraphs, start, preamble)
-                )
-                bar.update(1)
+        for depth, key, start in passkey_draws(rng, len(filler), depths, trials, spread):
+            results.append(
+                passkey_trial(llm, filler, length, depth, key, answer_tokens, paragraphs, start, preamble)
+            )
+            bar.update(1)
     return {"accuracy": float(np.mean([r["correct"] for r in results])), "trials": results}
 
 

@@ -32,7 +32,7 @@ from results_io import RESULTS, write_results
 from tqdm import tqdm
 
 from infmllm_gguf import Llama, Recall
-from infmllm_gguf.cli import passkey_tokens
+from infmllm_gguf.cli import passkey_answer, passkey_draws, passkey_tokens
 from infmllm_gguf.policies import make_policy
 from infmllm_gguf.recall import PageStore
 from infmllm_gguf.texts import kjv
@@ -50,17 +50,11 @@ def answer_with(llm: Llama, rule: Callable[[np.ndarray], np.ndarray], key: str, 
     shipped = PageStore.__dict__["page_score"]  # the staticmethod itself
     PageStore.page_score = staticmethod(rule)
     try:
-        answer = llm.generate_text(max_tokens=16, temperature=0.0)
+        result = passkey_answer(llm, key, needle, answer_tokens=16)
     finally:
         PageStore.page_score = shipped
-    recalled = llm.recalled()
-    page = llm.recall.page
-    return {
-        "correct": "".join(ch for ch in answer if ch.isdigit()).startswith(key),
-        "answer": answer.strip(),
-        "needle_whole": bool(np.isin(needle, llm.cached_stream_indices()).all()),
-        "opening_recalled": any(a < OPENING_PAGES * page for a, _ in recalled),
-    }
+    opening = OPENING_PAGES * llm.recall.page
+    return {**result, "opening_recalled": any(a < opening for a, _ in llm.recalled())}
 
 
 def main() -> int:
@@ -85,24 +79,21 @@ def main() -> int:
         length = args.budget * multiple
         policy = make_policy(args.policy, budget=args.budget)
         llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=Recall())
-        rng = np.random.default_rng(0)  # run_passkey's keys and haystacks, as bench_recall.py's
         filler = llm.tokenize(kjv()[:200_000], add_bos=False)
-        for depth in args.depths:
-            for _ in range(args.trials):
-                key = str(rng.integers(10_000, 100_000))
-                start = int(rng.integers(len(filler)))
-                preamble = not args.no_preamble
-                tokens, needle = passkey_tokens(
-                    llm, filler, length, depth, key, paragraphs=True, start=start, preamble=preamble
-                )
-                llm.reset()
-                llm.eval(tokens)
-                state = llm.save_state()
-                for rule in args.rules:
-                    llm.load_state(state)
-                    result = answer_with(llm, RULES[rule], key, needle)
-                    rows.append({"rule": rule, "length": length, "depth": depth, "key": key, **result})
-                bar.update(1)
+        draws = passkey_draws(np.random.default_rng(0), len(filler), args.depths, args.trials, spread=True)
+        for depth, key, start in draws:  # bench_recall.py's keys and haystacks
+            preamble = not args.no_preamble
+            tokens, needle = passkey_tokens(
+                llm, filler, length, depth, key, paragraphs=True, start=start, preamble=preamble
+            )
+            llm.reset()
+            llm.eval(tokens)
+            state = llm.save_state()
+            for rule in args.rules:
+                llm.load_state(state)
+                result = answer_with(llm, RULES[rule], key, needle)
+                rows.append({"rule": rule, "length": length, "depth": depth, **result})
+            bar.update(1)
         llm.close()
     bar.close()
     for rule in args.rules:
