@@ -16,6 +16,8 @@ whether the recall brought back part of the stream's opening (its first three pa
 
     python scripts/bench_recall_rules.py --quick          # 4x/8x, 1 key per depth (minutes)
     python scripts/bench_recall_rules.py                  # 4x..32x, 4 keys per depth (~30 min)
+    python scripts/bench_recall_rules.py --sinks 48 --out bench/results/recall_rules_sinks48
+                                                          # the preamble held in the policy's sinks
 
 Writes bench/results/recall_rules.json, .csv and .png (accuracy per rule and length).
 """
@@ -23,6 +25,7 @@ Writes bench/results/recall_rules.json, .csv and .png (accuracy per rule and len
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -67,6 +70,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=4, help="keys per depth")
     ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
+    ap.add_argument("--sinks", type=int, help="the policy's sinks (default its own; 48 hold the preamble)")
     ap.add_argument("--out", default=str(RESULTS / "recall_rules"))
     args = ap.parse_args()
     if args.quick:
@@ -78,6 +82,8 @@ def main() -> int:
     for multiple in args.multiples:
         length = args.budget * multiple
         policy = make_policy(args.policy, budget=args.budget)
+        if args.sinks is not None:
+            policy = dataclasses.replace(policy, sinks=args.sinks)
         llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=Recall())
         filler = llm.tokenize(kjv()[:200_000], add_bos=False)
         draws = passkey_draws(np.random.default_rng(0), len(filler), args.depths, args.trials, spread=True)
@@ -114,6 +120,7 @@ def main() -> int:
         "depths": args.depths,
         "recall": repr(Recall()),
         "preamble": not args.no_preamble,
+        "sinks": getattr(policy, "sinks", None),
     }
     columns = ["rule", "length", "depth", "key", "correct", "needle_whole", "opening_recalled", "answer"]
     out = write_results(args.out, meta, rows, columns)
