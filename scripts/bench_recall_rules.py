@@ -83,14 +83,15 @@ def main() -> int:
         length = args.budget * multiple
         policy = make_policy(args.policy, budget=args.budget)
         if args.sinks is not None:
+            if not hasattr(policy, "sinks"):
+                ap.error(f"--sinks: the {policy.name} policy keeps no sinks")
             policy = dataclasses.replace(policy, sinks=args.sinks)
         llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=Recall())
         filler = llm.tokenize(kjv()[:200_000], add_bos=False)
         draws = passkey_draws(np.random.default_rng(0), len(filler), args.depths, args.trials, spread=True)
         for depth, key, start in draws:  # bench_recall.py's keys and haystacks
-            preamble = not args.no_preamble
             tokens, needle = passkey_tokens(
-                llm, filler, length, depth, key, paragraphs=True, start=start, preamble=preamble
+                llm, filler, length, depth, key, paragraphs=True, start=start, preamble=not args.no_preamble
             )
             llm.reset()
             llm.eval(tokens)
