@@ -16,6 +16,8 @@ Each policy runs alone, with `Recall()`, with `Recall(reencode=True)` and with
 
     python scripts/bench_recall_facts.py --quick   # 80 rounds (minutes)
     python scripts/bench_recall_facts.py           # 180 rounds, budget 256
+    python scripts/bench_recall_facts.py --sample 128 --out bench/results/recall_facts_sample128
+                                                   # the scores standardised over 128 pages
 
 Writes bench/results/recall_facts.json, .csv and .png.
 """
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from infmllm_gguf import Llama, Recall
 from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
+from infmllm_gguf.recall import PageStore
 
 FULL_N_CTX = 8192  # the model's trained context
 NAMES = """Alice Bruno Chen Dalia Emeka Farah Goran Hana Ivan Jun Kofi Lena Mateo Nadia Omar Priya
@@ -110,12 +113,21 @@ def main() -> int:
     ap.add_argument("--distances", type=int, nargs="+", default=[5, 21, 61])
     ap.add_argument("--policies", nargs="+", default=["streamingllm", "infmllm"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--sample",
+        type=int,
+        default=PageStore.SAMPLE,
+        help="pages whose exact scores set the standardisation (PageStore.SAMPLE)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "recall_facts"))
     args = ap.parse_args()
     if args.quick:
         args.rounds = 80
     if any(d % 2 == 0 or d < 1 for d in args.distances):
         ap.error("--distances must be odd (a question round looks back to a fact round)")
+    if args.sample < 1:
+        ap.error("--sample must be >= 1")
+    PageStore.SAMPLE = args.sample
 
     configs: list[tuple[str, KVPolicy, Recall | None]] = [("full", FullCache(), None)]
     for name in args.policies:
@@ -138,7 +150,13 @@ def main() -> int:
 
     rows = [x for res in results for x in res["rounds"]]
     summary = [{k: v for k, v in res.items() if k != "rounds"} for res in results]
-    meta = {"budget": args.budget, "rounds": args.rounds, "distances": args.distances, "configs": summary}
+    meta = {
+        "budget": args.budget,
+        "rounds": args.rounds,
+        "distances": args.distances,
+        "sample": args.sample,
+        "configs": summary,
+    }
     columns = ["config", "round", "distance", "correct", "answer", "pages_recalled", "n_streamed"]
     out = write_results(args.out, meta, rows, columns)
     plot(results, out.with_suffix(".png"), args)

@@ -11,6 +11,10 @@ Rules (z: a page's standardised q·k for every layer, kv head and query row):
   max            the strongest single one
   max-half-mean  the strongest less half their mean
 
+`--samples` also varies how many pages' exact scores set the standardisation
+(`PageStore.SAMPLE`): each (rule, sample) pair answers from the same state, labelled
+"RULE @N".
+
 Per key: correct, the answer, whether all of the needle was cached when it answered, and
 whether the recall brought back part of the stream's opening (its first three pages).
 
@@ -18,6 +22,8 @@ whether the recall brought back part of the stream's opening (its first three pa
     python scripts/bench_recall_rules.py                  # 4x..32x, 4 keys per depth (~30 min)
     python scripts/bench_recall_rules.py --sinks 48 --out bench/results/recall_rules_sinks48
                                                           # the preamble held in the policy's sinks
+    python scripts/bench_recall_rules.py --rules max-mean --samples 64 128 256 \
+        --out bench/results/recall_rules_sample                # the standardisation's sample
 
 Writes bench/results/recall_rules.json, .csv and .png (accuracy per rule and length).
 """
@@ -48,14 +54,17 @@ RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 OPENING_PAGES = 3
 
 
-def answer_with(llm: Llama, rule: Callable[[np.ndarray], np.ndarray], key: str, needle: range) -> dict:
-    """Answer the question in the stream's current state with `rule` scoring the pages."""
-    shipped = PageStore.__dict__["page_score"]  # the staticmethod itself
-    PageStore.page_score = staticmethod(rule)
+def answer_with(
+    llm: Llama, rule: Callable[[np.ndarray], np.ndarray], key: str, needle: range, sample: int
+) -> dict:
+    """Answer the question in the stream's current state with `rule` scoring the pages, their
+    standardisation set by `sample` pages."""
+    shipped, shipped_sample = PageStore.__dict__["page_score"], PageStore.SAMPLE  # the staticmethod
+    PageStore.page_score, PageStore.SAMPLE = staticmethod(rule), sample
     try:
         result = passkey_answer(llm, key, needle, answer_tokens=16)
     finally:
-        PageStore.page_score = shipped
+        PageStore.page_score, PageStore.SAMPLE = shipped, shipped_sample
     opening = OPENING_PAGES * llm.recall.page
     return {**result, "opening_recalled": any(a < opening for a, _ in llm.recalled())}
 
@@ -70,9 +79,23 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=4, help="keys per depth")
     ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
+    ap.add_argument(
+        "--samples",
+        type=int,
+        nargs="+",
+        default=[PageStore.SAMPLE],
+        help="pages whose exact scores set the standardisation (default: the shipped number)",
+    )
     ap.add_argument("--sinks", type=int, help="the policy's sinks (default its own; 48 hold the preamble)")
     ap.add_argument("--out", default=str(RESULTS / "recall_rules"))
     args = ap.parse_args()
+    if min(args.samples) < 1:
+        ap.error("--samples must be >= 1")
+    labels = {
+        (rule, n): rule if len(args.samples) == 1 else f"{rule} @{n}"
+        for rule in args.rules
+        for n in args.samples
+    }
     if args.quick:
         args.multiples, args.trials = [4, 8], 1
 
@@ -96,14 +119,14 @@ def main() -> int:
             llm.reset()
             llm.eval(tokens)
             state = llm.save_state()
-            for rule in args.rules:
+            for (rule, sample), label in labels.items():
                 llm.load_state(state)
-                result = answer_with(llm, RULES[rule], key, needle)
-                rows.append({"rule": rule, "length": length, "depth": depth, **result})
+                result = answer_with(llm, RULES[rule], key, needle, sample)
+                rows.append({"rule": label, "sample": sample, "length": length, "depth": depth, **result})
             bar.update(1)
         llm.close()
     bar.close()
-    for rule in args.rules:
+    for rule in labels.values():
         per_length = [
             sum(r["correct"] for r in rows if r["rule"] == rule and r["length"] == args.budget * m)
             for m in args.multiples
@@ -123,7 +146,17 @@ def main() -> int:
         "preamble": not args.no_preamble,
         "sinks": getattr(policy, "sinks", None),
     }
-    columns = ["rule", "length", "depth", "key", "correct", "needle_whole", "opening_recalled", "answer"]
+    columns = [
+        "rule",
+        "sample",
+        "length",
+        "depth",
+        "key",
+        "correct",
+        "needle_whole",
+        "opening_recalled",
+        "answer",
+    ]
     out = write_results(args.out, meta, rows, columns)
     title = f"page-scoring rules of the recall tier, budget {args.budget}"
     plot(rows, out.with_suffix(".png"), series="rule", value="correct", title=title)
