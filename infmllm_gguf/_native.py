@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 5  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 6  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -56,6 +56,15 @@ class infmllm_kv_layer(ctypes.Structure):  # noqa: N801 - mirrors the C name
             "k_row_bytes",
             "v_row_bytes",
         )
+    ]
+
+
+class infmllm_rope(ctypes.Structure):  # noqa: N801 - mirrors the C name
+    _fields_ = [
+        ("rope_type", ctypes.c_int32),
+        ("n_rot", ctypes.c_int32),
+        ("freq_base", ctypes.c_float),
+        ("freq_scale", ctypes.c_float),
     ]
 
 
@@ -185,6 +194,7 @@ infmllm_select_keep = _bind(
     ctypes.c_int32,
 )
 
+infmllm_kv_rope = _bind("infmllm_kv_rope", [llama_context_p, ctypes.POINTER(infmllm_rope)], ctypes.c_int32)
 infmllm_kv_layers = _bind(
     "infmllm_kv_layers", [llama_context_p, ctypes.POINTER(infmllm_kv_layer), ctypes.c_int32], ctypes.c_int32
 )

@@ -47,7 +47,12 @@ def _recall(args: argparse.Namespace) -> Recall | None:
     """The recall tier the --recall flags ask for (None with --no-recall)."""
     if not args.recall:
         return None
-    return Recall(when=args.recall_when, reencode=args.recall_reencode, adjacent=args.recall_adjacent)
+    return Recall(
+        when=args.recall_when,
+        reencode=args.recall_reencode,
+        adjacent=args.recall_adjacent,
+        score=args.recall_score,
+    )
 
 
 def _make_llama(args: argparse.Namespace) -> Llama:
@@ -565,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--recall-adjacent",
             action="store_true",
             help="a recalled page brings the adjacent pages that score above the median (whole facts)",
+        )
+        p.add_argument(
+            "--recall-score",
+            default="peak",
+            choices=Recall.SCORES,
+            help="rank pages by the question's strongest head (peak) or by the share of attention a "
+            "full cache would give them (attention: reads every stored key)",
         )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")

@@ -68,6 +68,48 @@ class LayerLayout:
     v_row_bytes: int
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The rotation a K-shift gives keys (`infmllm_kv_rope`), done in numpy: enough to score
+    stored keys at another distance from a query.  Plain frequencies only (base, linear scale):
+    YaRN's corrections and per-dimension factors are left out, so for such models the result
+    approximates a K-shift."""
+
+    rope_type: int  # LLAMA_ROPE_TYPE_NORM (pairs 2i, 2i+1) or _NEOX (pairs i, i + n_rot/2)
+    n_rot: int
+    freq_base: float
+    freq_scale: float
+
+    @property
+    def rotates(self) -> bool:
+        """Whether `rotate` can move these keys: 1-D RoPE of a kind it knows, or none."""
+        return self.rope_type in (lc.LLAMA_ROPE_TYPE_NONE, lc.LLAMA_ROPE_TYPE_NORM, lc.LLAMA_ROPE_TYPE_NEOX)
+
+    def rotate(self, keys: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """keys [tokens, ..., head_dim] (float32) rotated as if each token's position moved by
+        delta[token]; a new array.  ValueError for a RoPE `rotates` does not know (M-RoPE)."""
+        if not self.rotates:
+            raise ValueError(f"RoPE type {self.rope_type} cannot be re-rotated on the host")
+        if self.rope_type == lc.LLAMA_ROPE_TYPE_NONE or self.n_rot == 0:
+            return keys.astype(np.float32, copy=True)
+        half = self.n_rot // 2
+        theta = self.freq_base ** (-np.arange(half, dtype=np.float64) * 2 / self.n_rot)
+        angle = (np.asarray(delta, np.float64) * self.freq_scale)[:, None] * theta[None, :]
+        shape = (len(angle),) + (1,) * (keys.ndim - 2) + (half,)
+        cos = np.cos(angle).astype(np.float32).reshape(shape)
+        sin = np.sin(angle).astype(np.float32).reshape(shape)
+        out = keys.astype(np.float32, copy=True)
+        if self.rope_type == lc.LLAMA_ROPE_TYPE_NEOX:
+            x0, x1 = keys[..., :half], keys[..., half : self.n_rot]
+            out[..., :half] = x0 * cos - x1 * sin
+            out[..., half : self.n_rot] = x0 * sin + x1 * cos
+        else:
+            x0, x1 = keys[..., 0 : self.n_rot : 2], keys[..., 1 : self.n_rot : 2]
+            out[..., 0 : self.n_rot : 2] = x0 * cos - x1 * sin
+            out[..., 1 : self.n_rot : 2] = x0 * sin + x1 * cos
+        return out
+
+
 class KVCache:
     """Scoring, read-back, eviction, compaction and row transfers on one llama_context."""
 
@@ -156,6 +198,12 @@ class KVCache:
         out = (N.infmllm_kv_layer * n)()
         _check("infmllm_kv_layers", N.infmllm_kv_layers(self.ctx, out, n))
         return [LayerLayout(*(getattr(layer, f) for f, _ in N.infmllm_kv_layer._fields_)) for layer in out]
+
+    def rope(self) -> Rope:
+        """The context's RoPE as its K-shift applies it (see `Rope`)."""
+        out = N.infmllm_rope()
+        _check("infmllm_kv_rope", N.infmllm_kv_rope(self.ctx, ctypes.byref(out)))
+        return Rope(out.rope_type, out.n_rot, out.freq_base, out.freq_scale)
 
     def read_rows(
         self, positions: np.ndarray, k_bytes: int, v_bytes: int, seq_id: int = 0

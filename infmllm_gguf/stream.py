@@ -128,6 +128,7 @@ class Stream:
         if recall is not None:
             self.reserve = recall.reserve_for(policy.budget)
             self.store = PageStore(self.kv.layers(), recall.page, recall.store_limit_mb, recall.spill_dir)
+            self.rope = self.kv.rope()
             self.kv.set_query_capture(recall.query_window)
         self.reset()
 
@@ -150,6 +151,7 @@ class Stream:
             self._recalled = np.zeros(0, bool)  # per cached position: a recalled cell
             self._n_turn = 0  # n_streamed at the last turn's recall
             self.next_pos = 0  # the position of the next key: n_cached unless M-RoPE images came
+            self._query_shift = 0  # stream index - position of the newest decoded key, as decoded
             self.last_logits: np.ndarray | None = None
             self.stats = StreamStats()
             # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
@@ -235,6 +237,7 @@ class Stream:
             "n_history": self._n_history,
             "next_pos": self.next_pos,
             "n_turn": self._n_turn,
+            "query_shift": self._query_shift,
             "stats": dataclasses.asdict(self.stats),
             "recall_error": self.recall_error,
         }
@@ -304,6 +307,7 @@ class Stream:
             self._recalled = recalled.astype(bool)
             self._n_turn = int(facts["n_turn"])
             self.next_pos = int(facts["next_pos"])
+            self._query_shift = int(facts.get("query_shift", n_history - self.next_pos))
             self.last_logits = None if logits is None else logits.astype(np.float32)
             self.stats = stats
             self.recall_error = facts["recall_error"]
@@ -496,6 +500,7 @@ class Stream:
         self._recalled = np.concatenate([self._recalled, np.zeros(n, bool)])
         self.stats.max_pos_seen = max(self.stats.max_pos_seen, max_pos)
         self.next_pos = next_pos
+        self._query_shift = self._n_history - next_pos  # where the captured queries were rotated
         self.last_logits = last_logits
         if scored:
             queries = self.policy.score_queries
@@ -592,7 +597,11 @@ class Stream:
         room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
         try:
             with one_blas_thread():
-                pids = self.store.select(queries, room, self.recall.shortlist, adjacent=self.recall.adjacent)
+                # attention: keys moved to their distance from the queries in the whole stream
+                attention = (self.rope, self._query_shift) if self.recall.score == "attention" else None
+                pids = self.store.select(
+                    queries, room, self.recall.shortlist, adjacent=self.recall.adjacent, attention=attention
+                )
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
             self._switch_off(exc)

@@ -10,6 +10,8 @@ Rules (z: a page's standardised q·k for every layer, kv head and query row):
   max-mean       the shipped rule: the strongest single one less their mean
   max            the strongest single one
   max-half-mean  the strongest less half their mean
+  attention      not a rule for z: Recall(score="attention"), a page's share of the softmax
+                 attention with keys at their full-cache distance (PageStore.attention_scores)
 
 `--samples` also varies how many pages' exact scores set the standardisation
 (`PageStore.SAMPLE`): each (rule, sample) pair answers from the same state, labelled
@@ -46,25 +48,32 @@ from infmllm_gguf.policies import make_policy
 from infmllm_gguf.recall import PageStore
 from infmllm_gguf.texts import kjv
 
-RULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+RULES: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
     "max-mean": PageStore.page_score,
     "max": lambda z: z.max(axis=1),
     "max-half-mean": lambda z: z.max(axis=1) - 0.5 * z.mean(axis=1),
+    "attention": None,  # Recall(score="attention")
 }
 OPENING_PAGES = 3
 
 
 def answer_with(
-    llm: Llama, rule: Callable[[np.ndarray], np.ndarray], key: str, needle: range, sample: int
+    llm: Llama, rule: Callable[[np.ndarray], np.ndarray] | None, key: str, needle: range, sample: int
 ) -> dict:
     """Answer the question in the stream's current state with `rule` scoring the pages, their
-    standardisation set by `sample` pages."""
+    standardisation set by `sample` pages (rule None: the attention score)."""
+    stream = llm._stream
     shipped, shipped_sample = PageStore.__dict__["page_score"], PageStore.SAMPLE  # the staticmethod
-    PageStore.page_score, PageStore.SAMPLE = staticmethod(rule), sample
+    shipped_recall = stream.recall
+    if rule is None:
+        stream.recall = dataclasses.replace(shipped_recall, score="attention")
+    else:
+        PageStore.page_score, PageStore.SAMPLE = staticmethod(rule), sample
     try:
         result = passkey_answer(llm, key, needle, answer_tokens=16)
     finally:
         PageStore.page_score, PageStore.SAMPLE = shipped, shipped_sample
+        stream.recall = shipped_recall
     opening = OPENING_PAGES * llm.recall.page
     return {**result, "opening_recalled": any(a < opening for a, _ in llm.recalled())}
 
@@ -77,7 +86,7 @@ def main() -> int:
     ap.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--trials", type=int, default=4, help="keys per depth")
-    ap.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
+    ap.add_argument("--rules", nargs="+", choices=list(RULES), default=["max-mean", "max", "max-half-mean"])
     ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
     ap.add_argument(
         "--samples",

@@ -20,6 +20,7 @@ same number of pages holds at best (`evicted_mass_best`, chosen knowing the atte
 
     python scripts/bench_recall_selection.py --quick   # 2k tokens, 2 depths (minutes)
     python scripts/bench_recall_selection.py           # 2k and 4k tokens, 4 depths, 2 keys
+    python scripts/bench_recall_selection.py --score attention --out bench/results/recall_selection_attention
 
 Writes bench/results/recall_selection.json and .csv.
 """
@@ -87,11 +88,12 @@ def main() -> int:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     ap.add_argument("--keys", type=int, default=2, help="keys per depth")
     ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
+    ap.add_argument("--score", default="peak", choices=Recall.SCORES, help="the recall's page score")
     ap.add_argument("--out", default=str(RESULTS / "recall_selection"))
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.depths, args.keys = [2048], [0.1, 0.5], 1
-    recall = Recall()
+    recall = Recall(score=args.score)
     rng = np.random.default_rng(0)
     rows = []
     bar = tqdm(total=len(args.lengths) * len(args.depths) * args.keys, desc="selection", file=sys.stderr)

@@ -698,6 +698,31 @@ def test_compaction_of_each_family_rotates_keys_like_fresh_positions(make_tiny_c
     np.testing.assert_allclose(logits_of(ctx, model), logits_of(fresh, model), rtol=5e-3, atol=5e-3)
 
 
+def test_host_rotation_of_each_family_moves_keys_like_a_k_shift(make_tiny_ctx, plain_gguf: str) -> None:
+    """`KVCache.rope().rotate` (what the recall tier's attention score moves stored keys with)
+    turns keys computed at 40..99 into those a fresh context computes at 0..59, every layer,
+    for each RoPE flavour (normal, NeoX, partial rotary, another base); the check can fail:
+    rotated the other way they are off."""
+    tokens = np.arange(1000, 1060)
+    model, at40 = make_tiny_ctx(plain_gguf, n_ctx=256)
+    decode(at40, tokens, np.arange(40, 100))
+    _, at0 = make_tiny_ctx(plain_gguf, n_ctx=256)
+    decode(at0, tokens, np.arange(60))
+    kv = KVCache(at40)
+    rope = kv.rope()
+    head_dim = kv.layers()[0].head_dim
+    assert rope.rotates and 0 < rope.n_rot <= head_dim
+    keys = f16_keys(kv, 60, first=40)  # [layer, cell, dim]
+    expected = f16_keys(KVCache(at0), 60)
+    shape = (keys.shape[0], 60, -1, head_dim)
+    moved = rope.rotate(keys.reshape(shape).transpose(1, 0, 2, 3), np.full(60, -40))
+    moved = moved.transpose(1, 0, 2, 3).reshape(keys.shape)
+    scale = np.abs(expected).max()
+    assert np.abs(moved - expected).max() < 4e-3 * scale
+    wrong = rope.rotate(keys.reshape(shape).transpose(1, 0, 2, 3), np.full(60, 40))
+    assert np.abs(wrong.transpose(1, 0, 2, 3).reshape(keys.shape) - expected).max() > 0.1 * scale
+
+
 def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: str) -> None:
     """InfMLLM re-positioning through 15+ evictions, with a recall tier, keeps its invariants
     (debug) and brings pages back for a completion; without re-positioning the logits equal a

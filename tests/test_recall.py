@@ -8,9 +8,9 @@ import pytest
 from conftest import f16_keys
 
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
-from infmllm_gguf.cli import passkey_trial
+from infmllm_gguf.cli import passkey_tokens, passkey_trial
 from infmllm_gguf.kv import decode
-from infmllm_gguf.recall import PageStore
+from infmllm_gguf.recall import PageStore, keys_as_float
 from infmllm_gguf.texts import kjv
 
 BUDGET = 256
@@ -36,7 +36,14 @@ def _stored_v(st, sidx: np.ndarray) -> np.ndarray:
 
 
 def test_recall_configuration_is_checked():
-    for bad in ({"page": 0}, {"when": "always"}, {"reserve": 0}, {"store_limit_mb": 0}, {"query_window": 0}):
+    for bad in (
+        {"page": 0},
+        {"when": "always"},
+        {"reserve": 0},
+        {"store_limit_mb": 0},
+        {"query_window": 0},
+        {"score": "nearest"},
+    ):
         with pytest.raises(ValueError):
             Recall(**bad)
     with pytest.raises(ValueError, match="turn"):
@@ -192,6 +199,52 @@ def test_adjacent_reaches_the_selection(filler, monkeypatch):
         assert seen and set(seen) == {adjacent}
         seen.clear()
         llm.close()
+
+
+def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch):
+    """Recall(score="attention"): a page's score is its share of one softmax of the question's
+    queries over every stored key, each moved to stream index - shift, where shift is how far
+    the stream had run ahead of the cache's positions when the queries were decoded; computed
+    in chunks of 3 pages, the softmax carried across them, it equals the plain one.  The best
+    page comes back, and a state saved before the question recalls the same pages."""
+    seen = {}
+    select = PageStore.select
+
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None):
+        seen.update(queries=queries.copy(), attention=attention)
+        return select(self, queries, room, shortlist, adjacent, attention)
+
+    monkeypatch.setattr(PageStore, "select", spy)
+    monkeypatch.setattr(PageStore, "CHUNK", 3)
+    llm = _llm(Recall(score="attention"))
+    tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.2, "58213")
+    llm.eval(tokens)
+    state = llm.save_state()
+    shift = len(tokens) - llm._stream.next_pos  # before the question's turn evicts and compacts
+    llm.generate_text(max_tokens=2)
+    store = llm._stream.store
+    rope, got_shift = seen["attention"]
+    assert got_shift == shift > 2 * BUDGET
+    exported = store.export()
+    sidx = exported["stream_index"]
+    layers, kv_heads, dim = store.n_layer, store.n_head_kv, store.head_dim
+    keys = keys_as_float(exported["k"], store.type_k).reshape(-1, layers, kv_heads, dim)
+    keys = rope.rotate(keys, sidx - shift - exported["rot_pos"])
+    q = seen["queries"]  # [layer, head, row, dim]; query head h reads kv head h // group
+    group = store.n_head // kv_heads
+    logits = np.einsum("tlhd,lhrd->lhtr", np.repeat(keys, group, axis=2), q) / np.sqrt(dim)
+    weights = np.exp(logits - logits.max(axis=2, keepdims=True))
+    weights /= weights.sum(axis=2, keepdims=True)
+    want = np.bincount(sidx // store.page, weights.sum(axis=(0, 1, 3)))[store.page_ids()]
+    got = store.attention_scores(q.reshape(layers, kv_heads, -1, dim).transpose(0, 1, 3, 2), rope, shift)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    best = int(store.page_ids()[np.argmax(want)])
+    recalled = llm.recalled()
+    assert any(a <= best * store.page < b for a, b in recalled)
+    llm.load_state(state)
+    llm.generate_text(max_tokens=2)
+    assert seen["attention"][1] == shift and llm.recalled() == recalled
+    llm.close()
 
 
 def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):

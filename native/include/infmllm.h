@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 5
+#define INFMLLM_ABI_VERSION 6
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
@@ -156,6 +156,23 @@ LLAMA_API int32_t infmllm_kv_layers(
         struct llama_context    * ctx,
         struct infmllm_kv_layer * out,
         int32_t                   n_max);
+
+// The rotation the cache's K-shift gives a key moved by d positions, as far as a host needs
+// it to score stored keys at other distances: rope_type (LLAMA_ROPE_TYPE_*), the rotated
+// dimensions of each head (the first n_rot) and the context's frequency base and scale, as
+// llama.cpp resolved them from the model and the context's parameters.  Not included, so a
+// host rotation only approximates a K-shift where they apply: YaRN's corrections and a
+// model's per-dimension frequency factors (rope_freqs).
+struct infmllm_rope {
+    int32_t rope_type;
+    int32_t n_rot;
+    float   freq_base;
+    float   freq_scale;
+};
+
+// Write the context's RoPE to *out.  INFMLLM_ERR_INVALID_ARG for NULL, INFMLLM_ERR_UNSUPPORTED
+// without a plain KV cache (as the row transfers).
+LLAMA_API int32_t infmllm_kv_rope(struct llama_context * ctx, struct infmllm_rope * out);
 
 // Copy the K and V rows of the cells of seq_id at the n given positions to host memory:
 // k_out[layer][i][k_row_bytes] and v_out[layer][i][v_row_bytes], layers in cache order, row i

@@ -155,6 +155,24 @@ int32_t infmllm_kv_layers(llama_context * ctx, infmllm_kv_layer * out, int32_t n
     return (int32_t) layers.size();
 }
 
+int32_t infmllm_kv_rope(llama_context * ctx, infmllm_rope * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return INFMLLM_ERR_INVALID_ARG;
+    }
+    llama_kv_cache * kv = infmllm_kv_cache(ctx);
+    if (kv == nullptr) {
+        return INFMLLM_ERR_UNSUPPORTED;
+    }
+    const auto & cparams = infmllm_access::cparams(*ctx);
+    const auto & hparams = infmllm_access::hparams(*kv);
+    const auto & layers  = infmllm_access::layers(*kv);
+    out->rope_type  = (int32_t) hparams.rope_type;
+    out->n_rot      = (int32_t) hparams.n_rot(layers.empty() ? 0 : layers[0].il);
+    out->freq_base  = cparams.rope_freq_base;
+    out->freq_scale = cparams.rope_freq_scale;
+    return INFMLLM_OK;
+}
+
 int32_t infmllm_kv_seq_read(
         llama_context   * ctx,
         llama_seq_id      seq_id,
