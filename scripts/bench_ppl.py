@@ -8,6 +8,7 @@
     python scripts/bench_ppl.py --quick --policies full streamingllm infmllm infmllm+recall
                                                 # NAME+recall: with Recall(when="chunk");
                                                 # NAME+recall-turn: Recall() (no questions here)
+                                                # NAME+recall-attention: chunk mode, score="attention"
                                                 # NAME+recall-lookahead: a reference, see below
     python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
         --out bench/results/reposition_ppl
@@ -32,7 +33,11 @@ from infmllm_gguf.policies import make_policy
 from infmllm_gguf.texts import load_text
 
 POLICY_ORDER = ["full", "window", "streamingllm", "h2o", "snapkv", "infmllm"]
-RECALLS = {"recall": Recall(when="chunk"), "recall-turn": Recall(when="turn")}
+RECALLS = {
+    "recall": Recall(when="chunk"),
+    "recall-turn": Recall(when="turn"),
+    "recall-attention": Recall(when="chunk", score="attention"),
+}
 
 
 def lookahead_feed(llm: Llama, policy_chunk: int):

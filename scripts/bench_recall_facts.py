@@ -12,12 +12,13 @@ bench_multiround.py, where even the full cache finds a fact 5 rounds back 1 time
 each name is told once, so that the question's words point at one fact.
 
 Each policy runs alone, with `Recall()`, with `Recall(reencode=True)` and with
-`Recall(reencode=True, adjacent=True)`.
+`Recall(reencode=True, adjacent=True)` (each with `score=` --score).
 
     python scripts/bench_recall_facts.py --quick   # 80 rounds (minutes)
     python scripts/bench_recall_facts.py           # 180 rounds, budget 256
     python scripts/bench_recall_facts.py --sample 128 --out bench/results/recall_facts_sample128
                                                    # the scores standardised over 128 pages
+    python scripts/bench_recall_facts.py --score attention --out bench/results/recall_facts_attention
 
 Writes bench/results/recall_facts.json, .csv and .png.
 """
@@ -119,6 +120,7 @@ def main() -> int:
         default=PageStore.SAMPLE,
         help="pages whose exact scores set the standardisation (PageStore.SAMPLE)",
     )
+    ap.add_argument("--score", default="peak", choices=Recall.SCORES, help="the recall's page score")
     ap.add_argument("--out", default=str(RESULTS / "recall_facts"))
     args = ap.parse_args()
     if args.quick:
@@ -132,17 +134,12 @@ def main() -> int:
     configs: list[tuple[str, KVPolicy, Recall | None]] = [("full", FullCache(), None)]
     for name in args.policies:
         configs.append((name, make_policy(name, budget=args.budget), None))
-        configs.append((f"{name}+recall", make_policy(name, budget=args.budget), Recall()))
-        configs.append(
-            (f"{name}+recall-reencode", make_policy(name, budget=args.budget), Recall(reencode=True))
-        )
-        configs.append(
-            (
-                f"{name}+recall-reencode-adjacent",
-                make_policy(name, budget=args.budget),
-                Recall(reencode=True, adjacent=True),
-            )
-        )
+        for suffix, recall in (
+            ("recall", Recall(score=args.score)),
+            ("recall-reencode", Recall(reencode=True, score=args.score)),
+            ("recall-reencode-adjacent", Recall(reencode=True, adjacent=True, score=args.score)),
+        ):
+            configs.append((f"{name}+{suffix}", make_policy(name, budget=args.budget), recall))
     results = [run_config(label, policy, recall, args) for label, policy, recall in configs]
     for res in results:
         by_d = ", ".join(f"d={d}: {a:.2f}" for d, a in res["accuracy_by_distance"].items())
@@ -155,6 +152,7 @@ def main() -> int:
         "rounds": args.rounds,
         "distances": args.distances,
         "sample": args.sample,
+        "score": args.score,
         "configs": summary,
     }
     columns = ["config", "round", "distance", "correct", "answer", "pages_recalled", "n_streamed"]
