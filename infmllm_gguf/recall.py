@@ -459,7 +459,8 @@ class PageStore:
         in a cache that never evicted.  The cells the cache holds are left out of the softmax:
         with them the full cache's most attended pages came back less often (0.50 of its top 3
         at 4k tokens against 0.81), its needle never whole.  Every stored key is read (in chunks
-        of CHUNK pages, the softmax carried across them), so the cost grows with the store."""
+        of CHUNK pages, the softmax carried across them), so the cost grows with the store.
+        Logits are scaled by 1/sqrt(head_dim), as most models' attention is (not Gemma's)."""
         n = self.n_pages
         scale = np.float32(1 / np.sqrt(self.head_dim))
         parts = []
