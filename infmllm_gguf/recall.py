@@ -468,11 +468,7 @@ class PageStore:
         for first in range(0, n, self.CHUNK):
             slots = np.arange(first, min(n, first + self.CHUNK))
             pages = [self._pages[self._slot_page[s]] for s in slots]
-            keys = keys_as_float(np.concatenate([self._rows(p)[0] for p in pages]), self.type_k)
-            keys = keys.reshape(-1, self.n_layer, self.n_head_kv, self.head_dim)
-            sidx = np.concatenate([p.stream_index for p in pages])
-            keys = rope.rotate(keys, sidx - shift - np.concatenate([p.rot_pos for p in pages]))
-            logits = np.einsum("tlkd,lkdq->lktq", keys, q, optimize=True) * scale
+            logits = self._logits(pages, q, rope, shift) * scale
             top = logits.max(axis=2)
             e = np.exp(logits - top[:, :, None])
             starts = np.cumsum([0] + [p.n for p in pages])[:-1]
@@ -532,11 +528,21 @@ class PageStore:
     def _exact(self, slots: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Per layer, kv head, page (slot) and query: the largest q·k over the page's real keys."""
         pages = [self._pages[self._slot_page[s]] for s in slots]
-        rows_k = np.concatenate([self._rows(p)[0] for p in pages])
-        keys = keys_as_float(rows_k, self.type_k).reshape(-1, self.n_layer, self.n_head_kv, self.head_dim)
-        logits = np.einsum("tlkd,lkdq->lktq", keys, q, optimize=True)  # [l, k, tokens, q]
+        logits = self._logits(pages, q)
         starts = np.cumsum([0] + [p.n for p in pages])[:-1]
         return np.maximum.reduceat(logits, starts, axis=2)
+
+    def _logits(
+        self, pages: list[_Page], q: np.ndarray, rope: Rope | None = None, shift: int = 0
+    ) -> np.ndarray:
+        """q·k [layer, kv head, token, query row] of the pages' stored keys, pages in the given
+        order; with `rope` each key first moved to stream index - `shift`."""
+        keys = keys_as_float(np.concatenate([self._rows(p)[0] for p in pages]), self.type_k)
+        keys = keys.reshape(-1, self.n_layer, self.n_head_kv, self.head_dim)
+        if rope is not None:
+            sidx = np.concatenate([p.stream_index for p in pages])
+            keys = rope.rotate(keys, sidx - shift - np.concatenate([p.rot_pos for p in pages]))
+        return np.einsum("tlkd,lkdq->lktq", keys, q, optimize=True)
 
     def rows(
         self, pids: list[int], exclude: np.ndarray | None = None
