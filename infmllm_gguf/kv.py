@@ -96,17 +96,16 @@ class Rope:
         theta = self.freq_base ** (-np.arange(half, dtype=np.float64) * 2 / self.n_rot)
         angle = (np.asarray(delta, np.float64) * self.freq_scale)[:, None] * theta[None, :]
         shape = (len(angle),) + (1,) * (keys.ndim - 2) + (half,)
-        cos = np.cos(angle).astype(np.float32).reshape(shape)
-        sin = np.sin(angle).astype(np.float32).reshape(shape)
         out = keys.astype(np.float32, copy=True)
-        if self.rope_type == lc.LLAMA_ROPE_TYPE_NEOX:
-            x0, x1 = keys[..., :half], keys[..., half : self.n_rot]
-            out[..., :half] = x0 * cos - x1 * sin
-            out[..., half : self.n_rot] = x0 * sin + x1 * cos
-        else:
-            x0, x1 = keys[..., 0 : self.n_rot : 2], keys[..., 1 : self.n_rot : 2]
-            out[..., 0 : self.n_rot : 2] = x0 * cos - x1 * sin
-            out[..., 1 : self.n_rot : 2] = x0 * sin + x1 * cos
+        if self.rope_type == lc.LLAMA_ROPE_TYPE_NORM:  # pairs side by side: one complex product
+            pairs = out[..., : self.n_rot].view(np.complex64)
+            pairs *= np.exp(1j * angle).astype(np.complex64).reshape(shape)
+            return out
+        cos = np.cos(angle).astype(np.float32).reshape(shape)  # NeoX: pairs (i, i + n_rot/2)
+        sin = np.sin(angle).astype(np.float32).reshape(shape)
+        x0, x1 = keys[..., :half], keys[..., half : self.n_rot]
+        out[..., :half] = x0 * cos - x1 * sin
+        out[..., half : self.n_rot] = x0 * sin + x1 * cos
         return out
 
 

@@ -542,7 +542,7 @@ class PageStore:
         if rope is not None:
             sidx = np.concatenate([p.stream_index for p in pages])
             keys = rope.rotate(keys, sidx - shift - np.concatenate([p.rot_pos for p in pages]))
-        return np.einsum("tlkd,lkdq->lktq", keys, q, optimize=True)
+        return np.matmul(keys.transpose(1, 2, 0, 3), q)
 
     def rows(
         self, pids: list[int], exclude: np.ndarray | None = None
