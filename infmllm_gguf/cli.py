@@ -575,8 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--recall-score",
             default="peak",
             choices=Recall.SCORES,
-            help="rank pages by the question's strongest head (peak) or by the share of attention a "
-            "full cache would give them (attention: reads every stored key)",
+            help="rank pages by the question's strongest head (peak), by the share of attention a "
+            "full cache would give them (attention: reads every stored key), or take each's best in "
+            "turn (both)",
         )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")

@@ -25,6 +25,7 @@ from the queries it had in the stream (what a cache that never evicted would att
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import mmap
 import os
 import tempfile
@@ -71,7 +72,9 @@ class Recall:
       "attention" ranks them by their share of the queries' softmax attention over every
       stored key, each moved to the distance from the queries it would have had in a cache
       that never evicted (`PageStore.attention_scores`): what a full cache would attend to,
-      nearby text included, at a cost that grows with the store.
+      nearby text included, at a cost that grows with the store.  "both" takes the two
+      rankings' standing-out pages in turn, the peak's first: the answer's pages and what a
+      full cache would attend to, at the cost of the two.
     """
 
     reserve: int | None = None
@@ -86,7 +89,7 @@ class Recall:
     score: str = "peak"
 
     WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
-    SCORES: ClassVar[tuple[str, ...]] = ("peak", "attention")
+    SCORES: ClassVar[tuple[str, ...]] = ("peak", "attention", "both")
 
     def __post_init__(self) -> None:
         for name, minimum in (("page", 1), ("query_window", 1), ("shortlist", 1)):
@@ -392,32 +395,44 @@ class PageStore:
         shortlist: int = 64,
         adjacent: bool = False,
         attention: tuple[Rope, int] | None = None,
+        score: str = "peak",
     ) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
         by their score, best first, with `adjacent` the adjacent pages that score above the
         median (`with_runs`), then the pages after and before each of them, at most `room`
-        tokens in all.  Scored by `peak_scores`, or with `attention` = (rope, shift) by
-        `attention_scores`."""
+        tokens in all.  `score` (see `Recall.score`): "peak" (`peak_scores`), "attention"
+        (`attention_scores`, `attention` = (rope, shift) given) or "both", the two rankings'
+        standing-out pages taken in turn, the peak's first."""
+        if score not in Recall.SCORES or (score != "peak" and attention is None):
+            raise ValueError(f"score {score!r} needs one of {Recall.SCORES}, and attention unless 'peak'")
         if self.n_pages == 0 or room <= 0:
             return []
         group = self.n_head // self.n_head_kv
         rows = queries.shape[2]
         # per layer [kv head, dim, group * rows]: the query heads that read each kv head
         q = queries.reshape(self.n_layer, self.n_head_kv, group * rows, self.head_dim).transpose(0, 1, 3, 2)
-        if attention is None:
-            score, candidates = self.peak_scores(q, shortlist)
-        else:
-            score, candidates = self.attention_scores(q, *attention), np.arange(self.n_pages)
+        rankings = []
+        if score in ("peak", "both"):
+            rankings.append(self.peak_scores(q, shortlist))
+        if score in ("attention", "both"):
+            rankings.append((self.attention_scores(q, *attention), np.arange(self.n_pages)))
+        best: list[int] = []
+        for turn in itertools.zip_longest(*(self._standing_out(*r, adjacent) for r in rankings)):
+            best.extend(pid for pid in turn if pid is not None and pid not in best)
+        return self.with_neighbours(best, room)
+
+    def _standing_out(self, score: np.ndarray, candidates: np.ndarray, adjacent: bool) -> list[int]:
+        """The candidates' pages that stand out by score, best first: at least halfway from the
+        candidates' median to their best (pages of ordinary score crowd the answer out, the
+        135M model then copies them); with `adjacent` followed by their runs above the median."""
         pids = self._slot_page
-        # only pages that stand out: at least halfway from the candidates' median to their best
-        # (pages of ordinary score crowd the answer out, the 135M model then copies them)
         median = np.median(score[candidates])
         cut = (score[candidates].max() + median) / 2
         ranked = np.argsort(-score, kind="stable")[: len(candidates)]
-        best = [pids[i] for i in ranked if score[i] >= cut]
+        best = [int(pids[i]) for i in ranked if score[i] >= cut]
         if adjacent:
-            best = self.with_runs(best, {pids[i] for i in ranked if score[i] >= median})
-        return self.with_neighbours(best, room)
+            best = self.with_runs(best, {int(pids[i]) for i in ranked if score[i] >= median})
+        return best
 
     def peak_scores(self, q: np.ndarray, shortlist: int) -> tuple[np.ndarray, np.ndarray]:
         """(score per slot, the shortlisted slots; the others score -inf) for q [layer, kv head,

@@ -598,9 +598,14 @@ class Stream:
         try:
             with one_blas_thread():
                 # attention: keys moved to their distance from the queries in the whole stream
-                attention = (self.rope, self._query_shift) if self.recall.score == "attention" else None
+                attention = (self.rope, self._query_shift) if self.recall.score != "peak" else None
                 pids = self.store.select(
-                    queries, room, self.recall.shortlist, adjacent=self.recall.adjacent, attention=attention
+                    queries,
+                    room,
+                    self.recall.shortlist,
+                    adjacent=self.recall.adjacent,
+                    attention=attention,
+                    score=self.recall.score,
                 )
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:

@@ -9,7 +9,9 @@
                                                 # NAME+recall: with Recall(when="chunk");
                                                 # NAME+recall-turn: Recall() (no questions here)
                                                 # NAME+recall-attention: chunk mode, score="attention"
+                                                # NAME+recall-both: chunk mode, score="both"
                                                 # NAME+recall-lookahead: a reference, see below
+                                                # NAME+recall-lookahead-attention: the same, score="attention"
     python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
         --out bench/results/reposition_ppl
                                                 # NAME+fixed: reposition=False (kept tokens keep
@@ -37,7 +39,9 @@ RECALLS = {
     "recall": Recall(when="chunk"),
     "recall-turn": Recall(when="turn"),
     "recall-attention": Recall(when="chunk", score="attention"),
+    "recall-both": Recall(when="chunk", score="both"),
 }
+LOOKAHEAD = {"recall-lookahead": "peak", "recall-lookahead-attention": "attention"}  # the recall's score
 
 
 def lookahead_feed(llm: Llama, policy_chunk: int):
@@ -85,12 +89,13 @@ def main() -> int:
             policy = make_policy(base, budget=budget, reposition="fixed" not in extras)
             n_ctx = min(args.full_n_ctx, args.tokens) if name == "full" else policy.capacity
             recall = next((RECALLS[e] for e in extras if e in RECALLS), None)
-            if "recall-lookahead" in extras:
-                recall = Recall(when="turn", query_window=policy.chunk)
+            lookahead = next((LOOKAHEAD[e] for e in extras if e in LOOKAHEAD), None)
+            if lookahead is not None:
+                recall = Recall(when="turn", query_window=policy.chunk, score=lookahead)
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]
-            feed = lookahead_feed(llm, policy.chunk) if "recall-lookahead" in extras else None
+            feed = lookahead_feed(llm, policy.chunk) if lookahead is not None else None
             result = run_ppl(llm, tokens, desc=f"{name}@{budget}", feed=feed)
             rows.append({"policy": name, "budget": budget if name != "full" else n_ctx, **result})
             print(

@@ -12,6 +12,8 @@ Rules (z: a page's standardised q·k for every layer, kv head and query row):
   max-half-mean  the strongest less half their mean
   attention      not a rule for z: Recall(score="attention"), a page's share of the softmax
                  attention with keys at their full-cache distance (PageStore.attention_scores)
+  both           Recall(score="both"): the shipped rule's and the attention score's standing-out
+                 pages in turn
 
 `--samples` also varies how many pages' exact scores set the standardisation
 (`PageStore.SAMPLE`): each (rule, sample) pair answers from the same state, labelled
@@ -48,25 +50,26 @@ from infmllm_gguf.policies import make_policy
 from infmllm_gguf.recall import PageStore
 from infmllm_gguf.texts import kjv
 
-RULES: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
+RULES: dict[str, Callable[[np.ndarray], np.ndarray] | str] = {
     "max-mean": PageStore.page_score,
     "max": lambda z: z.max(axis=1),
     "max-half-mean": lambda z: z.max(axis=1) - 0.5 * z.mean(axis=1),
-    "attention": None,  # Recall(score="attention")
+    "attention": "attention",  # Recall(score=...)
+    "both": "both",
 }
 OPENING_PAGES = 3
 
 
 def answer_with(
-    llm: Llama, rule: Callable[[np.ndarray], np.ndarray] | None, key: str, needle: range, sample: int
+    llm: Llama, rule: Callable[[np.ndarray], np.ndarray] | str, key: str, needle: range, sample: int
 ) -> dict:
     """Answer the question in the stream's current state with `rule` scoring the pages, their
-    standardisation set by `sample` pages (rule None: the attention score)."""
+    standardisation set by `sample` pages (a str: that `Recall.score`, the shipped rule)."""
     stream = llm._stream
     shipped, shipped_sample = PageStore.__dict__["page_score"], PageStore.SAMPLE  # the staticmethod
     shipped_recall = stream.recall
-    if rule is None:
-        stream.recall = dataclasses.replace(shipped_recall, score="attention")
+    if isinstance(rule, str):
+        stream.recall = dataclasses.replace(shipped_recall, score=rule)
     else:
         PageStore.page_score, PageStore.SAMPLE = staticmethod(rule), sample
     try:

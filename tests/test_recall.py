@@ -210,9 +210,9 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     seen = {}
     select = PageStore.select
 
-    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None):
-        seen.update(queries=queries.copy(), attention=attention)
-        return select(self, queries, room, shortlist, adjacent, attention)
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak"):
+        seen.update(queries=queries.copy(), attention=attention, score=score)
+        return select(self, queries, room, shortlist, adjacent, attention, score)
 
     monkeypatch.setattr(PageStore, "select", spy)
     monkeypatch.setattr(PageStore, "CHUNK", 3)
@@ -244,6 +244,32 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     llm.load_state(state)
     llm.generate_text(max_tokens=2)
     assert seen["attention"][1] == shift and llm.recalled() == recalled
+    llm.close()
+
+
+def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
+    """Recall(score="both"): a turn's recall ranks the pages by the peak score and by the
+    attention score and brings back the standing-out pages of each in turn, the peak's first;
+    the needle that left the window comes back and is answered."""
+    picks = {}
+    select = PageStore.select
+
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak"):
+        assert score == "both" and attention is not None
+        for other in Recall.SCORES:  # the same store and queries, each score alone
+            picks[other] = select(self, queries, room, shortlist, adjacent, attention, other)
+        with pytest.raises(ValueError, match="attention"):
+            select(self, queries, room, score="both")  # it needs the RoPE and the queries' shift
+        return picks[score]
+
+    monkeypatch.setattr(PageStore, "select", spy)
+    llm = _llm(Recall(score="both"))
+    result = passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
+    assert result["correct"], result
+    peak, attention, both = picks["peak"], picks["attention"], picks["both"]
+    assert peak[0] != attention[0] and both[:2] == [peak[0], attention[0]]
+    page = Recall().page
+    assert all(any(a <= p * page < b for a, b in llm.recalled()) for p in both)
     llm.close()
 
 
