@@ -19,7 +19,8 @@ Keys are compared as stored: rotated at their compacted position at eviction tim
 lies within the cache's window like the query's own, so the relative distances seen are
 those the model sees in the cache.  `Recall(score="attention")` instead ranks every page by its
 share of the queries' softmax attention, each stored key moved on the host to the distance
-from the queries it had in the stream (what a cache that never evicted would attend to).
+from the queries it had in the stream (what a cache that never evicted would attend to);
+`score="both"` takes the two rankings' standing-out pages in turn.
 """
 
 from __future__ import annotations
