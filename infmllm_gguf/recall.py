@@ -20,7 +20,8 @@ lies within the cache's window like the query's own, so the relative distances s
 those the model sees in the cache.  `Recall(score="attention")` instead ranks every page by its
 share of the queries' softmax attention, each stored key moved on the host to the distance
 from the queries it had in the stream (what a cache that never evicted would attend to);
-`score="both"` takes the two rankings' standing-out pages in turn.
+`score="both"` takes the two rankings' standing-out pages in turn; pages of control tokens
+(chat-template markers) are left out of the attention ranking.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class Recall:
       "attention" ranks them by their share of the queries' softmax attention over every
       stored key, each moved to the distance from the queries it would have had in a cache
       that never evicted (`PageStore.attention_scores`): what a full cache would attend to,
-      nearby text included, at a cost that grows with the store.  "both" takes the two
-      rankings' standing-out pages in turn, the peak's first: the answer's pages and what a
-      full cache would attend to, at the cost of the two.
+      nearby text included, at a cost that grows with the store; pages holding control
+      tokens (chat-template markers, attended to as sinks) are left out of it.  "both" takes
+      the two rankings' standing-out pages in turn, the peak's first, each with the page
+      after and before it: the answer's pages and what a full cache would attend to, at the
+      cost of the two.
     """
 
     reserve: int | None = None
@@ -397,13 +400,19 @@ class PageStore:
         adjacent: bool = False,
         attention: tuple[Rope, int] | None = None,
         score: str = "peak",
+        structural: np.ndarray | None = None,
     ) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
         by their score, best first, with `adjacent` the adjacent pages that score above the
         median (`with_runs`), then the pages after and before each of them, at most `room`
         tokens in all.  `score` (see `Recall.score`): "peak" (`peak_scores`), "attention"
-        (`attention_scores`, `attention` = (rope, shift) given) or "both", the two rankings'
-        standing-out pages taken in turn, the peak's first."""
+        (`attention_scores`, `attention` = (rope, shift) given) or "both": the two rankings'
+        standing-out pages in turn, the peak's first, each of the peak's with the page after
+        and the page before it (what a page stands out by is often answered in the next one:
+        "The pass key of | the red door is 48213"), an attention page alone (it is itself what
+        a full cache attends to).  `structural`: page ids the attention ranking leaves out —
+        pages of control tokens (chat-template markers), which queries attend to as sinks
+        wherever they stand; recalled, a past chat turn made the model answer as a chat."""
         if score not in Recall.SCORES or (score != "peak" and attention is None):
             raise ValueError(f"score {score!r} needs one of {Recall.SCORES}, and attention unless 'peak'")
         if self.n_pages == 0 or room <= 0:
@@ -412,14 +421,18 @@ class PageStore:
         rows = queries.shape[2]
         # per layer [kv head, dim, group * rows]: the query heads that read each kv head
         q = queries.reshape(self.n_layer, self.n_head_kv, group * rows, self.head_dim).transpose(0, 1, 3, 2)
-        rankings = []
+        units: list[list[list[int]]] = []  # per ranking, its standing-out pages as units
         if score in ("peak", "both"):
-            rankings.append(self.peak_scores(q, shortlist))
+            peak = self._standing_out(*self.peak_scores(q, shortlist), adjacent)
+            units.append([[p, p + 1, p - 1] if score == "both" else [p] for p in peak])
         if score in ("attention", "both"):
-            rankings.append((self.attention_scores(q, *attention), np.arange(self.n_pages)))
+            share = self.attention_scores(q, *attention)
+            if structural is not None:
+                share[np.isin(self._slot_page, structural)] = 0.0
+            units.append([[p] for p in self._standing_out(share, np.arange(self.n_pages), adjacent)])
         best: list[int] = []
-        for turn in itertools.zip_longest(*(self._standing_out(*r, adjacent) for r in rankings)):
-            best.extend(pid for pid in turn if pid is not None and pid not in best)
+        for turn in itertools.zip_longest(*units, fillvalue=[]):
+            best.extend(pid for unit in turn for pid in unit if pid in self._pages and pid not in best)
         return self.with_neighbours(best, room)
 
     def _standing_out(self, score: np.ndarray, candidates: np.ndarray, adjacent: bool) -> list[int]:

@@ -130,6 +130,7 @@ class Stream:
             self.store = PageStore(self.kv.layers(), recall.page, recall.store_limit_mb, recall.spill_dir)
             self.rope = self.kv.rope()
             self.kv.set_query_capture(recall.query_window)
+            self._control: np.ndarray | None = None  # made by the first `_structural_pages`
         self.reset()
 
     def close(self) -> None:
@@ -584,6 +585,17 @@ class Stream:
             return None
         return flat.reshape(shape)[:, :, shape[2] - held :]
 
+    def _structural_pages(self) -> np.ndarray:
+        """Ids of the pages whose tokens include a control token (a chat-template marker; image
+        cells are not tokens)."""
+        if self._control is None:
+            vocab = lc.llama_model_get_vocab(lc.llama_get_model(self.ctx))
+            ids = range(self.n_vocab)
+            self._control = np.array([lc.llama_vocab_is_control(vocab, t) for t in ids], bool)
+        history = self.history
+        text = np.flatnonzero(history >= 0)
+        return np.unique(text[self._control[history[text]]] // self.recall.page)
+
     def recall_pages(self, rows: int | None = None) -> bool:
         """Score the stored pages with the newest queries and make the best ones the recalled
         cells (replacing the previous ones), in stream order among the cached cells; returns
@@ -598,7 +610,10 @@ class Stream:
         try:
             with one_blas_thread():
                 # attention: keys moved to their distance from the queries in the whole stream
-                attention = (self.rope, self._query_shift) if self.recall.score != "peak" else None
+                attention = structural = None
+                if self.recall.score != "peak":
+                    attention = (self.rope, self._query_shift)
+                    structural = self._structural_pages()
                 pids = self.store.select(
                     queries,
                     room,
@@ -606,6 +621,7 @@ class Stream:
                     adjacent=self.recall.adjacent,
                     attention=attention,
                     score=self.recall.score,
+                    structural=structural,
                 )
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:

@@ -210,9 +210,9 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     seen = {}
     select = PageStore.select
 
-    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak"):
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", **kw):
         seen.update(queries=queries.copy(), attention=attention, score=score)
-        return select(self, queries, room, shortlist, adjacent, attention, score)
+        return select(self, queries, room, shortlist, adjacent, attention, score, **kw)
 
     monkeypatch.setattr(PageStore, "select", spy)
     monkeypatch.setattr(PageStore, "CHUNK", 3)
@@ -249,15 +249,17 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
 
 def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
     """Recall(score="both"): a turn's recall ranks the pages by the peak score and by the
-    attention score and brings back the standing-out pages of each in turn, the peak's first;
-    the needle that left the window comes back and is answered."""
+    attention score and brings back the standing-out pages of each in turn, the peak's first
+    with the pages after and before it, the attention's alone; the needle that left the
+    window comes back whole (the model's answer is the passkey benchmark's to count: with
+    the opening's second page beside it, it answers this one with Genesis)."""
     picks = {}
     select = PageStore.select
 
-    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak"):
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", **kw):
         assert score == "both" and attention is not None
         for other in Recall.SCORES:  # the same store and queries, each score alone
-            picks[other] = select(self, queries, room, shortlist, adjacent, attention, other)
+            picks[other] = select(self, queries, room, shortlist, adjacent, attention, other, **kw)
         with pytest.raises(ValueError, match="attention"):
             select(self, queries, room, score="both")  # it needs the RoPE and the queries' shift
         return picks[score]
@@ -265,11 +267,45 @@ def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
     monkeypatch.setattr(PageStore, "select", spy)
     llm = _llm(Recall(score="both"))
     result = passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
-    assert result["correct"], result
-    peak, attention, both = picks["peak"], picks["attention"], picks["both"]
-    assert peak[0] != attention[0] and both[:2] == [peak[0], attention[0]]
+    assert result["needle_whole"], result
+    peak, attention, both = picks["peak"][0], picks["attention"][0], picks["both"]
+    stored = set(llm._stream.store.page_ids().tolist())
+    unit = [p for p in (peak, peak + 1, peak - 1) if p in stored]
+    assert peak != attention and both[: len(unit) + 1] == [*unit, attention]
     page = Recall().page
     assert all(any(a <= p * page < b for a, b in llm.recalled()) for p in both)
+    llm.close()
+
+
+def test_attention_ranking_leaves_pages_of_control_tokens_out(filler, monkeypatch):
+    """A chat turn's control tokens draw the queries' attention as sinks do, so a page holding
+    them ranks high by attention wherever it stands; recalled, a past chat turn made the model
+    answer a pass-key question as a chat.  The attention ranking leaves such pages out: the
+    turn at the stream's start stands out without that and is not recalled with it."""
+    picks = {}
+    select = PageStore.select
+
+    def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", structural=None):
+        picks["structural"] = structural
+        picks["with"] = select(self, queries, room, shortlist, adjacent, attention, "attention", structural)
+        picks["without"] = select(self, queries, room, shortlist, adjacent, attention, "attention")
+        return select(self, queries, room, shortlist, adjacent, attention, score, structural)
+
+    monkeypatch.setattr(PageStore, "select", spy)
+    llm = _llm(Recall(score="both"))
+    turn = llm.tokenize(
+        "<|im_start|>user\nWho created the heaven and the earth?<|im_end|>\n"
+        "<|im_start|>assistant\nGod created them.<|im_end|>\n",
+        add_bos=False,
+        special=True,
+    )
+    tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.5, "58213")
+    llm.eval(turn + tokens)
+    llm.generate_text(max_tokens=2)
+    page = Recall().page
+    chat = set(range((len(turn) - 1) // page + 1))  # the pages the turn's tokens are on
+    assert set(picks["structural"].tolist()) == chat
+    assert chat & set(picks["without"]) and not chat & set(picks["with"])
     llm.close()
 
 
