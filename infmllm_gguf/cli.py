@@ -576,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
             default="peak",
             choices=Recall.SCORES,
             help="rank pages by the question's strongest head (peak), by the share of attention a "
-            "full cache would give them (attention: reads every stored key), or take each's best in "
-            "turn (both)",
+            "full cache would give them (attention: reads every stored key), take each's best in "
+            "turn (both), or by where the new text's words were said before (text: no queries; in "
+            "chunk mode the text about to be read)",
         )
 
     p = sub.add_parser("demo", help="stream a long text through a small cache, asking questions")

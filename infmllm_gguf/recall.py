@@ -21,7 +21,9 @@ those the model sees in the cache.  `Recall(score="attention")` instead ranks ev
 share of the queries' softmax attention, each stored key moved on the host to the distance
 from the queries it had in the stream (what a cache that never evicted would attend to);
 `score="both"` takes the two rankings' standing-out pages in turn; pages of control tokens
-(chat-template markers) are left out of the attention ranking.
+(chat-template markers) are left out of the attention ranking.  `score="text"` reads no keys
+at all: the pages where the new text's short runs of tokens occurred before (where what follows
+was said once already) come back, most matched first.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Recall:
       (so "turn" costs a stream nothing between questions).  page: stream tokens per page.
       when: "turn" recalls once per question or prompt, before answering (the prompt's last
       `query_window` tokens are decoded again with the pages in place); "chunk" also recalls
-      after every eviction, scored by the newest `query_window` query rows.  store_limit_mb:
+      after every eviction, scored by the newest `query_window` query rows (by the text about
+      to be decoded with score="text").  store_limit_mb:
       host memory for stored rows; past it the oldest pages are dropped, or spilled to a file
       in `spill_dir`.
       shortlist: pages each of the two summary rankings passes on to the exact re-rank with
@@ -78,7 +81,11 @@ class Recall:
       tokens (chat-template markers, attended to as sinks) are left out of it.  "both" takes
       the two rankings' standing-out pages in turn, the peak's first, each with the page
       after and before it: the answer's pages and what a full cache would attend to, at the
-      cost of the two.
+      cost of the two.  "text" reads no queries: the pages where the new text's runs of
+      2 and 3 tokens occurred before, each ranked by the place that continued there
+      (`text_matches`) — what a full cache would copy from; in chunk mode the new text is the
+      piece about to be decoded (the stream knows it before decoding it), in turn mode the
+      turn's newest `query_window` tokens.  `adjacent` leaves it as it is.
     """
 
     reserve: int | None = None
@@ -93,7 +100,7 @@ class Recall:
     score: str = "peak"
 
     WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
-    SCORES: ClassVar[tuple[str, ...]] = ("peak", "attention", "both")
+    SCORES: ClassVar[tuple[str, ...]] = ("peak", "attention", "both", "text")
 
     def __post_init__(self) -> None:
         for name, minimum in (("page", 1), ("query_window", 1), ("shortlist", 1)):
@@ -129,6 +136,49 @@ def keys_as_float(rows: np.ndarray, type_k: int) -> np.ndarray:
     if type_k == GGML_TYPE_BF16:
         return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     raise ValueError(f"no float view of ggml type {type_k}")
+
+
+# the lengths of the token runs score="text" matches: runs of 2 and 3 together closed more of
+# the gap to a full cache's perplexity than either alone (and than 1 or 4) on KJV and the Jargon File
+TEXT_GRAMS = (2, 3)
+
+
+def _gram_hashes(tokens: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, valid) of every run of n consecutive keys; a run holding an image key (< 0) is not
+    valid.  The hash is polynomial in uint64 arithmetic (wrapping), so any vocabulary fits."""
+    m = len(tokens) - n + 1
+    if m <= 0:
+        return np.zeros(0, np.uint64), np.zeros(0, bool)
+    t = tokens.astype(np.int64)
+    h = np.zeros(m, np.uint64)
+    for i in range(n):
+        h = h * np.uint64(0x100000001B3) + t[i : i + m].astype(np.uint64)
+    valid = np.lib.stride_tricks.sliding_window_view(t, n).min(axis=1) >= 0
+    return h, valid
+
+
+def text_matches(
+    history: np.ndarray, first: int, text: np.ndarray, grams: tuple[int, ...] = TEXT_GRAMS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the runs of n tokens (n in `grams`) in `text` occurred in `history` (whose first
+    key has stream index `first`): per occurrence, the stream index of the key that followed
+    it, and a weight of (the run's count in text) / (its occurrences in history) — a common
+    phrase votes a little for many places, a rare one much for a few; a place that continues
+    a longer run gets a vote per length.  Runs are matched whole (a hash collision aside), so
+    the places are those a model copying the text would read next."""
+    after, weight = [np.zeros(0, np.int64)], [np.zeros(0)]
+    for n in grams:
+        runs, ok = _gram_hashes(text, n)
+        hist, hist_ok = _gram_hashes(history, n)
+        if not ok.any() or len(hist) == 0:
+            continue
+        uniq, in_text = np.unique(runs[ok], return_counts=True)
+        at = np.minimum(np.searchsorted(uniq, hist), len(uniq) - 1)
+        hit = np.flatnonzero(hist_ok & (uniq[at] == hist))
+        seen = np.bincount(at[hit], minlength=len(uniq))
+        after.append(first + hit + n)
+        weight.append(in_text[at[hit]] / seen[at[hit]])
+    return np.concatenate(after), np.concatenate(weight)
 
 
 @dataclasses.dataclass
@@ -394,13 +444,14 @@ class PageStore:
     # --- selection ------------------------------------------------------------------------
     def select(
         self,
-        queries: np.ndarray,
+        queries: np.ndarray | None,
         room: int,
         shortlist: int = 64,
         adjacent: bool = False,
         attention: tuple[Rope, int] | None = None,
         score: str = "peak",
         structural: np.ndarray | None = None,
+        text: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> list[int]:
         """Page ids to bring back for queries [layer, head, rows, dim]: the pages that stand out
         by their score, best first, with `adjacent` the adjacent pages that score above the
@@ -412,11 +463,19 @@ class PageStore:
         "The pass key of | the red door is 48213"), an attention page alone (it is itself what
         a full cache attends to).  `structural`: page ids the attention ranking leaves out —
         pages of control tokens (chat-template markers), which queries attend to as sinks
-        wherever they stand; recalled, a past chat turn made the model answer as a chat."""
-        if score not in Recall.SCORES or (score != "peak" and attention is None):
-            raise ValueError(f"score {score!r} needs one of {Recall.SCORES}, and attention unless 'peak'")
+        wherever they stand; recalled, a past chat turn made the model answer as a chat.
+        "text" ranks the pages by `text` = `text_matches` (the places that continued the new
+        text's runs, weighted) and needs no queries: every page with a match, most weight
+        first."""
+        needs = {"attention": attention, "both": attention, "text": text}
+        if score not in Recall.SCORES or (score in needs and needs[score] is None):
+            raise ValueError(f"score {score!r} is not one of {Recall.SCORES} or lacks its input")
         if self.n_pages == 0 or room <= 0:
             return []
+        if score == "text":
+            share = self.text_scores(*text)
+            ranked = np.argsort(-share, kind="stable")
+            return self.with_neighbours([self._slot_page[i] for i in ranked if share[i] > 0], room)
         group = self.n_head // self.n_head_kv
         rows = queries.shape[2]
         # per layer [kv head, dim, group * rows]: the query heads that read each kv head
@@ -480,6 +539,17 @@ class PageStore:
         score[slots] = self.page_score(z)
         score[np.setdiff1d(slots, short)] = -np.inf  # sampled only: not shortlisted
         return score, short
+
+    def text_scores(self, after: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Per slot: the summed weight of the places (stream indices) that lie in its page."""
+        pids, at = np.unique(after // self.page, return_inverse=True)
+        votes = np.bincount(at, weights=weight, minlength=len(pids))
+        score = np.zeros(self.n_pages, np.float32)
+        for pid, vote in zip(pids.tolist(), votes):
+            slot = self._page_slot.get(pid)
+            if slot is not None:
+                score[slot] = vote
+        return score
 
     def attention_scores(self, q: np.ndarray, rope: Rope, shift: int) -> np.ndarray:
         """Per slot, for q [layer, kv head, dim, query row]: its page's share of the queries'

@@ -38,7 +38,7 @@ from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, CellView, KVCache, NativeError
 from infmllm_gguf.policies import FullCache, KVPolicy
-from infmllm_gguf.recall import PageStore, Recall, RecallError, one_blas_thread
+from infmllm_gguf.recall import TEXT_GRAMS, PageStore, Recall, RecallError, one_blas_thread, text_matches
 
 
 class ContextFullError(ValueError):
@@ -333,7 +333,8 @@ class Stream:
         i = 0
         while i < len(tokens):
             if self.n_cached >= self.capacity:
-                self._evict(self.policy.budget)
+                # a text-scored chunk recall matches the piece decoded next
+                self._evict(self.policy.budget, upcoming=tokens[i : i + self.capacity - self.policy.budget])
             take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i)
             piece = tokens[i : i + take]
             pos = np.arange(self.next_pos, self.next_pos + take)
@@ -516,7 +517,13 @@ class Stream:
             self._scoring = n_score_queries
 
     # --- eviction and roll-back -------------------------------------------------------------
-    def _evict(self, n_keep: int, then_recall: bool = True, make_room: bool = False) -> None:
+    def _evict(
+        self,
+        n_keep: int,
+        then_recall: bool = True,
+        make_room: bool = False,
+        upcoming: np.ndarray | None = None,
+    ) -> None:
         """The one eviction path: the policy picks n_keep cells, native evicts and compacts.
 
         With a recall tier the policy ranks only its own cells; the recalled cells stay (all of
@@ -524,7 +531,9 @@ class Stream:
         to the store first.  The part of the reserve that recalled cells do not hold is the
         policy's until a recall needs it: the policy keeps n_keep - reserve cells before a
         recall (chunk mode's, right after, or `make_room` for a turn's) and n_keep - recalled
-        otherwise, so a stream between turns keeps as many cells as it would without recall."""
+        otherwise, so a stream between turns keeps as many cells as it would without recall.
+        `upcoming`: the keys to be decoded after the eviction, where the caller knows them (the
+        new text a chunk recall with score="text" matches)."""
         view = self.view()
         own = ~self._recalled
         n_own_keep = n_keep
@@ -565,7 +574,7 @@ class Stream:
                 self.stats.evictions += 1
             if recall_next:
                 try:
-                    self.recall_pages()
+                    self.recall_pages(upcoming=upcoming)
                 finally:
                     self.kv.update()  # nothing to do if the recall re-positioned (and shifted) already
 
@@ -596,22 +605,41 @@ class Stream:
         text = np.flatnonzero(history >= 0)
         return np.unique(text[self._control[history[text]]] // self.recall.page)
 
-    def recall_pages(self, rows: int | None = None) -> bool:
-        """Score the stored pages with the newest queries and make the best ones the recalled
-        cells (replacing the previous ones), in stream order among the cached cells; returns
-        whether anything changed.  A store that fails (RecallError) is switched off: the error
-        is raised once, with nothing changed, and the stream goes on without recall."""
+    def _text_matches(self, rows: int, upcoming: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`text_matches` of the new text (`upcoming` after the last keys read, whose runs lead
+        into it, or else the newest `rows` keys) in the stretch of history the store holds."""
+        history = self.history
+        read = min(len(history), rows if upcoming is None else max(TEXT_GRAMS) - 1)  # of the text
+        text = history[len(history) - read :]
+        if upcoming is not None:
+            text = np.concatenate([text, upcoming])
+        pids = self.store.page_ids()
+        first = int(pids.min()) * self.recall.page
+        last = max(first, min(len(history) - read, (int(pids.max()) + 1) * self.recall.page))
+        return text_matches(history[first:last], first, text)
+
+    def recall_pages(self, rows: int | None = None, upcoming: np.ndarray | None = None) -> bool:
+        """Score the stored pages with the newest queries (at most `rows`; score="text": with
+        the text `upcoming`, or without it the newest `rows` keys) and make the best ones the
+        recalled cells (replacing the previous ones), in stream order among the cached cells;
+        returns whether anything changed.  A store that fails (RecallError) is switched off:
+        the error is raised once, with nothing changed, and the stream goes on without recall."""
         if self.store is None or self.recall_error is not None or self.store.n_pages == 0:
             return False
-        queries = self._queries(rows or self.recall.query_window)
-        if queries is None:
-            return False
+        rows = rows or self.recall.query_window
+        queries = text = None
+        if self.recall.score == "text":
+            text = self._text_matches(rows, upcoming)
+        else:
+            queries = self._queries(rows)
+            if queries is None:
+                return False
         room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
         try:
             with one_blas_thread():
                 # attention: keys moved to their distance from the queries in the whole stream
                 attention = structural = None
-                if self.recall.score != "peak":
+                if self.recall.score in ("attention", "both"):
                     attention = (self.rope, self._query_shift)
                     structural = self._structural_pages()
                 pids = self.store.select(
@@ -622,6 +650,7 @@ class Stream:
                     attention=attention,
                     score=self.recall.score,
                     structural=structural,
+                    text=text,
                 )
             sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
         except RecallError as exc:
@@ -712,7 +741,8 @@ class Stream:
         try:
             if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
                 self._evict(self.policy.budget, then_recall=False, make_room=True)
-            if self.recall_pages(rows) and self.recall.reencode:
+            # rolled back, the tail is the text about to be decoded (again)
+            if self.recall_pages(rows, upcoming=tail if redo else None) and self.recall.reencode:
                 self._reencode()
         finally:
             if redo:

@@ -10,6 +10,8 @@
                                                 # NAME+recall-turn: Recall() (no questions here)
                                                 # NAME+recall-attention: chunk mode, score="attention"
                                                 # NAME+recall-both: chunk mode, score="both"
+                                                # NAME+recall-text: chunk mode, score="text"
+                                                # ...+half: the recall's reserve half the budget
                                                 # NAME+recall-lookahead: a reference, see below
                                                 # NAME+recall-lookahead-attention: the same, score="attention"
     python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
@@ -23,6 +25,7 @@ Writes bench/results/ppl.json, ppl.csv and ppl.png (log-PPL per bucket vs tokens
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -40,6 +43,7 @@ RECALLS = {
     "recall-turn": Recall(when="turn"),
     "recall-attention": Recall(when="chunk", score="attention"),
     "recall-both": Recall(when="chunk", score="both"),
+    "recall-text": Recall(when="chunk", score="text"),
 }
 LOOKAHEAD = {"recall-lookahead": "peak", "recall-lookahead-attention": "attention"}  # the recall's score
 
@@ -92,6 +96,8 @@ def main() -> int:
             lookahead = next((LOOKAHEAD[e] for e in extras if e in LOOKAHEAD), None)
             if lookahead is not None:
                 recall = Recall(when="turn", query_window=policy.chunk, score=lookahead)
+            if recall is not None and "half" in extras:
+                recall = dataclasses.replace(recall, reserve=budget // 2)
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]
