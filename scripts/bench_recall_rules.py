@@ -14,6 +14,7 @@ Rules (z: a page's standardised q·k for every layer, kv head and query row):
                  attention with keys at their full-cache distance (PageStore.attention_scores)
   both           Recall(score="both"): the shipped rule's and the attention score's standing-out
                  pages in turn
+  text           Recall(score="text"): the pages where the question's runs of tokens were said
 
 `--samples` also varies how many pages' exact scores set the standardisation
 (`PageStore.SAMPLE`): each (rule, sample) pair answers from the same state, labelled
@@ -56,6 +57,7 @@ RULES: dict[str, Callable[[np.ndarray], np.ndarray] | str] = {
     "max-half-mean": lambda z: z.max(axis=1) - 0.5 * z.mean(axis=1),
     "attention": "attention",  # Recall(score=...)
     "both": "both",
+    "text": "text",
 }
 OPENING_PAGES = 3
 
