@@ -52,6 +52,7 @@ def _recall(args: argparse.Namespace) -> Recall | None:
         reencode=args.recall_reencode,
         adjacent=args.recall_adjacent,
         score=args.recall_score,
+        every=args.recall_every,
     )
 
 
@@ -560,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
             default="turn",
             choices=Recall.WHEN,
             help="recall once per question (turn) or also after every eviction (chunk)",
+        )
+        p.add_argument(
+            "--recall-every",
+            type=int,
+            default=None,
+            metavar="N",
+            help="chunk mode: also recall every N tokens fed between evictions",
         )
         p.add_argument(
             "--recall-reencode",

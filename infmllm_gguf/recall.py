@@ -59,7 +59,10 @@ class Recall:
       when: "turn" recalls once per question or prompt, before answering (the prompt's last
       `query_window` tokens are decoded again with the pages in place); "chunk" also recalls
       after every eviction, scored by the newest `query_window` query rows (by the text about
-      to be decoded with score="text").  store_limit_mb:
+      to be decoded with score="text").  every: in chunk mode, also recall every `every`
+      tokens fed between evictions (default None: once per eviction, i.e. per policy chunk);
+      a text-scored recall then matches the next `every` tokens, a closer aim than a whole
+      chunk's (README: perplexity).  store_limit_mb:
       host memory for stored rows; past it the oldest pages are dropped, or spilled to a file
       in `spill_dir`.
       shortlist: pages each of the two summary rankings passes on to the exact re-rank with
@@ -98,6 +101,7 @@ class Recall:
     reencode: bool = False
     adjacent: bool = False
     score: str = "peak"
+    every: int | None = None
 
     WHEN: ClassVar[tuple[str, ...]] = ("turn", "chunk")
     SCORES: ClassVar[tuple[str, ...]] = ("peak", "attention", "both", "text")
@@ -107,10 +111,12 @@ class Recall:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.reserve is not None and (
-            isinstance(self.reserve, bool) or not isinstance(self.reserve, int) or self.reserve < 1
-        ):
-            raise ValueError(f"reserve must be an integer >= 1 or None, got {self.reserve!r}")
+        for name in ("reserve", "every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.every is not None and self.when != "chunk":
+            raise ValueError('every sets how often chunk mode recalls: when="chunk" only')
         if self.when not in self.WHEN:
             raise ValueError(f"when must be one of {', '.join(self.WHEN)}, got {self.when!r}")
         if self.score not in self.SCORES:

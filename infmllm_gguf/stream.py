@@ -151,6 +151,7 @@ class Stream:
             self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
             self._recalled = np.zeros(0, bool)  # per cached position: a recalled cell
             self._n_turn = 0  # n_streamed at the last turn's recall
+            self._n_chunk_recall = 0  # n_streamed at chunk mode's last recall
             self.next_pos = 0  # the position of the next key: n_cached unless M-RoPE images came
             self._query_shift = 0  # stream index - position of the newest decoded key, as decoded
             self.last_logits: np.ndarray | None = None
@@ -238,6 +239,7 @@ class Stream:
             "n_history": self._n_history,
             "next_pos": self.next_pos,
             "n_turn": self._n_turn,
+            "n_chunk_recall": self._n_chunk_recall,
             "query_shift": self._query_shift,
             "stats": dataclasses.asdict(self.stats),
             "recall_error": self.recall_error,
@@ -307,6 +309,7 @@ class Stream:
             self._stream_index = sidx.astype(np.int64)
             self._recalled = recalled.astype(bool)
             self._n_turn = int(facts["n_turn"])
+            self._n_chunk_recall = int(facts.get("n_chunk_recall", n_history))
             self.next_pos = int(facts["next_pos"])
             self._query_shift = int(facts.get("query_shift", n_history - self.next_pos))
             self.last_logits = None if logits is None else logits.astype(np.float32)
@@ -332,10 +335,14 @@ class Stream:
         out = np.empty(len(tokens), np.float64) if logprobs else None
         i = 0
         while i < len(tokens):
+            # a text-scored chunk recall matches the piece decoded next
+            upcoming = tokens[i : i + self._recall_span()]
             if self.n_cached >= self.capacity:
-                # a text-scored chunk recall matches the piece decoded next
-                self._evict(self.policy.budget, upcoming=tokens[i : i + self.capacity - self.policy.budget])
-            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i)
+                self._evict(self.policy.budget, upcoming=upcoming)
+            elif self._until_recall() <= 0:
+                self.recall_pages(upcoming=upcoming)
+                continue  # the recalled pages may have filled the cache
+            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, self._until_recall())
             piece = tokens[i : i + take]
             pos = np.arange(self.next_pos, self.next_pos + take)
             self._decode(piece, piece, pos, out[i : i + take] if out is not None else None)
@@ -579,6 +586,18 @@ class Stream:
                     self.kv.update()  # nothing to do if the recall re-positioned (and shifted) already
 
     # --- recall ------------------------------------------------------------------------------
+    def _recall_span(self) -> int:
+        """Keys a chunk-mode recall is for: those up to the next eviction, or to the next recall
+        (`Recall.every`) if that comes first."""
+        every = self.recall.every if self.recall is not None else None
+        return min(self.capacity - self.policy.budget, every or self.capacity)
+
+    def _until_recall(self) -> int:
+        """Keys to feed before chunk mode's next recall between evictions (`Recall.every`); the
+        capacity (never the bound on a piece) without one."""
+        every = self.recall.every if self.recall is not None else None
+        return self.capacity if every is None else every - (self._n_history - self._n_chunk_recall)
+
     def _query_shape(self) -> tuple[int, int, int, int]:
         return (self.store.n_layer, self.store.n_head, self.recall.query_window, self.store.head_dim)
 
@@ -623,7 +642,9 @@ class Stream:
         the text `upcoming`, or without it the newest `rows` keys) and make the best ones the
         recalled cells (replacing the previous ones), in stream order among the cached cells;
         returns whether anything changed.  A store that fails (RecallError) is switched off:
-        the error is raised once, with nothing changed, and the stream goes on without recall."""
+        the error is raised once, with nothing changed, and the stream goes on without recall.
+        Chunk mode's clock (`Recall.every`) starts again at any recall, a turn's included."""
+        self._n_chunk_recall = self._n_history
         if self.store is None or self.recall_error is not None or self.store.n_pages == 0:
             return False
         rows = rows or self.recall.query_window
@@ -768,6 +789,7 @@ class Stream:
             self._stream_index = self._stream_index[:first]
             self._recalled = self._recalled[:first]
             self._n_turn = min(self._n_turn, n_keep)
+            self._n_chunk_recall = min(self._n_chunk_recall, n_keep)
             self.next_pos = first_pos
             self.last_logits = None
         return True

@@ -12,6 +12,7 @@
                                                 # NAME+recall-both: chunk mode, score="both"
                                                 # NAME+recall-text: chunk mode, score="text"
                                                 # ...+half: the recall's reserve half the budget
+                                                # ...+every32: chunk mode also recalls every 32 tokens
                                                 # NAME+recall-lookahead: a reference, see below
                                                 # NAME+recall-lookahead-attention: the same, score="attention"
     python scripts/bench_ppl.py --quick --policies streamingllm streamingllm+fixed \
@@ -98,6 +99,9 @@ def main() -> int:
                 recall = Recall(when="turn", query_window=policy.chunk, score=lookahead)
             if recall is not None and "half" in extras:
                 recall = dataclasses.replace(recall, reserve=budget // 2)
+            every = [int(e[5:]) for e in extras if e.startswith("every") and e[5:].isdigit()]
+            if recall is not None and every:
+                recall = dataclasses.replace(recall, every=every[0])
             llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall)
             tokens = np.array(llm.tokenize(text[: args.tokens * 8], add_bos=True), np.int32)
             tokens = tokens[: args.tokens if name != "full" else min(args.tokens, n_ctx)]

@@ -37,6 +37,13 @@ def test_ppl_without_repositioning(tmp_path):
     assert result["kv"]["max_pos"] == 1499 and 1 < result["ppl"] < 100  # positions grew with the stream
 
 
+def test_ppl_with_chunk_recall_between_evictions(tmp_path):
+    args = ("ppl", "--budget", "128", "--max-tokens", "1500", "--recall", "--recall-when", "chunk")
+    result = run_json(tmp_path, *args, "--recall-score", "text", "--recall-every", "8")
+    assert result["kv"]["recalls"] > result["kv"]["evictions"] > 0  # two recalls per chunk of 16
+    assert 1 < result["ppl"] < 100
+
+
 def test_passkey_json(tmp_path):
     result = run_json(
         tmp_path,
@@ -211,3 +218,5 @@ def test_cli_unknown_policy_is_a_usage_error(capsys):
 def test_cli_bad_budget_exits_with_a_clear_error(capsys):
     assert main(["ppl", "--policy", "streamingllm", "--budget", "2"]) == 2
     assert "budget (2) must be >= sinks (4)" in capsys.readouterr().err
+    assert main(["ppl", "--recall", "--recall-every", "8"]) == 2
+    assert 'every sets how often chunk mode recalls: when="chunk" only' in capsys.readouterr().err

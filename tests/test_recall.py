@@ -11,6 +11,7 @@ from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
 from infmllm_gguf.cli import passkey_tokens, passkey_trial
 from infmllm_gguf.kv import decode
 from infmllm_gguf.recall import PageStore, keys_as_float, text_matches
+from infmllm_gguf.stream import Stream
 from infmllm_gguf.texts import kjv
 
 BUDGET = 256
@@ -43,11 +44,14 @@ def test_recall_configuration_is_checked():
         {"store_limit_mb": 0},
         {"query_window": 0},
         {"score": "nearest"},
+        {"every": 0, "when": "chunk"},
     ):
         with pytest.raises(ValueError):
             Recall(**bad)
     with pytest.raises(ValueError, match="turn"):
         Recall(reencode=True, when="chunk")
+    with pytest.raises(ValueError, match="chunk"):
+        Recall(every=32)
     with pytest.raises(ValueError, match="shortlist"):
         Recall(shortlist=0)
     with pytest.raises(ValueError, match="not a directory"):
@@ -122,6 +126,32 @@ def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler
     assert stats["recalls"] >= stats["evictions"] // 2 > 0
     assert stats["n_recalled"] <= stats["recall_reserve"]
     assert stats["n_cached"] <= chunk.policy.capacity
+
+
+def test_chunk_mode_also_recalls_every_so_many_tokens_between_evictions(filler, monkeypatch):
+    """Recall(every=E): chunk mode recalls after each eviction and again once E tokens were fed
+    since the last recall, matching (score="text") the E tokens about to be decoded; a recall
+    that fills the cache is followed by an eviction, not by an empty decode."""
+    calls = []
+    recall_pages = Stream.recall_pages
+
+    def spy(self, rows=None, upcoming=None):
+        calls.append((self._n_history, None if upcoming is None else len(upcoming)))
+        return recall_pages(self, rows, upcoming)
+
+    monkeypatch.setattr(Stream, "recall_pages", spy)
+    every = 12  # the chunk is 32: between evictions two more recalls
+    llm = _llm(Recall(when="chunk", score="text", every=every))
+    tokens = [1] + filler[: 4 * BUDGET]
+    for i in range(0, len(tokens), 100):  # pieces that do not line up with the recalls
+        llm.eval(tokens[i : i + 100])
+    at = np.array([n for n, _ in calls])
+    assert len(calls) > 3 * llm.kv_stats()["evictions"] > 0
+    assert np.diff(at).max() <= every
+    assert max(n for _, n in calls) == every  # fewer where a piece ends first
+    assert llm.kv_stats()["recalls"] > llm.kv_stats()["evictions"]
+    llm.check_invariants()
+    llm.close()
 
 
 def test_turn_mode_streams_like_the_policy_alone_until_a_question(filler):
@@ -348,11 +378,14 @@ def test_text_score_recalls_what_the_new_text_repeats(filler):
     llm.close()
 
 
-def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler):
-    """Evictions and recalls move cells many times, each pair sharing one K-shift: every cached
-    key of layer 0 (a function of its token and position alone) is the one a fresh context
-    computes for that token at that position."""
-    llm = _llm(Recall(when="chunk"))
+@pytest.mark.parametrize(
+    "recall", [Recall(when="chunk"), Recall(when="chunk", score="text", every=8)], ids=["peak", "text-every"]
+)
+def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler, recall):
+    """Evictions and recalls move cells many times, each pair sharing one K-shift (a recall
+    between evictions has its own): every cached key of layer 0 (a function of its token and
+    position alone) is the one a fresh context computes for that token at that position."""
+    llm = _llm(recall)
     llm.eval([1] + filler[: 4 * BUDGET])
     stats = llm.kv_stats()
     assert stats["recalls"] > 0 and stats["n_recalled"] > 0
