@@ -5,7 +5,7 @@ Importing checks that the bundled libllama carries our patches (ImportError othe
 
 from infmllm_gguf import _native  # noqa: F401  (refuses an unpatched libllama)
 from infmllm_gguf.info import Device, build_info, devices
-from infmllm_gguf.llama import ContextFullError, InvariantError, Llama
+from infmllm_gguf.llama import ContextFullError, HistoryDivergedError, InvariantError, Llama, StopGeneration
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import (
     H2O,
@@ -31,6 +31,7 @@ __all__ = [
     "ContextFullError",
     "Device",
     "FullCache",
+    "HistoryDivergedError",
     "InfMLLM",
     "InvariantError",
     "KVPolicy",
@@ -41,6 +42,7 @@ __all__ = [
     "SamplingParams",
     "SnapKV",
     "StateError",
+    "StopGeneration",
     "StreamingLLM",
     "__version__",
     "build_info",

@@ -43,20 +43,27 @@ class Embedder:
         self.pooling_type = lc.llama_pooling_type(self._ctx.ctx)
 
     def embed(self, inputs: list[list[int]], normalize: bool) -> list[Any]:
-        """Vectors of token lists (each at most n_batch tokens), batched several inputs at a time."""
-        out: list[Any] = []
-        group: list[int] = []
+        """Vectors of token lists (each at most n_batch tokens), batched several inputs at a time.
+
+        Every input is checked before the batch is touched, and the batch is emptied on every
+        path: tokens of a refused or failed call never reach the next one."""
         for tokens in inputs:
             if not tokens:
                 raise ValueError("an input tokenises to no tokens")
             if len(tokens) > self.n_batch:
                 raise ValueError(f"an input of {len(tokens)} tokens exceeds n_batch ({self.n_batch})")
-            if sum(group) + len(tokens) > self.n_batch or len(group) >= self.n_seq_max:
-                out += self._decode(group, normalize)
-                group = []
-            self._batch.add_sequence(tokens, len(group), True)
-            group.append(len(tokens))
-        return out + self._decode(group, normalize)
+        out: list[Any] = []
+        group: list[int] = []
+        try:
+            for tokens in inputs:
+                if sum(group) + len(tokens) > self.n_batch or len(group) >= self.n_seq_max:
+                    out += self._decode(group, normalize)
+                    group = []
+                self._batch.add_sequence(tokens, len(group), True)
+                group.append(len(tokens))
+            return out + self._decode(group, normalize)
+        finally:
+            self._batch.reset()
 
     def _decode(self, sizes: list[int], normalize: bool) -> list[Any]:
         if not sizes:

@@ -14,6 +14,7 @@ What changes compared with llama-cpp-python:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from tqdm import tqdm
 
@@ -60,12 +62,12 @@ from infmllm_gguf.sampling import (
 )
 from infmllm_gguf.state import LlamaState, StateError, pack, read_file, unpack, write_file
 from infmllm_gguf.stops import StopMatcher
-from infmllm_gguf.stream import ContextFullError, InvariantError, Stream, inside_image
+from infmllm_gguf.stream import ContextFullError, InvariantError, StopGeneration, Stream, inside_image
 from infmllm_gguf.system import physical_cores
 from infmllm_gguf.video import expected_frames, frames_of, time_marker
 from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart, flatten_messages
 
-__all__ = ["ContextFullError", "InvariantError", "Llama"]
+__all__ = ["ContextFullError", "HistoryDivergedError", "InvariantError", "Llama", "StopGeneration"]
 
 # llama-cpp-python's named chat formats ("chatml", "llama-2", ...): each registered name whose
 # formatter function (format_chatml, format_llama2, ...) the vendored module has
@@ -110,6 +112,19 @@ class _Step:
     text: str
     finish: str | None
     tokens: list[_TokenLogprob]
+
+
+class HistoryDivergedError(ValueError):
+    """A prompt departs from the stream before the part of it that can still be taken back
+    (with `restart_on_divergence=False`); nothing was changed."""
+
+    def __init__(self, at: int, n_streamed: int, n_cached: int):
+        self.at, self.n_streamed = at, n_streamed
+        super().__init__(
+            f"the prompt departs from this session's stream at key {at} of {n_streamed}, but the "
+            f"stream's earlier part has been evicted (it caches {n_cached} keys), so it cannot be "
+            "taken back: send the history as it was (extended), or start a new session"
+        )
 
 
 def _check_gguf(path: Path) -> None:
@@ -197,6 +212,9 @@ class Llama:
         self.chat_format = chat_format
         self.verbose = verbose
         self.debug = debug
+        # a prompt that departs from the stream where it can no longer be rolled back restarts
+        # the stream (llama-cpp-python's behaviour); False raises HistoryDivergedError instead
+        self.restart_on_divergence = True
         self._lock = threading.RLock()
         self._guard = InterruptGuard()
         self._parent: Llama | None = None  # the Llama whose context a slot shares
@@ -438,6 +456,15 @@ class Llama:
         n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)]
 
+    def _token_ids(self, tokens: Iterable[Any]) -> list[int]:
+        """tokens as a list of ids, each an int in [0, n_vocab); ValueError otherwise."""
+        ids = list(tokens)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+        bad += [t for t in ids if not bad and not 0 <= t < self._n_vocab]
+        if bad:
+            raise ValueError(f"token ids must be integers in [0, {self._n_vocab}), got {bad[0]!r}")
+        return [int(t) for t in ids]
+
     def _is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self.vocab, token))
 
@@ -478,6 +505,29 @@ class Llama:
                 f"n_streamed={n_streamed} falls inside an image: an image goes whole or not at all"
             )
         return self._stream.rollback(n_streamed)
+
+    @contextlib.contextmanager
+    def turn(self, poll: Callable[[], None] | None = None) -> Iterator[Llama]:
+        """Make the block one atomic step of the session, e.g. a chat turn: if it raises (an error,
+        Ctrl-C, a cancelled request), the session becomes exactly what it was before the block,
+        evictions and recalls undone, its seed too.  The block holds the session's lock.
+
+        `poll()` is called between the prompt's pieces (n_batch keys) and before each generated
+        token: it may raise to abort the block, or raise StopGeneration to end the generation
+        there (finish_reason "length").  A streamed completion must be consumed inside the block.
+        Appending costs nothing; the first eviction, recall or roll-back in the block copies the
+        session's state once (as save_state does, in memory)."""
+        with self._lock:
+            seed, previous = self._seed, self._stream.poll
+            self._stream.poll = poll
+            try:
+                with self._stream.transaction():
+                    yield self
+            except BaseException:
+                self._seed = seed
+                raise
+            finally:
+                self._stream.poll = previous
 
     @_locked
     def eval(self, tokens: list[int] | np.ndarray) -> None:
@@ -593,6 +643,8 @@ class Llama:
         keys = np.concatenate([p.keys() for p in parts])
         common = self._stream.common_prefix(keys)
         if not self._stream.rollback(common):
+            if not self.restart_on_divergence:
+                raise HistoryDivergedError(common, self._stream.n_streamed, self._stream.n_cached)
             self._stream.reset()
             common = 0
         todo, offset = [], 0
@@ -650,6 +702,11 @@ class Llama:
 
             pending, n_chars = b"", 0
             for _ in range(max_tokens):
+                if self._stream.poll is not None:
+                    try:
+                        self._stream.poll()
+                    except StopGeneration:
+                        break  # ends as "length", like max_tokens
                 logits = self._stream.last_logits
                 token = sampler.sample(logits, self._stream.history)
                 if any(criterion(self._stream.history, logits) for criterion in criteria):
@@ -766,9 +823,10 @@ class Llama:
                 "echo with logprobs is not supported: the prompt's earlier tokens may be evicted; "
                 "stream_logprobs() gives log p of fed tokens"
             )
-        tokens = (
-            list(prompt) if not isinstance(prompt, str) else self.tokenize(prompt, add_bos=True, special=True)
-        )
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt, add_bos=True, special=True)
+        else:
+            tokens = self._token_ids(prompt)
         if not tokens:
             raise ValueError("the prompt tokenises to no tokens")
         params = SamplingParams(
@@ -816,6 +874,7 @@ class Llama:
         ):
             raise ValueError(f"logprobs must be an integer in [0, {self._n_vocab}], got {n_logprobs!r}")
         criteria = _criteria(stopping_criteria)
+        seed = self._seed
         sampler = self._sampler(params)
         head = {
             "id": f"cmpl-{uuid.uuid4()}",
@@ -829,15 +888,11 @@ class Llama:
 
         if stream:
             return self._stream_chunks(
-                sampler, parts, max_tokens, stops, head, prefix, n_logprobs, logprobs_of, criteria
+                sampler, seed, parts, max_tokens, stops, head, prefix, n_logprobs, logprobs_of, criteria
             )
         n_prompt = sum(len(p) for p in parts)
         with self._lock:
-            try:
-                self._continue_with(parts)
-            except BaseException:
-                sampler.close()
-                raise
+            self._begin(parts, sampler, seed)
             n_before = self._stream.n_streamed
             pieces, tokens, finish = [], [], "length"
             for step in self._generate(sampler, max_tokens, stops, n_logprobs, criteria):
@@ -856,9 +911,20 @@ class Llama:
             },
         }
 
+    def _begin(self, parts: list[Part], sampler: Sampler, seed: int) -> None:
+        """Feed the prompt a generation continues from; if that fails, the sampler is closed and
+        the session's seed is `seed` again (what it was before the sampler was made)."""
+        try:
+            self._continue_with(parts)
+        except BaseException:
+            sampler.close()
+            self._seed = seed
+            raise
+
     def _stream_chunks(
         self,
         sampler: Sampler,
+        seed: int,
         parts: list[Part],
         max_tokens: int,
         stops: list[str],
@@ -870,11 +936,7 @@ class Llama:
     ) -> Iterator[dict]:
         """A streamed completion; it holds the session's lock from the prompt to the last chunk."""
         with self._lock:
-            try:
-                self._continue_with(parts)
-            except BaseException:
-                sampler.close()
-                raise
+            self._begin(parts, sampler, seed)
             if prefix:
                 yield {
                     **head,
@@ -1088,7 +1150,11 @@ class Llama:
     def _render_chat(self, messages: list[dict]) -> tuple[Any, list[ImageLike]]:
         marker = self._projector.marker if self._projector is not None else None
         flat, images = flatten_messages(messages, marker)
-        return self._chat_formatter(messages=flat), images
+        try:
+            return self._chat_formatter(messages=flat), images
+        except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as exc:
+            # a message the template does not expect (a missing content, an odd role): the caller's
+            raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
 
     def chat_prompt_tokens(self, messages: list[dict]) -> np.ndarray:
         """The token ids a chat request's text renders to (each image as its marker's tokens):

@@ -20,6 +20,7 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf._llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+from infmllm_gguf.grammar import check_grammar, check_schema
 from infmllm_gguf.params import check_int
 
 __all__ = [
@@ -41,6 +42,7 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 MIROSTAT_M = 100  # candidates mirostat v1 estimates s_hat from (llama-cpp-python's value)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -90,8 +92,9 @@ class SamplingParams:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (AttributeError, TypeError, ValueError) as exc:
                 raise ValueError(f"logit_bias must map token ids to numbers: {exc}") from exc
-            if any(math.isnan(v) for v in self.logit_bias.values()):
-                raise ValueError("logit_bias values must be numbers, not NaN")
+            if any(math.isnan(v) or v > FLOAT32_MAX for v in self.logit_bias.values()):
+                # +inf would make every probability NaN; -inf bans a token, as in llama-cpp-python
+                raise ValueError(f"logit_bias values must be numbers up to {FLOAT32_MAX:.3g} (or -inf)")
 
 
 def _check_finite(name: str, value: Any) -> None:
@@ -142,6 +145,7 @@ class Sampler:
             grammar = p.grammar
             if isinstance(grammar, str):
                 grammar = LlamaGrammar.from_string(grammar)
+            check_grammar(grammar._grammar)
             sampler = lc.llama_sampler_init_grammar(
                 vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
             )
@@ -185,7 +189,9 @@ class Sampler:
             data=data.ctypes.data_as(lc.llama_token_data_p), size=self.n_vocab, selected=-1, sorted=False
         )
         lc.llama_sampler_apply(self._chain, ctypes.byref(cur))
-        if not 0 <= cur.selected < cur.size:
+        # a chain whose grammar or bias excluded every token still selects one, at -inf (or NaN):
+        # refuse it here, before the grammar is asked to accept a token it forbids (an abort)
+        if not 0 <= cur.selected < cur.size or not cur.data[cur.selected].logit > -math.inf:
             raise ValueError("no token is left to sample (a grammar or logit bias excludes them all)")
         token = int(cur.data[cur.selected].id)
         lc.llama_sampler_accept(self._chain, token)
@@ -221,10 +227,13 @@ def grammar_for_response_format(response_format: dict | None) -> LlamaGrammar | 
         raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
     if schema is None:
         return LlamaGrammar.from_string(JSON_GBNF)
+    check_schema(schema)
     try:
-        return LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(schema)))
+        text = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises bare Exceptions on schemas it cannot express
         raise ValueError(f"cannot turn this JSON schema into a grammar: {exc}") from exc
+    check_grammar(text)
+    return LlamaGrammar.from_string(text)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

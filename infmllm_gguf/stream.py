@@ -22,7 +22,8 @@ replaces them.
 
 Every native state change (decode, evict + compact + K-shift, roll back, recall) and its
 Python bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
-cells the stream records (see interrupts.py).
+cells the stream records (see interrupts.py).  `transaction()` makes a whole call one unit too:
+if it raises, the stream becomes what it was before the call.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -48,6 +49,11 @@ class ContextFullError(ValueError):
 
 class InvariantError(RuntimeError):
     """The cache and the stream's bookkeeping disagree (raised by `check_invariants`)."""
+
+
+class StopGeneration(Exception):  # noqa: N818 - a signal, like StopIteration, not an error
+    """Raised by a stream's `poll` hook to end a generation where it is, as if max_tokens were
+    reached; raised while a prompt is fed, it aborts the call like any other exception."""
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -81,6 +87,20 @@ class StreamStats:
     max_pos_seen: int = -1
     recalls: int = 0
     pages_recalled: int = 0  # summed over recalls: pages written back into the cache
+
+
+@dataclasses.dataclass
+class _Transaction:
+    """What undoing a call needs: the stream's small facts at its start, and the whole state
+    (`export_state`), taken lazily before the first change that a roll-back cannot undo."""
+
+    n_history: int
+    last_logits: np.ndarray | None
+    n_turn: int
+    n_chunk_recall: int
+    query_shift: int
+    stats: StreamStats
+    saved: tuple[dict, dict[str, np.ndarray]] | None = None
 
 
 def _subview(view: CellView, mask: np.ndarray) -> CellView:
@@ -122,6 +142,10 @@ class Stream:
         # trained for, or as the cache was asked to be (a user's choice to extrapolate)
         self.max_positions = max(lc.llama_model_n_ctx_train(model), n_ctx)
         self._scoring = 0
+        self._transaction: _Transaction | None = None
+        # called between prompt pieces and before each generated token (Llama.turn sets it):
+        # it may raise to abort the call, or StopGeneration to end a generation there
+        self.poll: Callable[[], None] | None = None
         self.recall = recall
         self.store: PageStore | None = None
         self.recall_error: str | None = None
@@ -144,6 +168,7 @@ class Stream:
     # --- state --------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new, empty stream."""
+        self._before_change()
         with self._guard.atomic():
             lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, -1, -1)
             self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
@@ -286,6 +311,7 @@ class Stream:
         ):
             raise ValueError("the saved captured queries do not fit this session's recall tier")
         stats = StreamStats(**facts["stats"])
+        self._before_change()
         cells = np.ascontiguousarray(arrays["cells"], np.uint8)
         with self._guard.atomic():
             self.reset()
@@ -343,6 +369,8 @@ class Stream:
                 self.recall_pages(upcoming=upcoming)
                 continue  # the recalled pages may have filled the cache
             take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, self._until_recall())
+            if self.poll is not None and i > 0:
+                self.poll()  # between pieces (a generated token is one piece: polled by its caller)
             piece = tokens[i : i + take]
             pos = np.arange(self.next_pos, self.next_pos + take)
             self._decode(piece, piece, pos, out[i : i + take] if out is not None else None)
@@ -437,6 +465,8 @@ class Stream:
         n = len(keys)
         start = self.n_cached
         scored = self.policy.needs_scores(start + n)
+        if scored or self.store is not None:
+            self._before_change()  # scores observed, queries captured: more than an append
         self._set_scoring(self.policy.score_queries if scored else 0)
         flags = np.zeros(n, np.int8)
         flags[-1] = 1
@@ -541,6 +571,7 @@ class Stream:
         otherwise, so a stream between turns keeps as many cells as it would without recall.
         `upcoming`: the keys to be decoded after the eviction, where the caller knows them (the
         new text a chunk recall with score="text" matches)."""
+        self._before_change()
         view = self.view()
         own = ~self._recalled
         n_own_keep = n_keep
@@ -644,6 +675,7 @@ class Stream:
         returns whether anything changed.  A store that fails (RecallError) is switched off:
         the error is raised once, with nothing changed, and the stream goes on without recall.
         Chunk mode's clock (`Recall.every`) starts again at any recall, a turn's included."""
+        self._before_change()
         self._n_chunk_recall = self._n_history
         if self.store is None or self.recall_error is not None or self.store.n_pages == 0:
             return False
@@ -771,6 +803,48 @@ class Stream:
             self._n_turn = self._n_history
         return logprobs
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the block one unit: if it raises (an error, Ctrl-C, a client gone), the stream
+        becomes exactly what it was before it.  Only appending costs nothing; before the block's
+        first other change (an eviction, a recall, a roll-back, a scored decode, or any decode
+        with a recall tier) the whole state is copied once (export_state).  Nested blocks are
+        part of the outermost one."""
+        if self._transaction is not None:
+            yield
+            return
+        txn = _Transaction(
+            self._n_history, self.last_logits, self._n_turn, self._n_chunk_recall, self._query_shift,
+            dataclasses.replace(self.stats),
+        )  # fmt: skip
+        self._transaction = txn
+        try:
+            yield
+        except BaseException:
+            self._transaction = None
+            self._undo(txn)
+            raise
+        finally:
+            self._transaction = None
+
+    def _before_change(self) -> None:
+        """Inside a transaction: copy the state before its first change beyond an append."""
+        txn = self._transaction
+        if txn is not None and txn.saved is None:
+            txn.saved = self.export_state()
+
+    def _undo(self, txn: _Transaction) -> None:
+        """Back to the state at the start of txn: the copy, if one was taken (it holds what was
+        appended before it, all cached), then the appended keys rolled back."""
+        with self._guard.atomic():
+            if txn.saved is not None:
+                self.import_state(*txn.saved)
+            if not self.rollback(txn.n_history):
+                raise InvariantError(f"could not roll the stream back to {txn.n_history} keys")
+            self.last_logits = txn.last_logits
+            self._n_turn, self._n_chunk_recall = txn.n_turn, txn.n_chunk_recall
+            self._query_shift, self.stats = txn.query_shift, txn.stats
+
     def rollback(self, n_keep: int) -> bool:
         """Drop the stream's keys from index n_keep on, if all of them are still cached."""
         n_drop = self._n_history - n_keep
@@ -778,6 +852,7 @@ class Stream:
             return n_drop == 0
         if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
             return False
+        self._before_change()
         first = self.n_cached - n_drop
         view = self.kv.cells(self.seq_id)
         first_pos = int(view.positions[first])  # == first, unless M-RoPE images came before

@@ -44,7 +44,7 @@ ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     "$venv/bin/pytest" -q -p no:cacheprovider \
         tests/test_native_kv.py tests/test_native_scores.py tests/test_native_properties.py \
-        tests/test_native_rows.py "$@" \
+        tests/test_native_rows.py tests/test_hardening.py "$@" \
         2>&1 | tee "$log" || status=$?
 echo "sanitize_check: tests $((SECONDS - t1)) s"
 
