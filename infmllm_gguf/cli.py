@@ -514,13 +514,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from infmllm_gguf.server import ServerConfig, serve
+    from infmllm_gguf.server import Access, Limits, ServerConfig, serve
 
+    keys = list(args.api_key)
+    if args.api_key_file:
+        keys += [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
+    if args.media_path is not None and not Path(args.media_path).is_dir():
+        raise ValueError(f"--media-path {args.media_path} is not a directory")
+    access = Access(
+        api_keys=tuple(keys),
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",")) if args.allowed_hosts
+        else Access.allowed_hosts,
+        media_path=Path(args.media_path) if args.media_path else None,
+        metrics=args.metrics, strict_model_name=args.strict_model_name, insecure=args.insecure,
+    )  # fmt: skip
+    limits = Limits(
+        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        max_body_bytes=args.max_body_bytes, timeout=args.timeout, max_sessions=args.max_sessions,
+        max_session_bytes=args.max_session_bytes,
+    )  # fmt: skip
     config = ServerConfig(
         model=args.model, mmproj=args.mmproj, kv_policy=args.policy, budget=args.budget, n_ctx=args.n_ctx,
         reposition=args.reposition, flash_attn=args.flash_attn,
         slots=args.slots, sessions_dir=args.sessions_dir, max_queue=args.max_queue,
         model_alias=args.model_alias, recall=_recall(args), n_threads=args.threads,
+        limits=limits, access=access,
     )  # fmt: skip
     serve(config, args.host, args.port)
     return 0
@@ -633,6 +652,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the slots before 503")
     p.add_argument("--model-alias", default=None, help="the model id clients send (default: the file's stem)")
     p.add_argument("--threads", type=int, default=None)
+    g = p.add_argument_group("access")
+    g.add_argument("--api-key", action="append", default=[], help="a key clients send as Bearer (repeatable)")
+    g.add_argument("--api-key-file", default=None, help="a file of keys, one per line")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    g.add_argument(
+        "--allowed-hosts", default=None,
+        help="Host header names answered, comma-separated, * for any (default: localhost, 127.0.0.1, ::1)",
+    )  # fmt: skip
+    g.add_argument("--media-path", default=None, help="serve local image files from this folder only")
+    g.add_argument("--metrics", action="store_true", help="expose Prometheus /metrics")
+    g.add_argument("--strict-model-name", action="store_true", help="404 for a request naming another model")
+    from infmllm_gguf.server.config import Limits
+
+    limits = Limits()
+    g = p.add_argument_group("limits (per request unless said)")
+    for flag, kind, help_ in (
+        ("--max-tokens", int, "generated tokens (more asked: 400)"),
+        ("--max-prompt-tokens", int, "tokens the prompt renders to"),
+        ("--max-images", int, "images"),
+        ("--max-image-bytes", int, "bytes of one encoded image"),
+        ("--max-image-pixels", int, "width x height of one image, from its header"),
+        ("--max-body-bytes", int, "bytes of the request body (413)"),
+        ("--timeout", float, "seconds, waiting included; generation past it ends as 'length'"),
+        ("--max-sessions", int, "conversations kept in slots and on disk (least recently used removed)"),
+        ("--max-session-bytes", int, "bytes of session files on disk (least recently used removed)"),
+    ):
+        name = flag[2:].replace("-", "_")
+        g.add_argument(flag, type=kind, default=getattr(limits, name), help=f"{help_} (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("passkey", help="passkey retrieval at several depths")
