@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,7 +234,9 @@ def make_app(llm: Llama, pool: SlotPool, config: ServerConfig) -> FastAPI:
 
         return _Stream(events(), on_close=stop.set, ping=15)
 
-    async def handle(request: Request, chat: bool) -> Response:
+    async def admitted(request: Request, serve: Callable[[bytes], Awaitable[Response]]) -> Response:
+        """serve(body) within the capacity (503 beyond it), every failure an HTTP answer; a
+        stream stays in flight until it ends."""
         request_id = request.scope["state"]["request_id"]
         if in_flight["n"] >= capacity:
             pool.metrics.rejected += 1
@@ -244,10 +246,7 @@ def make_app(llm: Llama, pool: SlotPool, config: ServerConfig) -> FastAPI:
         handed_off = False
         try:
             started = time.monotonic()
-            raw = await request.body()
-            sid = request.headers.get("x-session-id")
-            turn = await run_in_threadpool(prepare, raw, chat, sid, started)
-            response = await (streamed(request, turn) if turn.stream else plain(request, turn))
+            response = await serve(await request.body())
             if isinstance(response, _Stream):
                 response.on_close = _chain(response.on_close, lambda: _done(in_flight))
                 handed_off = True
@@ -261,32 +260,34 @@ def make_app(llm: Llama, pool: SlotPool, config: ServerConfig) -> FastAPI:
             if not handed_off:
                 _done(in_flight)
 
+    async def completion(request: Request, raw: bytes, chat: bool) -> Response:
+        sid = request.headers.get("x-session-id")
+        turn = await run_in_threadpool(prepare, raw, chat, sid, time.monotonic())
+        return await (streamed(request, turn) if turn.stream else plain(request, turn))
+
+    async def embed(raw: bytes) -> Response:
+        body = await run_in_threadpool(parse, raw, EmbeddingRequest)
+        texts = body.input
+        if isinstance(texts, list) and len(texts) > limits.max_embedding_inputs:
+            raise RequestError(400, f"at most {limits.max_embedding_inputs} inputs per request")
+        result = await run_in_threadpool(llm.create_embedding, texts, model_id)
+        if body.encoding_format == "base64":
+            for item in result["data"]:
+                floats = np.asarray(item["embedding"], "<f4")
+                item["embedding"] = base64.b64encode(floats.tobytes()).decode()
+        return JSONResponse(result)
+
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
     async def chat_completions(request: Request) -> Response:
-        return await handle(request, chat=True)
+        return await admitted(request, lambda raw: completion(request, raw, chat=True))
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        return await handle(request, chat=False)
+        return await admitted(request, lambda raw: completion(request, raw, chat=False))
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
-        request_id = request.scope["state"]["request_id"]
-        try:
-            raw = await request.body()
-            body = await run_in_threadpool(parse, raw, EmbeddingRequest)
-            texts = body.input
-            if isinstance(texts, list) and len(texts) > limits.max_embedding_inputs:
-                raise RequestError(400, f"at most {limits.max_embedding_inputs} inputs per request")
-            result = await run_in_threadpool(llm.create_embedding, texts, model_id)
-            if body.encoding_format == "base64":
-                for item in result["data"]:
-                    floats = np.asarray(item["embedding"], "<f4")
-                    item["embedding"] = base64.b64encode(floats.tobytes()).decode()
-            return JSONResponse(result)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer
-            status, body = _error(exc, request_id)
-            return _respond(status, body, {}, pool)
+        return await admitted(request, embed)
 
     @app.get("/v1/models")
     async def models() -> Any:
