@@ -385,6 +385,9 @@ class Llama:
             raise ValueError(f"seq_id must be below n_slots ({owner.n_slots}), got {seq_id}")
         if seq_id == 0:
             return owner
+        slot = owner._slots.get(seq_id)  # made once: finding it never waits for a running call
+        if slot is not None:
+            return slot
         with owner._lock:
             if seq_id not in owner._slots:
                 owner._slots[seq_id] = owner._new_slot(seq_id)

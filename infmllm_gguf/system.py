@@ -1,7 +1,8 @@
-"""Facts about the machine that llama.cpp's defaults need."""
+"""Facts about the machine that llama.cpp's defaults need, and the process's allocator."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -27,3 +28,23 @@ def physical_cores(cpus: set[int] | None = None, sysfs: Path = _SYSFS_CPU) -> in
         except OSError:
             return max(1, len(cpus))
     return max(1, len(cores))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
+
+
+def return_large_blocks() -> bool:
+    """Keep glibc serving blocks of 128 KiB and more with mmap, so that they go back to the
+    system when freed; returns whether it applied (glibc only).
+
+    By default glibc raises that threshold as such blocks are freed, after which they are
+    carved from per-thread arenas that seldom shrink: a server whose request threads copy
+    megabytes (a turn's state copy, every token's logits) then grows its resident memory with
+    each thread.  Meant for a process of our own (`infmllm-gguf serve`), not for a library import.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))

@@ -11,7 +11,9 @@ while the time to first token grows with the queue.
     python scripts/bench_server.py --quick     # 10 turns per client (minutes)
     python scripts/bench_server.py             # 100 turns per client
 
-Writes bench/results/server.json, server.csv and server.png.
+Writes bench/results/server.json, server.csv and server.png.  Two builds side by side: run once
+per build with its venv's Python and a label, into the same --out (rows merge by label and
+clients), e.g. --python ../old/.venv/bin/python --label before, then --label after.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from openai import OpenAI
-from results_io import RESULTS, write_results
+from results_io import RESULTS, merge_rows, write_results
 from tqdm import tqdm
 
 MODEL = "smollm2-135m"
@@ -47,7 +49,7 @@ def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Po
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "infmllm_gguf.cli", "serve", "--budget", str(args.budget), "--slots", "8",
+        args.python, "-m", "infmllm_gguf.cli", "serve", "--budget", str(args.budget), "--slots", "8",
         "--port", str(port), "--sessions-dir", sessions, "--max-queue", "16",
     ]  # fmt: skip
     # from the sessions folder: in the checkout Python would import the unbuilt sources
@@ -134,16 +136,22 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    clients = [r["clients"] for r in rows]
-    ax[0].plot(clients, [r["tokens_per_s"] for r in rows], "o-")
+    builds = list(dict.fromkeys(r["build"] for r in rows))
+    for build in builds:
+        mine = [r for r in rows if r["build"] == build]
+        name = f"{build}: " if len(builds) > 1 else ""
+        clients = [r["clients"] for r in mine]
+        ax[0].plot(clients, [r["tokens_per_s"] for r in mine], "o-", label=build)
+        ax[1].plot(clients, [r["ttft_p50_s"] for r in mine], "o-", label=f"{name}p50")
+        ax[1].plot(clients, [r["ttft_p95_s"] for r in mine], "s--", label=f"{name}p95")
+        for r in mine:
+            t, m = zip(*r["rss_trace"])
+            ax[2].plot(t, m, label=f"{name}{r['clients']} clients")
     ax[0].set(xlabel="concurrent clients", ylabel="generated tokens / s (all clients)", title="throughput")
-    ax[1].plot(clients, [r["ttft_p50_s"] for r in rows], "o-", label="p50")
-    ax[1].plot(clients, [r["ttft_p95_s"] for r in rows], "s--", label="p95")
+    if len(builds) > 1:
+        ax[0].legend()
     ax[1].set(xlabel="concurrent clients", ylabel="seconds", title="time to first token")
     ax[1].legend()
-    for r in rows:
-        t, m = zip(*r["rss_trace"])
-        ax[2].plot(t, m, label=f"{r['clients']} clients")
     ax[2].set(xlabel="seconds into the run", ylabel="server RSS (MB)", title="memory")
     ax[2].legend()
     for a in ax[:2]:
@@ -161,6 +169,13 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(RESULTS / "server"))
+    ap.add_argument(
+        "--python", default=sys.executable,
+        help="the Python whose infmllm-gguf serves (another venv's, to compare two builds)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--label", default=None, help="the build's name; rows of other labels in --out are kept (merged)"
+    )
     args = ap.parse_args()
     turns = 10 if args.quick else args.turns
     rows = []
@@ -171,7 +186,12 @@ def main() -> int:
         for clients in args.clients:
             proc, port = start_server(args, sessions)  # a fresh server per run: RSS from its start
             try:
-                rows.append(run(port, proc.pid, clients, turns, args.max_tokens, bar))
+                rows.append(
+                    {
+                        "build": args.label or "this build",
+                        **run(port, proc.pid, clients, turns, args.max_tokens, bar),
+                    }
+                )
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -187,8 +207,10 @@ def main() -> int:
         "slots": 8,
         "decoding": "serial",
     }
+    if args.label is not None:
+        rows = merge_rows(args.out, meta, rows, key=("build", "clients"))
     columns = [
-        "clients", "requests", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "rss_start_mb",
+        "build", "clients", "requests", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "rss_start_mb",
         "rss_end_mb", "rss_max_mb",
     ]  # fmt: skip
     out = write_results(args.out, meta, rows, columns)

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from infmllm_gguf.server.config import Access, Limits, ServerConfig
+from infmllm_gguf.system import return_large_blocks
 
 __all__ = ["Access", "Limits", "ServerConfig", "SlotPool", "make_app", "serve"]
 
@@ -42,6 +43,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> No
     from infmllm_gguf.server.sessions import SlotPool
 
     config.check_host(host)  # before the model loads: a refusal is immediate
+    return_large_blocks()  # resident memory stays flat while request threads come and go
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("infmllm-gguf serve: %(levelname)s %(message)s"))

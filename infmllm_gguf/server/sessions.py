@@ -88,9 +88,10 @@ class SlotPool:
         self._cond = threading.Condition()
         self._slots: list[str | None] = [None] * llm.n_slots
         self._convs: dict[str, Conversation] = {}
-        for i in range(llm.n_slots):
-            llm.slot(i).restart_on_divergence = False  # a diverged request is a 409, not a reset
-        self.slot_stats: list[dict[str, Any]] = [llm.slot(i).kv_stats() for i in range(llm.n_slots)]
+        self._sessions = [llm.slot(i) for i in range(llm.n_slots)]
+        for session in self._sessions:
+            session.restart_on_divergence = False  # a diverged request is a 409, not a reset
+        self.slot_stats: list[dict[str, Any]] = [session.kv_stats() for session in self._sessions]
         self.busy_slots = 0
         for tmp in self.dir.glob(".*.tmp"):  # a save cut short by a crash
             tmp.unlink(missing_ok=True)
@@ -124,7 +125,7 @@ class SlotPool:
             return self._convs.get(key) or self._new(key)
         best, best_common = None, 0
         for conv in [] if fresh else self._convs.values():
-            history = conv.history if conv.slot is None else self.llm.slot(conv.slot).history
+            history = conv.history if conv.slot is None else self._sessions[conv.slot].history
             m = min(len(history), len(prompt))
             diverge = np.flatnonzero(history[:m] != prompt[:m])
             common = int(diverge[0]) if len(diverge) else m
@@ -173,7 +174,7 @@ class SlotPool:
         failed = None
         for victim in sorted(idle, key=lambda c: c.last_used):
             slot = victim.slot
-            session = self.llm.slot(slot)
+            session = self._sessions[slot]
             try:
                 victim.nbytes = self._save(session, victim)
             except OSError as exc:
@@ -250,12 +251,12 @@ class SlotPool:
                 if conv.slot is None:
                     conv.slot = slot
                     self._slots[slot] = conv.key
-                    self._restore(self.llm.slot(slot), conv)
+                    self._restore(self._sessions[slot], conv)
                 self.busy_slots = sum(bool(k and self._convs[k].busy) for k in self._slots)
             except BaseException:
                 conv.busy -= 1
                 raise
-            return self.llm.slot(conv.slot), conv
+            return self._sessions[conv.slot], conv
 
     def release(self, conv: Conversation, stats: dict[str, Any] | None) -> None:
         """The request is done with conv; stats: its slot's kv_stats, taken under the session lock."""
@@ -277,7 +278,7 @@ class SlotPool:
                 if key is None:
                     continue
                 try:
-                    self._convs[key].nbytes = self._save(self.llm.slot(slot), self._convs[key])
+                    self._convs[key].nbytes = self._save(self._sessions[slot], self._convs[key])
                     self.metrics.sessions_saved += 1
                 except OSError:
                     pass  # logged by _save
