@@ -462,10 +462,9 @@ class Llama:
     def _token_ids(self, tokens: Iterable[Any]) -> list[int]:
         """tokens as a list of ids, each an int in [0, n_vocab); ValueError otherwise."""
         ids = list(tokens)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
-        bad += [t for t in ids if not bad and not 0 <= t < self._n_vocab]
-        if bad:
-            raise ValueError(f"token ids must be integers in [0, {self._n_vocab}), got {bad[0]!r}")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self._n_vocab:
+                raise ValueError(f"token ids must be integers in [0, {self._n_vocab}), got {t!r}")
         return [int(t) for t in ids]
 
     def _is_eog(self, token: int) -> bool:

@@ -31,6 +31,18 @@ class Boom(Exception):
     pass
 
 
+class BoomOnCall:
+    """A poll hook that raises Boom on its n-th call; `calls` counts them."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise Boom
+
+
 def make(model_path, policy, **kw) -> Llama:
     return Llama(model_path, n_ctx=2 * BUDGET, kv_policy=policy, n_threads=2, seed=7, debug=True, **kw)
 
@@ -53,16 +65,8 @@ def test_a_failed_turn_is_undone_exactly(model_path, policy, recall):
         llm.feed(text[:1500])
         llm.generate_text(8)
     before = state_of(a)
-    calls = 0
-
-    def poll() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 40:
-            raise Boom
-
     with pytest.raises(Boom):
-        with a.turn(poll=poll):
+        with a.turn(poll=BoomOnCall(40)):
             a.feed(text[1500:2600])  # several evictions
             a.generate_text(100, temperature=0.9)
     assert a.kv_stats()["evictions"] == b.kv_stats()["evictions"]
@@ -107,18 +111,11 @@ def test_stop_generation_ends_the_reply_as_length_and_keeps_it(model_path):
 
 def test_a_poll_raising_during_the_prompt_stops_it_between_pieces(model_path):
     llm = Llama(model_path, n_ctx=2 * BUDGET, kv_policy=InfMLLM(budget=BUDGET), n_batch=64, n_threads=2)
-    pieces = 0
-
-    def poll() -> None:
-        nonlocal pieces
-        pieces += 1
-        if pieces == 3:
-            raise Boom
-
+    poll = BoomOnCall(3)
     with pytest.raises(Boom):
         with llm.turn(poll=poll):
             llm.create_completion(genesis()[:3000], max_tokens=4)
-    assert pieces == 3 and llm.n_streamed == 0  # three pieces of 64 decoded (an eviction), undone
+    assert poll.calls == 3 and llm.n_streamed == 0  # three pieces of 64 decoded (an eviction), undone
 
 
 def test_a_streamed_turn_abandoned_midway_is_undone(model_path):

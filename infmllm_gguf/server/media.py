@@ -59,14 +59,14 @@ class MediaPolicy:
         return out
 
     def checked_url(self, url: str) -> str:
-        if url.startswith("data:"):
-            data = image_from_url(url)
-            if len(data) > self.max_bytes:
-                raise MediaError(f"an image of {len(data)} bytes exceeds the limit of {self.max_bytes}")
-            return url if self._check(data) is not None else _data_url(_as_png(data), "image/png")
-        data = self._read_local(url)
+        inline = url.startswith("data:")
+        data = image_from_url(url) if inline else self._read_local(url)
+        if len(data) > self.max_bytes:
+            raise MediaError(f"an image of {len(data)} bytes or more exceeds the limit of {self.max_bytes}")
         mime = self._check(data)
-        return _data_url(data, mime) if mime is not None else _data_url(_as_png(data), "image/png")
+        if mime is None:
+            return _data_url(_as_png(data), "image/png")
+        return url if inline else _data_url(data, mime)
 
     def _read_local(self, url: str) -> bytes:
         scheme = urllib.parse.urlsplit(url).scheme.lower()
@@ -87,12 +87,9 @@ class MediaPolicy:
         try:
             fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(fd, "rb") as fh:
-                data = fh.read(self.max_bytes + 1)
+                return fh.read(self.max_bytes + 1)  # one byte more tells it is too large
         except OSError as exc:
             raise MediaError(f"cannot read the image file {str(path)!r}: {exc.strerror}") from None
-        if len(data) > self.max_bytes:
-            raise MediaError(f"the image file {str(path)!r} exceeds the limit of {self.max_bytes} bytes")
-        return data
 
     def _check(self, data: bytes) -> str | None:
         """The image's MIME type (None for WebP) after the magic, header and pixel checks."""

@@ -252,7 +252,7 @@ class SlotPool:
                     conv.slot = slot
                     self._slots[slot] = conv.key
                     self._restore(self._sessions[slot], conv)
-                self.busy_slots = sum(bool(k and self._convs[k].busy) for k in self._slots)
+                self._count_busy()
             except BaseException:
                 conv.busy -= 1
                 raise
@@ -267,8 +267,11 @@ class SlotPool:
                 snapshot = list(self.slot_stats)
                 snapshot[conv.slot] = stats
                 self.slot_stats = snapshot
-            self.busy_slots = sum(bool(k and self._convs[k].busy) for k in self._slots)
+            self._count_busy()
             self._cond.notify_all()
+
+    def _count_busy(self) -> None:
+        self.busy_slots = sum(bool(k and self._convs[k].busy) for k in self._slots)
 
     def save_all(self) -> None:
         """Save every conversation in a slot (at shutdown), each on its own: one failure is logged
