@@ -110,10 +110,30 @@ class Rope:
 
 
 class KVCache:
-    """Scoring, read-back, eviction, compaction and row transfers on one llama_context."""
+    """Scoring, read-back, eviction, compaction and row transfers on one llama_context: the one
+    caller of llama.cpp's memory and state functions, shared by every sequence of the context."""
 
     def __init__(self, ctx: int):
         self.ctx = ctx
+
+    def remove(self, seq_id: int, first_pos: int = -1, end_pos: int = -1) -> bool:
+        """Remove the sequence's cells at positions [first_pos, end_pos) (-1: open-ended);
+        False where llama.cpp cannot remove part of a sequence (a recurrent memory)."""
+        return bool(lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), seq_id, first_pos, end_pos))
+
+    def save_sequence(self, seq_id: int) -> np.ndarray:
+        """The sequence's cells as llama.cpp saves them (positions, K and V), as bytes."""
+        size = lc.llama_state_seq_get_size(self.ctx, seq_id)
+        data = np.empty(size, np.uint8)
+        got = lc.llama_state_seq_get_data(self.ctx, data.ctypes.data_as(_U8P), size, seq_id)
+        if got != size:
+            raise RuntimeError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+        return data
+
+    def load_sequence(self, data: np.ndarray, seq_id: int) -> bool:
+        """Load what save_sequence gave into the (empty) sequence; False where llama.cpp refused it."""
+        data = np.ascontiguousarray(data, np.uint8)
+        return lc.llama_state_seq_set_data(self.ctx, data.ctypes.data_as(_U8P), len(data), seq_id) != 0
 
     def set_scoring(self, n_score_queries: int) -> None:
         """0: off; n > 0: last n query rows of each ubatch; -1: all rows (accumulated per decode)."""

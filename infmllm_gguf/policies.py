@@ -68,6 +68,11 @@ class KVPolicy:
         return 0
 
     @property
+    def evicts(self) -> bool:
+        """False only for the policy that keeps everything (its cache is n_ctx cells)."""
+        return True
+
+    @property
     def capacity(self) -> int:
         """Cells the cache may hold before an eviction round."""
         return self.budget + self.chunk
@@ -131,6 +136,10 @@ class FullCache(KVPolicy):
 
     def __post_init__(self) -> None:
         self.chunk = 0
+
+    @property
+    def evicts(self) -> bool:
+        return False
 
     @property
     def capacity(self) -> int:

@@ -38,7 +38,7 @@ import numpy as np
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, CellView, KVCache, NativeError
-from infmllm_gguf.policies import FullCache, KVPolicy
+from infmllm_gguf.policies import KVPolicy
 from infmllm_gguf.recall import TEXT_GRAMS, PageStore, Recall, RecallError, one_blas_thread, text_matches
 
 
@@ -108,11 +108,12 @@ def _subview(view: CellView, mask: np.ndarray) -> CellView:
 
 
 class Stream:
-    """One sequence of `ctx` under `policy`; owned by a `Llama`, which serialises calls to it."""
+    """One sequence of a context (reached through its `kv`) under `policy`; owned by a `Session`,
+    whose engine serialises calls to it."""
 
     def __init__(
         self,
-        ctx: int,
+        kv: KVCache,
         policy: KVPolicy,
         n_ctx: int,
         n_vocab: int,
@@ -122,7 +123,7 @@ class Stream:
         seq_id: int = 0,
         recall: Recall | None = None,
     ):
-        self.ctx = ctx
+        ctx = self.ctx = kv.ctx
         self.policy = policy
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab
@@ -130,7 +131,7 @@ class Stream:
         self.seq_id = seq_id
         self.debug = debug
         self._guard = guard
-        self.kv = KVCache(ctx)
+        self.kv = kv
         self.n_batch = lc.llama_n_batch(ctx)
         self.n_ubatch = lc.llama_n_ubatch(ctx)
         self._batch = Batch(self.n_batch)
@@ -170,7 +171,7 @@ class Stream:
         """Start a new, empty stream."""
         self._before_change()
         with self._guard.atomic():
-            lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, -1, -1)
+            self.kv.remove(self.seq_id, -1, -1)
             self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
             self._n_history = 0
             self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
@@ -182,8 +183,9 @@ class Stream:
             self.last_logits: np.ndarray | None = None
             self.stats = StreamStats()
             # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
-            # FullCache keeps none (and runs caches that have no plain cells: iSWA, recurrent)
-            self.policy.reset(self.n_ctx if isinstance(self.policy, FullCache) else self.kv.size)
+            # a policy that keeps everything keeps none (and runs caches without plain cells: iSWA,
+            # recurrent)
+            self.policy.reset(self.n_ctx if not self.policy.evicts else self.kv.size)
             if self.store is not None:
                 self.store.clear()
                 self.kv.clear_queries(self.seq_id)
@@ -212,12 +214,12 @@ class Stream:
 
     @property
     def capacity(self) -> int:
-        return self.n_ctx if isinstance(self.policy, FullCache) else self.policy.capacity
+        return self.n_ctx if not self.policy.evicts else self.policy.capacity
 
     @property
     def repositions(self) -> bool:
         """Whether kept cells are compacted to positions 0..n-1 after each eviction."""
-        return self.policy.reposition and not isinstance(self.policy, FullCache)
+        return self.policy.reposition and self.policy.evicts
 
     @property
     def n_recalled(self) -> int:
@@ -253,13 +255,7 @@ class Stream:
         sequence (positions, K and V) and the cells holding them, history, per-cell records, last
         logits, the policy's state, the recall store and the captured queries (a turn fed but
         not yet answered recalls with them after a restore)."""
-        size = lc.llama_state_seq_get_size(self.ctx, self.seq_id)
-        cells = np.empty(size, np.uint8)
-        got = lc.llama_state_seq_get_data(
-            self.ctx, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, self.seq_id
-        )
-        if got != size:
-            raise RuntimeError(f"llama_state_seq_get_data wrote {got} of {size} bytes")
+        cells = self.kv.save_sequence(self.seq_id)
         facts = {
             "n_history": self._n_history,
             "next_pos": self.next_pos,
@@ -312,14 +308,11 @@ class Stream:
             raise ValueError("the saved captured queries do not fit this session's recall tier")
         stats = StreamStats(**facts["stats"])
         self._before_change()
-        cells = np.ascontiguousarray(arrays["cells"], np.uint8)
         with self._guard.atomic():
             self.reset()
-            got = lc.llama_state_seq_set_data(
-                self.ctx, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), len(cells), self.seq_id
-            )
+            loaded = self.kv.load_sequence(arrays["cells"], self.seq_id)
             view = self.kv.cells(self.seq_id)
-            if got == 0 or len(view.cells) != n:
+            if not loaded or len(view.cells) != n:
                 self.reset()
                 raise ValueError("llama.cpp refused the saved cells (another model, n_ctx or K/V type?)")
             layout = arrays.get("layout")
@@ -427,7 +420,7 @@ class Stream:
 
     def check_image_fits(self, n: int, non_causal: bool = False) -> None:
         """Raise ValueError unless an image of n cells can be decoded whole into this stream now."""
-        if not isinstance(self.policy, FullCache) and n > self.policy.budget:
+        if self.policy.evicts and n > self.policy.budget:
             raise ValueError(
                 f"an image of {n} tokens cannot fit in the budget of {self.policy.budget} cells; "
                 "raise the budget or use a smaller image"
@@ -440,7 +433,7 @@ class Stream:
 
     def check_room(self, n_cells: int, n_positions: int) -> None:
         """Raise ContextFullError unless n_cells more cells taking n_positions positions fit."""
-        if isinstance(self.policy, FullCache) and self.n_cached + n_cells > self.n_ctx:
+        if not self.policy.evicts and self.n_cached + n_cells > self.n_ctx:
             raise ContextFullError(
                 f"the stream would hold {self.n_cached + n_cells} cells but n_ctx is {self.n_ctx} "
                 "and kv_policy is 'full'; use an evicting policy (e.g. 'infmllm') for endless streams"
@@ -480,7 +473,7 @@ class Stream:
                 # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
                 # an M-RoPE image's cells all sit at its first (t) position
                 first = int(positions.min() if positions.ndim == 1 else positions[0].min())
-                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first, -1)
+                self.kv.remove(self.seq_id, first, -1)
                 raise
             max_pos = int(positions.max() if positions.ndim == 1 else positions[:3].max())  # t, y, x
             self._record(
@@ -752,7 +745,7 @@ class Stream:
         done = first
         with self._unit():
             try:
-                if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first, -1):
+                if not self.kv.remove(self.seq_id, first, -1):
                     raise RuntimeError("the cache refused to remove the cells to decode again")
                 for i in range(0, len(keys), self.n_batch):
                     piece = keys[i : i + self.n_batch]
@@ -760,7 +753,7 @@ class Stream:
                     self._batch_decode(self._batch, piece, pos, no_logits[: len(piece)])
                     done += len(piece)
             except BaseException:
-                lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, done, -1)
+                self.kv.remove(self.seq_id, done, -1)
                 self.policy.forget(view.cells[first:])  # cells decoded again start without scores
                 self.stats.n_evicted += int((~self._recalled[done:]).sum())
                 self._stream_index = self._stream_index[:done]
@@ -857,7 +850,7 @@ class Stream:
         view = self.kv.cells(self.seq_id)
         first_pos = int(view.positions[first])  # == first, unless M-RoPE images came before
         with self._unit():
-            if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx), self.seq_id, first_pos, -1):
+            if not self.kv.remove(self.seq_id, first_pos, -1):
                 return False
             self.policy.forget(view.cells[first:])
             self._n_history = n_keep

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 
 def time_marker(seconds: float) -> str:
@@ -114,3 +116,44 @@ def expected_frames(source: str | os.PathLike | Iterable[Any], fps: float) -> in
         except Exception:  # only a progress bar's total depends on it
             return None
     return len(source) if hasattr(source, "__len__") else None
+
+
+def feed_frames(
+    frames: Iterator[tuple[float, Any]],
+    feed_frame: Callable[[float, Any], int],
+    stream: Any,
+    total: int | None,
+    on_frame: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Feed (time, frame) pairs through feed_frame (which returns the cells fed) into stream,
+    with a progress bar and on_frame(stats) after each; returns the run's stats."""
+    st = stream.stats
+    evictions_before, t0 = st.evictions, time.perf_counter()
+    n_frames = n_cells = 0
+    t = 0.0
+    with tqdm(total=total, unit="frame", desc="video", disable=not progress) as bar:
+        for t, frame in frames:
+            n_cells += feed_frame(t, frame)
+            n_frames += 1
+            info = {
+                "frame": n_frames,
+                "time": t,
+                "n_cached": stream.n_cached,
+                "evictions": st.evictions - evictions_before,
+                "seconds_per_frame": (time.perf_counter() - t0) / n_frames,
+            }
+            bar.update()
+            bar.set_postfix(t=time_marker(t), cached=info["n_cached"], evictions=info["evictions"])
+            if on_frame is not None:
+                on_frame(info)
+    seconds = time.perf_counter() - t0
+    return {
+        "frames": n_frames,
+        "video_seconds": t,
+        "cells": n_cells,
+        "seconds": seconds,
+        "seconds_per_frame": seconds / n_frames,
+        "evictions": st.evictions - evictions_before,
+        "n_cached": stream.n_cached,
+    }

@@ -496,19 +496,19 @@ def _mtmd_reference(ref: Llama, prompt: str, image: np.ndarray) -> tuple[np.ndar
     (the last logits, the next position)."""
     from infmllm_gguf.vision import mt
 
-    mctx = ref._projector._ctx
+    mctx = ref.engine.projector._ctx
     chunks = mt.mtmd_input_chunks_init()
     try:
-        with ref._projector.bitmap(image) as bmp:
+        with ref.engine.projector.bitmap(image) as bmp:
             data = prompt.encode()
             text = mt.mtmd_input_text(data, len(data), True, True)
             bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bmp)
             assert mt.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
         n_past = lc.llama_pos(0)
-        assert mt.mtmd_helper_eval_chunks(mctx, ref._ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        assert mt.mtmd_helper_eval_chunks(mctx, ref.engine.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
     finally:
         mt.mtmd_input_chunks_free(chunks)
-    return logits_of(ref._ctx, ref._model.model), n_past.value
+    return logits_of(ref.engine.ctx, ref.engine.model.model), n_past.value
 
 
 def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str, mrope_mmproj: str) -> None:
@@ -518,27 +518,27 @@ def test_mrope_images_stream_in_a_full_cache_as_mtmd_feeds_them(mrope_gguf: str,
     llm, ref = _vlm_pair(mrope_gguf, mrope_mmproj)
     try:
         image = _picture(0)
-        prompt = f"A picture: {ref._projector.marker} and what it shows"
-        parts = llm._projector.tokenize(prompt, [image], add_special=True)
+        prompt = f"A picture: {ref.engine.projector.marker} and what it shows"
+        parts = llm.engine.projector.tokenize(prompt, [image], add_special=True)
         (picture,) = [p for p in parts if not hasattr(p, "tokens")]
         assert picture.n_pos < picture.n_tokens  # the merger's grid: max(w, h) positions, w * h cells
-        llm._feed_parts(parts)
+        llm.session.feed_parts(parts)
         n_cells = sum(len(p) for p in parts)
         assert llm.n_cached == n_cells
-        assert llm._stream.next_pos == n_cells - picture.n_tokens + picture.n_pos
+        assert llm.session.stream.next_pos == n_cells - picture.n_tokens + picture.n_pos
         llm.check_invariants()
         expected, n_past = _mtmd_reference(ref, prompt, image)
-        assert n_past == llm._stream.next_pos
-        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+        assert n_past == llm.session.stream.next_pos
+        np.testing.assert_allclose(llm.session.stream.last_logits, expected, rtol=1e-4, atol=1e-4)
 
         # text goes on; a rewind to before the image gives its positions back, and feeding it
         # again gives the same logits
         llm.feed(" and more text", add_bos=False)
         assert llm.rewind(len(parts[0]))
-        assert llm._stream.next_pos == llm.n_cached == len(parts[0])
+        assert llm.session.stream.next_pos == llm.n_cached == len(parts[0])
         llm.check_invariants()
-        llm._feed_parts(parts[1:])
-        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+        llm.session.feed_parts(parts[1:])
+        np.testing.assert_allclose(llm.session.stream.last_logits, expected, rtol=1e-4, atol=1e-4)
         assert llm.n_streamed == n_cells
     finally:
         llm.close()
@@ -551,15 +551,15 @@ def test_gemma3_images_attend_non_causally_in_a_full_iswa_cache(iswa_gguf: str, 
     llm, ref = _vlm_pair(iswa_gguf, gemma3_mmproj)
     try:
         image = _picture(1)
-        prompt = f"A picture: {ref._projector.marker} and what it shows"
-        parts = llm._projector.tokenize(prompt, [image], add_special=True)
+        prompt = f"A picture: {ref.engine.projector.marker} and what it shows"
+        parts = llm.engine.projector.tokenize(prompt, [image], add_special=True)
         assert any(getattr(p, "non_causal", False) for p in parts)
-        llm._feed_parts(parts)
+        llm.session.feed_parts(parts)
         expected, n_past = _mtmd_reference(ref, prompt, image)
         assert n_past == llm.n_cached == sum(len(p) for p in parts)
-        np.testing.assert_allclose(llm._stream.last_logits, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(llm.session.stream.last_logits, expected, rtol=1e-4, atol=1e-4)
         llm.feed(" and more text", add_bos=False)
-        assert np.isfinite(llm._stream.last_logits).all()
+        assert np.isfinite(llm.session.stream.last_logits).all()
     finally:
         llm.close()
         ref.close()
@@ -589,7 +589,7 @@ def test_mrope_text_evicts_without_repositioning_like_a_replay(
     tokens = np.resize(np.arange(300, 700), 900)
     replay_evictions(llm, ref, tokens)
     assert llm.kv_stats()["evictions"] >= 20 and llm.kv_stats()["max_pos"] == len(tokens) - 1
-    np.testing.assert_allclose(llm._stream.last_logits, logits_of(ref, model), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(llm.session.stream.last_logits, logits_of(ref, model), rtol=1e-4, atol=1e-4)
     llm.close()
 
 
@@ -604,16 +604,16 @@ def test_mrope_image_cells_evicted_together_equal_llama_cpps_seq_rm(
             session.feed("Before the picture")
             session.feed_image(_picture(2))
             session.feed(" after it", add_bos=False)
-        view = llm._stream.view()
+        view = llm.session.stream.view()
         image = view.is_image
         p0 = int(view.positions[image][0])
         assert np.all(view.positions[image] == p0) and image.sum() == 12
-        llm._stream.kv.evict_cells(view.cells[image])
-        assert lc.llama_memory_seq_rm(lc.llama_get_memory(ref._ctx), 0, p0, p0 + 1)
+        llm.session.stream.kv.evict_cells(view.cells[image])
+        assert lc.llama_memory_seq_rm(lc.llama_get_memory(ref.engine.ctx), 0, p0, p0 + 1)
         logits = []
         for session in (llm, ref):
-            decode(session._ctx, [42], [session._stream.next_pos])
-            logits.append(logits_of(session._ctx, session._model.model))
+            decode(session.engine.ctx, [42], [session.session.stream.next_pos])
+            logits.append(logits_of(session.engine.ctx, session.engine.model.model))
         np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     finally:
         llm.close()
@@ -631,23 +631,23 @@ def test_mrope_video_streams_far_past_the_cache_without_repositioning(
     try:
         frames = 0
         while True:
-            before, streamed = llm._stream.next_pos, llm.n_streamed
+            before, streamed = llm.session.stream.next_pos, llm.n_streamed
             try:
                 llm.feed_image(_picture(frames))
                 # 12 cells (a 4 x 3 grid of merged patches) take 4 positions, its longer side
-                assert (llm.n_streamed - streamed) - (llm._stream.next_pos - before) == 12 - 4
+                assert (llm.n_streamed - streamed) - (llm.session.stream.next_pos - before) == 12 - 4
                 frames += 1
-                before, streamed = llm._stream.next_pos, llm.n_streamed
+                before, streamed = llm.session.stream.next_pos, llm.n_streamed
                 llm.feed(f" frame {frames}.", add_bos=False)
             except ContextFullError as exc:
                 assert "trained for 1024" in str(exc)
-                assert (llm._stream.next_pos, llm.n_streamed) == (before, streamed)  # nothing fed
+                assert (llm.session.stream.next_pos, llm.n_streamed) == (before, streamed)  # nothing fed
                 break
         stats = llm.kv_stats()
         assert stats["images"] == frames >= 40 and stats["evictions"] >= 20
         assert stats["n_cached"] <= llm.policy.capacity and stats["max_pos"] > 1000
         assert stats["n_streamed"] - stats["max_pos"] > 8 * 40  # the cells images took beyond positions
-        assert np.isfinite(llm._stream.last_logits).all()
+        assert np.isfinite(llm.session.stream.last_logits).all()
         llm.reset()
         llm.feed("Again from the start")
         assert llm.kv_stats()["max_pos"] == llm.n_cached - 1
@@ -737,7 +737,7 @@ def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: 
         debug=True,
     )
     llm.eval(tokens)
-    assert llm.kv_stats()["evictions"] >= 15 and np.isfinite(llm._stream.last_logits).all()
+    assert llm.kv_stats()["evictions"] >= 15 and np.isfinite(llm.session.stream.last_logits).all()
     llm.eval(tokens[100:120])  # an early passage again: a turn whose queries find its pages
     llm.generate_text(max_tokens=4)
     stats = llm.kv_stats()
@@ -747,7 +747,7 @@ def test_each_family_streams_with_eviction_both_ways(make_tiny_ctx, plain_gguf: 
     llm = Llama(plain_gguf, n_ctx=256, kv_policy=policy, n_threads=N_THREADS, debug=True)
     model, ref = make_tiny_ctx(plain_gguf, n_ctx=1024, n_batch=512)
     replay_evictions(llm, ref, tokens)
-    np.testing.assert_array_equal(llm._stream.last_logits, logits_of(ref, model))
+    np.testing.assert_array_equal(llm.session.stream.last_logits, logits_of(ref, model))
     llm.close()
 
 
@@ -770,7 +770,7 @@ def test_iswa_evicts_from_both_halves_like_a_replay(
     model, ref = make_tiny_ctx(path, n_ctx=1024, n_batch=512, swa_full=swa_full)
     replay_evictions(llm, ref, np.resize(np.arange(300, 800), 600))
     assert llm.kv_stats()["evictions"] >= 20
-    np.testing.assert_array_equal(llm._stream.last_logits, logits_of(ref, model))
+    np.testing.assert_array_equal(llm.session.stream.last_logits, logits_of(ref, model))
     llm.close()
 
 
@@ -815,13 +815,13 @@ def test_iswa_streams_with_every_policy(request: pytest.FixtureRequest, gguf_fix
     llm.eval(np.resize(np.arange(300, 800), 600))
     stats = llm.kv_stats()
     assert stats["evictions"] >= 30 and stats["max_pos"] == stats["n_cached"] - 1
-    mem = lc.llama_get_memory(llm._ctx)
+    mem = lc.llama_get_memory(llm.engine.ctx)
     assert lc.llama_memory_seq_pos_max(mem, 0) == stats["n_cached"] - 1  # the sliding-window half's
     if name == "h2o":  # scores every decode: the latest were read back from the full-attention layer
-        scores = llm._stream.view().scores
+        scores = llm.session.stream.view().scores
         rows = (600 - llm.policy.capacity) % llm.policy.chunk or llm.policy.chunk  # the last decode's
         assert np.all(scores >= 0) and scores.sum() == pytest.approx(N_HEAD * rows, rel=1e-4)
-    assert np.isfinite(llm._stream.last_logits).all()
+    assert np.isfinite(llm.session.stream.last_logits).all()
     llm.close()
 
 
@@ -869,10 +869,10 @@ def test_gemma3_images_stream_with_eviction_and_are_scored_both_ways(
     for causal in (False, True):
         llm = Llama(iswa_gguf, kv_policy=H2O(budget=128), **kwargs)
         llm.feed("A picture:")
-        parts = llm._projector.tokenize(llm._projector.marker, [_picture(0)], add_special=False)
+        parts = llm.engine.projector.tokenize(llm.engine.projector.marker, [_picture(0)], add_special=False)
         (part,) = [p for p in parts if isinstance(p, ImagePart)]
-        llm._stream.feed_embeddings(llm._projector.encode(part), part.key, non_causal=not causal)
-        view = llm._stream.view()
+        llm.session.stream.feed_embeddings(llm.engine.projector.encode(part), part.key, non_causal=not causal)
+        view = llm.session.stream.view()
         last_image_cell.append(float(view.scores[np.flatnonzero(view.is_image)[-1]]))
         llm.close()
     assert last_image_cell[0] > 2 * last_image_cell[1]

@@ -141,7 +141,7 @@ def test_eviction_on_the_gpu_equals_a_replay_with_seq_rm(make_ctx, small_gguf: s
     model, ref = make_ctx(flash_attn=flash_attn, n_ctx=1024)
     replay_evictions(llm, ref, _tokens(300))
     assert llm.kv_stats()["evictions"] >= 10
-    np.testing.assert_allclose(llm._stream.last_logits, logits_of(ref, model), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(llm.session.stream.last_logits, logits_of(ref, model), rtol=1e-2, atol=1e-2)
     llm.close()
 
 
@@ -162,7 +162,7 @@ def test_a_stream_on_the_gpu_keeps_what_the_cpu_keeps(gpu: str, small_gguf: str,
             debug=True,
         )
         llm.eval(_tokens(700, seed=1))
-        assert llm.kv_stats()["evictions"] >= 30 and np.isfinite(llm._stream.last_logits).all()
+        assert llm.kv_stats()["evictions"] >= 30 and np.isfinite(llm.session.stream.last_logits).all()
         kept.append(llm.cached_stream_indices())
         llm.close()
     assert len(np.intersect1d(*kept)) >= 0.95 * len(kept[1])
@@ -225,7 +225,7 @@ def test_image_cells_on_the_gpu(gpu: str, small_gguf: str, small_mmproj: str, fl
         llm.feed("A picture:")
         assert llm.feed_image(_picture(0)) == 16
         llm.feed("and after it.")
-        logits.append(llm._stream.last_logits.copy())
+        logits.append(llm.session.stream.last_logits.copy())
         if layers == N_GPU_LAYERS:
             for i in range(12):
                 llm.feed_image(_picture(i + 1), prompt=f"frame {i}")

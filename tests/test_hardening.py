@@ -73,9 +73,9 @@ def test_refused_embedding_inputs_leave_the_batch_empty(llm):
     long = "word " * 600
     alone = llm.embed(["hello"])
     with pytest.raises(ValueError):
-        llm._embedder.embed([[1] * 10, []], False)  # the second is refused before the batch is touched
+        llm.engine.embedder.embed([[1] * 10, []], False)  # the second is refused before the batch is touched
     with pytest.raises(ValueError):
-        llm._embedder.embed([[1] * 10, [1] * 10_000], False)
+        llm.engine.embedder.embed([[1] * 10, [1] * 10_000], False)
     assert llm.embed([long])  # truncated to n_batch
     assert np.allclose(llm.embed(["hello"]), alone)
     both = llm.embed(["hello", long, "hello"])

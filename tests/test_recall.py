@@ -98,7 +98,7 @@ def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     re-rotated, checked natively), and every stored page holds evicted tokens only."""
     llm = _llm(Recall())
     passkey_trial(llm, filler, 3 * BUDGET, 0.3, "13579")
-    st = llm._stream
+    st = llm.session.stream
     assert st.n_recalled > 0
     view = st.kv.cells()
     rec = st._recalled
@@ -177,11 +177,11 @@ def test_a_turn_gives_the_log_probs_of_the_tokens_it_decodes_again(filler):
     pages in place; their log-probs (but the first's) come back, as a stream's would."""
     llm = _llm(Recall(when="turn"))
     lp = llm.stream_logprobs([1] + filler[:100])
-    again = llm._stream.recall_turn()  # nothing stored yet: the same cache, the same predictions
+    again = llm.session.stream.recall_turn()  # nothing stored yet: the same cache, the same predictions
     np.testing.assert_allclose(again, lp[-7:], atol=2e-3)
-    assert llm._stream.recall_turn() is None  # nothing new since that turn
+    assert llm.session.stream.recall_turn() is None  # nothing new since that turn
     llm.stream_logprobs(filler[100 : 100 + 3 * BUDGET])
-    again = llm._stream.recall_turn()
+    again = llm.session.stream.recall_turn()
     assert again.shape == (7,) and np.isfinite(again).all() and (again <= 0).all()
     assert llm.kv_stats()["recalls"] == 1
     llm.close()
@@ -192,7 +192,7 @@ def test_chosen_pages_come_before_any_neighbour(filler):
     would fill the room: neighbours only take what the chosen pages leave."""
     llm = _llm(Recall())
     llm.eval([1] + filler[: 3 * BUDGET])
-    store, page = llm._stream.store, Recall().page
+    store, page = llm.session.stream.store, Recall().page
     best = [int(p) for p in store.page_ids()[[2, 6, 10, 14]]]
     assert store.with_neighbours(best, 4 * page) == best
     assert store.with_neighbours(best, 6 * page) == [*best, best[0] + 1, best[0] - 1]
@@ -205,7 +205,7 @@ def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
     plain neighbour."""
     llm = _llm(Recall())
     llm.eval([1] + filler[: 3 * BUDGET])
-    store, page = llm._stream.store, Recall().page
+    store, page = llm.session.stream.store, Recall().page
     p = int(store.page_ids()[10])
     runs = store.with_runs([p], {p - 2, p - 1, p + 1, p + 3})
     assert runs == [p, p + 1, p - 1, p - 2]
@@ -250,9 +250,9 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.2, "58213")
     llm.eval(tokens)
     state = llm.save_state()
-    shift = len(tokens) - llm._stream.next_pos  # before the question's turn evicts and compacts
+    shift = len(tokens) - llm.session.stream.next_pos  # before the question's turn evicts and compacts
     llm.generate_text(max_tokens=2)
-    store = llm._stream.store
+    store = llm.session.stream.store
     rope, got_shift = seen["attention"]
     assert got_shift == shift > 2 * BUDGET
     exported = store.export()
@@ -299,7 +299,7 @@ def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
     result = passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
     assert result["needle_whole"], result
     peak, attention, both = picks["peak"][0], picks["attention"][0], picks["both"]
-    stored = set(llm._stream.store.page_ids().tolist())
+    stored = set(llm.session.stream.store.page_ids().tolist())
     unit = [p for p in (peak, peak + 1, peak - 1) if p in stored]
     assert peak != attention and both[: len(unit) + 1] == [*unit, attention]
     page = Recall().page
@@ -393,7 +393,7 @@ def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler, recall):
     fresh = Llama(n_ctx=llm.n_cached + 64, kv_policy="full", seed=0, recall=None)
     fresh.eval(tokens)
     # layer 0 of the cells at positions 0..n-1 of each
-    got, want = (f16_keys(x._stream.kv, x.n_cached)[0] for x in (llm, fresh))
+    got, want = (f16_keys(x.session.stream.kv, x.n_cached)[0] for x in (llm, fresh))
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 4e-3 * scale
     assert np.abs(got[1:] - want[:-1]).max() > 0.1 * scale  # the check can fail: one position off
@@ -407,16 +407,16 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     cells before them computes, and the recalled ones no longer hold their stored rows."""
     llm = _llm(Recall(reencode=True))
     passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
-    st = llm._stream
+    st = llm.session.stream
     assert llm.kv_stats()["recalls"] == 1 and st.n_recalled > 0
     first, n = int(np.argmax(st._recalled)), st.n_cached
     n_layer, k_bytes, v_bytes = st.store.n_layer, st.store.k_bytes, st.store.v_bytes
     k, v = (x.reshape(n_layer, n, -1) for x in st.kv.read_rows(np.arange(n), k_bytes, v_bytes))
 
     ref = Llama(n_ctx=n + 64, kv_policy="full", seed=0)
-    kv = ref._stream.kv
+    kv = ref.session.stream.kv
     kv.write_rows(np.arange(first), k[:, :first].ravel(), v[:, :first].ravel())
-    decode(ref._stream.ctx, llm.history[st._stream_index[first:]], np.arange(first, n))
+    decode(ref.session.stream.ctx, llm.history[st._stream_index[first:]], np.arange(first, n))
     rk, rv = (x.reshape(n_layer, n, -1) for x in kv.read_rows(np.arange(n), k_bytes, v_bytes))
     for got, want in ((k, rk), (v, rv)):
         got, want = (x[:, first:].view(np.float16).astype(np.float32) for x in (got, want))
@@ -437,7 +437,7 @@ def test_store_is_bounded_by_dropping_oldest_pages(filler):
     llm.eval([1] + filler[: 6 * BUDGET])
     stats = llm.kv_stats()
     assert stats["pages_dropped"] > 0 and stats["store_mb"] <= 2
-    stored = llm._stream.store.page_ids()
+    stored = llm.session.stream.store.page_ids()
     assert stored.min() > 0  # the oldest went first
     llm.generate_text(max_tokens=2)  # recall still works over what is left
     llm.reset()
@@ -453,7 +453,7 @@ def test_spilled_pages_come_back_and_a_corrupt_spill_is_refused_once(filler, tmp
 
     llm.reset()
     llm.eval([1] + filler[: 4 * BUDGET])
-    spill = llm._stream.store._spill_file
+    spill = llm.session.stream.store._spill_file
     with open(spill.name, "r+b") as fh:  # damage every spilled byte
         size = fh.seek(0, 2)
         fh.seek(0)

@@ -141,7 +141,7 @@ def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path,
         except KeyboardInterrupt:
             pass
         llm.check_invariants()
-    st = llm._stream
+    st = llm.session.stream
     own = set(st.stream_index[~st._recalled].tolist())
     for pid in st.store.page_ids():  # the store never holds a cell the policy still caches
         assert not own & set(st.store._pages[int(pid)].stream_index.tolist())
@@ -166,7 +166,7 @@ def test_ctrl_c_stops_a_long_prefill_inside_the_decode(model_path, tokens):
     llm.eval(tokens[8:40])
     fresh = Llama(model_path, n_ctx=2048, kv_policy="full", n_batch=1024)
     fresh.eval(tokens[:40])
-    np.testing.assert_allclose(llm._stream.last_logits, fresh._stream.last_logits, atol=2e-3)
+    np.testing.assert_allclose(llm.session.stream.last_logits, fresh.session.stream.last_logits, atol=2e-3)
     llm.close()
     fresh.close()
 
@@ -182,13 +182,13 @@ def test_ctrl_c_inside_an_image_takes_the_whole_image_back(model_path, tmp_path)
     llm = Llama(model_path, n_ctx=2048, kv_policy="full", n_batch=256, mmproj_path=mmproj, debug=True)
     try:
         llm.feed("A picture:")
-        history, logits = llm.history.copy(), llm._stream.last_logits.copy()
+        history, logits = llm.history.copy(), llm.session.stream.last_logits.copy()
         timer = Interrupter(1.6).start()  # each batch takes about a second on 2 cores
         with pytest.raises(KeyboardInterrupt):
             llm.feed_image(picture)
             timer.settle()
         assert np.array_equal(llm.history, history)
-        np.testing.assert_array_equal(llm._stream.last_logits, logits)
+        np.testing.assert_array_equal(llm.session.stream.last_logits, logits)
         llm.check_invariants()
         assert llm.feed_image(picture) == 1024 and llm.n_cached == len(history) + 1024
     finally:
@@ -217,7 +217,7 @@ def test_stop_string_spanning_tokens_cuts_plain_and_streamed(model_path):
     free = llm.create_completion(prompt, max_tokens=32, temperature=0.0)
     text = free["choices"][0]["text"]
     generated = llm.history[-free["usage"]["completion_tokens"] :]
-    pieces = [llm._piece(int(t)).decode("utf-8", "ignore") for t in generated]
+    pieces = [llm.engine.piece(int(t)).decode("utf-8", "ignore") for t in generated]
     k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
     stop = pieces[k][-2:] + pieces[k + 1][:2]  # two characters on each side of a token boundary
     expected = text[: text.find(stop)]

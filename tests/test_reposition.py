@@ -39,9 +39,9 @@ def test_kept_cells_keep_their_positions_and_give_a_replays_logits(
     stats = llm.kv_stats()
     assert stats["evictions"] >= 10 and stats["n_cached"] <= llm.policy.capacity
     assert stats["max_pos"] == len(tokens) - 1  # positions went on past n_ctx
-    assert np.array_equal(llm._stream.kv.cells().positions, llm.cached_stream_indices())
+    assert np.array_equal(llm.session.stream.kv.cells().positions, llm.cached_stream_indices())
     assert llm.cached_stream_indices()[-1] == len(tokens) - 1
-    np.testing.assert_allclose(llm._stream.last_logits, logits_of(ref, model), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(llm.session.stream.last_logits, logits_of(ref, model), rtol=1e-4, atol=1e-4)
     llm.close()
 
 
@@ -55,7 +55,7 @@ def test_recalled_rows_come_back_unchanged_at_their_own_positions():
     llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=Recall(), debug=True)
     result = passkey_trial(llm, filler, 4 * 256, 0.2, "58213")
     assert result["correct"], result
-    st = llm._stream
+    st = llm.session.stream
     rec = st._recalled
     assert rec.any()
     view = st.kv.cells()

@@ -202,8 +202,8 @@ def test_saddle_scores_are_raw_attention_mass(model_path, stream_tokens):
     llm = Llama(model_path, n_ctx=512, kv_policy=InfMLLM(budget=256))  # capacity 288
     llm.eval(stream_tokens[:285])  # ends inside the newest 8 rows before an eviction: scored
     positions, scores = llm.saddle_scores()
-    n_layer = lc.llama_model_n_layer(llm._model.model)
-    n_head = lc.llama_model_n_head(llm._model.model)
+    n_layer = lc.llama_model_n_layer(llm.engine.model.model)
+    n_head = lc.llama_model_n_head(llm.engine.model.model)
     assert len(positions) == 285
     assert scores.sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)
     llm.close()
@@ -225,8 +225,8 @@ def test_fresh_window_scores_only_the_decodes_an_eviction_ranks_by(model_path, s
         llm.eval(stream_tokens[i : i + 1])
         assert llm.kv.scoring == (8 if i >= 72 else 0), i
     llm.eval(stream_tokens[80:81])  # the cache is full: evict, then decode
-    n_layer = lc.llama_model_n_layer(llm._model.model)
-    n_head = lc.llama_model_n_head(llm._model.model)
+    n_layer = lc.llama_model_n_layer(llm.engine.model.model)
+    n_head = lc.llama_model_n_head(llm.engine.model.model)
     # the eviction ranked by exactly 8 query rows, each a softmax per layer and head
     assert len(ranked) == 1 and ranked[0].sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)
     assert llm.kv.scoring == 0  # the decode after the eviction is far from the next one
@@ -345,7 +345,7 @@ def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_token
     before = llm.kv_stats()["n_streamed"]
     answer = llm.ask("Who created the heaven and the earth?", max_tokens=16)
     assert answer
-    assert llm._is_eog(int(llm.history[-1])) or len(llm.history) - before >= 16
+    assert llm.engine.is_eog(int(llm.history[-1])) or len(llm.history) - before >= 16
     llm.feed("\nAnd the story goes on.")
     assert llm.kv_stats()["max_pos"] < llm.n_ctx()
     llm.close()
@@ -366,7 +366,7 @@ def test_rewind_takes_back_a_question_asked_aside(model_path, stream_tokens):
         assert np.array_equal(llm.history, twin.history)
         for stream in (llm, twin):
             stream.eval(stream_tokens[340:350])
-        np.testing.assert_allclose(llm._stream.last_logits, twin._stream.last_logits, atol=1e-3)
+        np.testing.assert_allclose(llm.session.stream.last_logits, twin.session.stream.last_logits, atol=1e-3)
 
         mark = llm.n_streamed
         llm.eval(stream_tokens[350:1000])  # more than the budget: part of it is evicted

@@ -57,8 +57,8 @@ def test_in_memory_round_trip_after_evictions(model_path, text_tokens, policy):
     assert a.kv_stats() == b.kv_stats()
     assert np.array_equal(a.history, b.history)
     assert np.array_equal(a.cached_stream_indices(), b.cached_stream_indices())
-    assert np.array_equal(a._stream.last_logits, b._stream.last_logits)  # the next token's logits
-    pa, pb = a._stream.view(), b._stream.view()
+    assert np.array_equal(a.session.stream.last_logits, b.session.stream.last_logits)  # the next token's logits
+    pa, pb = a.session.stream.view(), b.session.stream.view()
     np.testing.assert_array_equal(a.policy.scores(pa), b.policy.scores(pb))  # H2O's sums, by position
     # the cells go back where they were, so later batches land, and round, as they would have
     assert np.array_equal(a.kv.cells().cells, b.kv.cells().cells) and a.kv.head() == b.kv.head()
@@ -76,7 +76,7 @@ from infmllm_gguf import InfMLLM, Llama, Recall
 llm = Llama(sys.argv[1], n_ctx=320, kv_policy=InfMLLM(budget=256, chunk=32), recall=Recall(), n_threads=2)
 llm.load_session(sys.argv[2])
 llm.check_invariants()
-out = {"stats": llm.kv_stats(), "recalled": llm.recalled(), "logits": llm._stream.last_logits.tolist(),
+out = {"stats": llm.kv_stats(), "recalled": llm.recalled(), "logits": llm.session.stream.last_logits.tolist(),
        "n_streamed": llm.n_streamed}
 tokens = json.loads(sys.argv[3])
 out["logprobs"] = llm.stream_logprobs(tokens).tolist()
@@ -95,7 +95,7 @@ def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_p
     path = tmp_path / "session.bin"
     nbytes = llm.save_session(path)
     assert path.stat().st_size == nbytes
-    saved = {"stats": llm.kv_stats(), "recalled": llm.recalled(), "logits": llm._stream.last_logits}
+    saved = {"stats": llm.kv_stats(), "recalled": llm.recalled(), "logits": llm.session.stream.last_logits}
     assert saved["stats"]["pages_recalled"] > 0 and saved["recalled"]
     more = text_tokens[2000:2100]
     expected = llm.stream_logprobs(more)

@@ -84,7 +84,7 @@ def test_a_turn_without_evictions_costs_no_copy_and_is_undone(model_path):
     with pytest.raises(Boom):
         with llm.turn():
             llm.feed(" And the earth was without form")
-            assert llm._stream._transaction.saved is None  # appending only: nothing copied
+            assert llm.session.stream._transaction.saved is None  # appending only: nothing copied
             raise Boom
     assert_same_state(state_of(llm), before)
 

@@ -41,7 +41,7 @@ def test_image_cells_are_counted_and_marked(vlm, codebook_mmproj):
     added = vlm.feed_image(picture, prompt="A picture:")
     n_image = added - n_text
     assert n_image == picture.size[0] // 14 * picture.size[1] // 14  # one token per patch, as mtmd reports
-    view = vlm._stream.view()
+    view = vlm.session.stream.view()
     assert view.is_image.sum() == n_image and np.all(view.media[n_text:] == 1)
     assert not view.is_image[:n_text].any()
     assert np.all(vlm.history[n_text:] < 0)
@@ -71,14 +71,14 @@ def test_a_codebook_picture_is_read_like_its_text_twin(vlm, codebook_mmproj, tmp
         picture.save(image)
     vlm.reset()
     vlm.feed_image(image, prompt="Note:")
-    image_logits = vlm._stream.last_logits.copy()
+    image_logits = vlm.session.stream.last_logits.copy()
     vlm.feed(QUESTION, add_bos=False)
     image_answer = vlm.generate_text(6)
 
     vlm.reset()
     vlm.feed("Note:")
     vlm.eval(twin(words, codebook_mmproj))
-    text_logits = vlm._stream.last_logits.copy()
+    text_logits = vlm.session.stream.last_logits.copy()
     vlm.feed(QUESTION, add_bos=False)
     text_answer = vlm.generate_text(6)
     np.testing.assert_allclose(image_logits, text_logits, atol=1e-3 * np.abs(text_logits).max())
@@ -196,12 +196,12 @@ def test_chat_with_image_parts_reuses_the_encoded_prefix(vlm, codebook_mmproj):
 def test_bad_images_raise_and_leave_the_stream_as_it_was(vlm, model_path, codebook_mmproj, tmp_path):
     vlm.reset()
     vlm.feed("Some text first.")
-    before = (vlm.history.copy(), vlm._stream.last_logits.copy())
+    before = (vlm.history.copy(), vlm.session.stream.last_logits.copy())
 
     def unchanged():
         vlm.check_invariants()
         assert np.array_equal(vlm.history, before[0])
-        assert np.array_equal(vlm._stream.last_logits, before[1])
+        assert np.array_equal(vlm.session.stream.last_logits, before[1])
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")

@@ -148,7 +148,7 @@ def make_app(llm: Llama, pool: SlotPool, config: ServerConfig) -> FastAPI:
             payload = request.prompt
             prompt = check_prompt(np.asarray(llm.tokenize(request.prompt, special=True), np.int32))
         else:
-            payload = llm._token_ids(request.prompt)  # the library's own check, before a slot is taken
+            payload = llm.engine.token_ids(request.prompt)  # the library's own check, before a slot is taken
             prompt = check_prompt(np.asarray(payload, np.int32))
         sid = header_sid or request.user
         return Turn(chat, request.stream, sid or None, prompt, payload, kwargs, started + limits.timeout)
