@@ -15,12 +15,12 @@ JARGON_PATH = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 def genesis() -> str:
-    """Genesis (KJV, public domain), shipped with the package: ~50K tokens."""
+    """Genesis (KJV, public domain), shipped with the package."""
     return resources.files("infmllm_gguf").joinpath("data/genesis-kjv.txt").read_text()
 
 
 def kjv() -> str:
-    """The King James Bible (~1M tokens) from `bible -f`, or Genesis when bible-kjv is missing."""
+    """The King James Bible from `bible -f`, or Genesis when bible-kjv is missing."""
     if shutil.which("bible") is None:
         return genesis()
     out = subprocess.run(
@@ -30,7 +30,7 @@ def kjv() -> str:
 
 
 def jargon() -> str:
-    """The Jargon File 4.4.7 (public domain, ~400K tokens): its essays, then the lexicon entries.
+    """The Jargon File 4.4.7 (public domain): its essays, then the lexicon entries.
 
     The table of contents and the glossary's bare list of terms are dropped.
     """

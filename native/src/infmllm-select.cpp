@@ -1,4 +1,4 @@
-// The InfMLLM keep rule (SPEC section 1) on scores in stream order.  Baselines use the same
+// The InfMLLM keep rule on scores in stream order.  Baselines use the same
 // routine with other parameters: StreamingLLM (no saddles), H2O (accumulated scores, no
 // sinks), SnapKV (no local sum, no bias).
 #include "infmllm.h"
