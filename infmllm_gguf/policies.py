@@ -287,7 +287,7 @@ class InfMLLM(_FreshWindowPolicy):
     attention mass of the newest retrieval_window queries and j the cell's rank in stream
     order (0 = oldest).  Image cells are ranked like text, as in the paper;
     `protect_newest_image` keeps the newest image (a video's latest frame) among the saddles
-    whatever its score.  Defaults: see README ("Choosing the defaults").
+    whatever its score.  Defaults: docs/results.md ("Choosing the defaults").
     """
 
     local_window: int = 0

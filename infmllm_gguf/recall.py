@@ -62,7 +62,7 @@ class Recall:
       to be decoded with score="text").  every: in chunk mode, also recall every `every`
       tokens fed between evictions (default None: once per eviction, i.e. per policy chunk);
       a text-scored recall then matches the next `every` tokens, a closer aim than a whole
-      chunk's (README: perplexity).  store_limit_mb:
+      chunk's (docs/recall.md).  store_limit_mb:
       host memory for stored rows; past it the oldest pages are dropped, or spilled to a file
       in `spill_dir`.
       shortlist: pages each of the two summary rankings passes on to the exact re-rank with

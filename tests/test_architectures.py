@@ -505,7 +505,10 @@ def _mtmd_reference(ref: Llama, prompt: str, image: np.ndarray) -> tuple[np.ndar
             bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bmp)
             assert mt.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
         n_past = lc.llama_pos(0)
-        assert mt.mtmd_helper_eval_chunks(mctx, ref.engine.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        assert (
+            mt.mtmd_helper_eval_chunks(mctx, ref.engine.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past))
+            == 0
+        )
     finally:
         mt.mtmd_input_chunks_free(chunks)
     return logits_of(ref.engine.ctx, ref.engine.model.model), n_past.value

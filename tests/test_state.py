@@ -57,7 +57,9 @@ def test_in_memory_round_trip_after_evictions(model_path, text_tokens, policy):
     assert a.kv_stats() == b.kv_stats()
     assert np.array_equal(a.history, b.history)
     assert np.array_equal(a.cached_stream_indices(), b.cached_stream_indices())
-    assert np.array_equal(a.session.stream.last_logits, b.session.stream.last_logits)  # the next token's logits
+    assert np.array_equal(
+        a.session.stream.last_logits, b.session.stream.last_logits
+    )  # the next token's logits
     pa, pb = a.session.stream.view(), b.session.stream.view()
     np.testing.assert_array_equal(a.policy.scores(pa), b.policy.scores(pb))  # H2O's sums, by position
     # the cells go back where they were, so later batches land, and round, as they would have
