@@ -294,7 +294,7 @@ class InfMLLM(_FreshWindowPolicy):
     bias: float = 1e-3
     protect_newest_image: bool = False
     name: ClassVar[str] = "infmllm"
-    # chosen by scripts/sweep_infmllm.py: streaming perplexity favours a large recent window
+    # chosen by `python -m bench sweep-infmllm`: streaming perplexity favours a large recent window
     default_recent_fraction: ClassVar[float] = 0.875
 
     def __post_init__(self) -> None:

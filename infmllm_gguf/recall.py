@@ -595,7 +595,7 @@ class PageStore:
         row): the strongest single one, which a needle read by a few heads has, less their mean,
         which is high for text every head attends to (the stream's opening).  Without the mean
         the needle's pages come back whole more often and so does the opening, which the model
-        then copies where it is ordinary text (`scripts/bench_recall_rules.py` compares)."""
+        then copies where it is ordinary text."""
         return z.max(axis=1) - z.mean(axis=1)
 
     @staticmethod

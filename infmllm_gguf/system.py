@@ -1,9 +1,10 @@
-"""Facts about the machine that llama.cpp's defaults need, and the process's allocator."""
+"""Facts about the machine that llama.cpp's defaults need, the process's allocator and its memory."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 from pathlib import Path
 
 _SYSFS_CPU = Path("/sys/devices/system/cpu")
@@ -48,3 +49,19 @@ def return_large_blocks() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def peak_rss_mb() -> float:
+    """The most resident memory this process has held so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux's /proc; elsewhere its peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()

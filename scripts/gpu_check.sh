@@ -101,7 +101,7 @@ left=$((budget_s - (SECONDS - start)))
 stream_s=$((left - 150)) # model, quantization and the decode rounds take about 2 min before it
 [ "$stream_s" -lt 30 ] && stream_s=30
 say "benchmark (stream limited to $stream_s s)"
-PYTHONUNBUFFERED=1 "$python" scripts/bench_gpu.py --out "$out" --max-seconds "$stream_s" "${bench[@]}" 2>&1 |
+PYTHONUNBUFFERED=1 "$python" -m bench gpu --out "$out" --max-seconds "$stream_s" "${bench[@]}" 2>&1 |
     grep -v -E '^\[ *[0-9]+/ *[0-9]+\]|^llama_model_loader|^llama_model_quantize|^print_info|^load' >"$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 grep "^\[" "$out/bench.log" | grep -v "stream .* tokens:" | tail -8

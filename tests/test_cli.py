@@ -10,7 +10,8 @@ import pexpect
 import pytest
 
 from infmllm_gguf import Llama
-from infmllm_gguf.cli import PASSKEY_PREAMBLE, main, passkey_tokens
+from infmllm_gguf.cli import main
+from infmllm_gguf.evaluate import PASSKEY_PREAMBLE, passkey_tokens
 from infmllm_gguf.texts import kjv
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import f16_keys
 
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
-from infmllm_gguf.cli import passkey_tokens, passkey_trial
+from infmllm_gguf.evaluate import passkey_tokens, passkey_trial
 from infmllm_gguf.kv import decode
 from infmllm_gguf.recall import PageStore, keys_as_float, text_matches
 from infmllm_gguf.stream import Stream

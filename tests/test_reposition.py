@@ -13,7 +13,7 @@ import pytest
 from conftest import logits_of, replay_evictions
 
 from infmllm_gguf import H2O, InfMLLM, Llama, Recall, SnapKV, StateError, StreamingLLM
-from infmllm_gguf.cli import passkey_trial
+from infmllm_gguf.evaluate import passkey_trial
 from infmllm_gguf.kv import CellView
 from infmllm_gguf.policies import FullCache, make_policy
 from infmllm_gguf.texts import kjv

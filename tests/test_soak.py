@@ -1,5 +1,5 @@
-"""A short soak (scripts/soak.py): every policy's session through feeds, generations, chats, asks,
-resets and real SIGINTs, with the cache invariants checked after every native state change."""
+"""A short soak (`python -m bench soak`): every policy's session through feeds, generations, chats,
+asks, resets and real SIGINTs, with the cache invariants checked after every native state change."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import soak  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmark harness, bench/
+from bench import soak  # noqa: E402
 
 
 @pytest.mark.slow

@@ -1,26 +1,30 @@
-"""Page-selection quality of the recall tier: does a recall bring back the pages that a full
-cache, holding the whole stream, attends to most when the question is asked?
+"""Page-selection quality of the recall tier: does a recall bring back what a full cache attends to?
 
-For each passkey stream (as bench_recall.py: the preamble unless --no-preamble, a KJV haystack
-from a random start per key, the key at a depth, in a paragraph of its own, the question at the
-end) two runs:
+Does a recall bring back the pages that a full cache, holding the whole stream, attends to
+most when the question is asked?  For each passkey stream (as the recall benchmark's: the
+preamble unless --no-preamble, a KJV haystack from a random start per key, the key at a depth,
+in a paragraph of its own, the question at the end) two runs:
   - the full cache (n_ctx = stream length) with query capture on: the question's last
     `query_window` query rows of every layer and head, softmax-attended over all the cached
     keys (read back from the cache) exactly as the model does it, averaged over layers, heads
     and rows, summed per page of `page` stream tokens: the truly most-attended pages;
-  - the policy with `Recall()`: after the question's turn recall, the pages it brought back.
-Among the pages the policy evicted (those in its store) the k most attended by the full cache
-are the targets; reported: the share of them that came back (k = 1, 3), whether the needle's
-pages came back, and what a random choice of as many pages would find (recalled / stored).
-Ranked by a page's attention to its tokens the policy no longer holds (`top3_evicted_found`):
-what a recall can bring back, without the attention the sinks draw (they stay cached, and
-page 0 holds them).  And as attention mass: the share of the full cache's attention to
-evicted tokens that the recalled pages hold (`evicted_mass_recalled`), against the share the
-same number of pages holds at best (`evicted_mass_best`, chosen knowing the attention).
+  - the policy with `Recall()` (the configuration NAME+recall-turn, its score --score): the
+    pages its recall brought back when the answer's first token is sampled.
+Among the pages the policy evicted (stored) the k most attended by the full cache are the
+targets; reported: the share of them that came back (k = 1, 3), whether the needle's pages
+came back, and what a random choice of as many pages would find (recalled / stored).  Ranked
+by a page's attention to its tokens the policy no longer holds (`top3_evicted_found`): what a
+recall can bring back, without the attention the sinks draw (they stay cached, and page 0
+holds them).  And as attention mass: the share of the full cache's attention to evicted
+tokens that the recalled pages hold (`evicted_mass_recalled`), against the share the same
+number of pages holds at best (`evicted_mass_best`, chosen knowing the attention).
 
-    python scripts/bench_recall_selection.py --quick   # 2k tokens, 2 depths (minutes)
-    python scripts/bench_recall_selection.py           # 2k and 4k tokens, 4 depths, 2 keys
-    python scripts/bench_recall_selection.py --score attention --out bench/results/recall_selection_attention
+The policy's own cells are those cached both before the question's recall and after it; every
+other token of the stream was evicted once, and so is in the store.
+
+    python -m bench recall-selection --quick   # 2k tokens, 2 depths (minutes)
+    python -m bench recall-selection           # 2k and 4k tokens, 4 depths, 2 keys
+    python -m bench recall-selection --score attention --out bench/results/recall_selection_attention
 
 Writes bench/results/recall_selection.json and .csv.
 """
@@ -28,17 +32,25 @@ Writes bench/results/recall_selection.json and .csv.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
-from results_io import RESULTS, write_results
-from tqdm import tqdm
 
+from bench.common import add_out, progress, write_results, wrote
+from bench.configs import CONFIGS
+from bench.recall import add_stream_arguments, stream_meta
 from infmllm_gguf import Llama, Recall
-from infmllm_gguf.cli import passkey_tokens
-from infmllm_gguf.policies import FullCache, make_policy
+from infmllm_gguf.evaluate import passkey_draws, passkey_filler, passkey_tokens
 from infmllm_gguf.recall import keys_as_float
-from infmllm_gguf.texts import kjv
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="2k tokens, 2 depths, 1 key")
+    add_stream_arguments(ap)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    ap.add_argument("--keys", type=int, default=2, help="keys per depth")
+    ap.add_argument("--score", default="peak", choices=Recall.SCORES, help="the recall's page score")
+    add_out(ap, "recall_selection")
 
 
 def beyond_start_found(top3: np.ndarray, recalled: set[int], page: int) -> float:
@@ -52,7 +64,7 @@ def beyond_start_found(top3: np.ndarray, recalled: set[int], page: int) -> float
 def attention_by_token(llm: Llama, tokens: list[int], rows: int) -> np.ndarray:
     """Mean attention of the stream's last `rows` queries (all layers and heads) to each token,
     in a full cache holding all of `tokens`."""
-    kv = llm._stream.kv
+    kv = llm.kv
     layers = kv.layers()
     la = layers[0]
     kv.set_query_capture(rows)
@@ -79,33 +91,33 @@ def attention_by_token(llm: Llama, tokens: list[int], rows: int) -> np.ndarray:
     return mass / len(layers)  # positions are the stream's indices 0..n-1
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--policy", default="infmllm")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
-    ap.add_argument("--keys", type=int, default=2, help="keys per depth")
-    ap.add_argument("--no-preamble", action="store_true", help="the earlier form: no opening preamble")
-    ap.add_argument("--score", default="peak", choices=Recall.SCORES, help="the recall's page score")
-    ap.add_argument("--out", default=str(RESULTS / "recall_selection"))
-    args = ap.parse_args()
+def answer_seen(llm: Llama, max_tokens: int) -> tuple[str, np.ndarray, list[tuple[int, int]]]:
+    """Answer the question the stream ends with; also the cached stream indices and the
+    recalled pages' ranges as the answer's first token is sampled (after the turn's recall)."""
+    seen: list[tuple[np.ndarray, list[tuple[int, int]]]] = []
+
+    def before_token() -> None:
+        if not seen:
+            seen.append((llm.cached_stream_indices(), llm.recalled()))
+
+    with llm.turn(poll=before_token):
+        answer = llm.generate_text(max_tokens=max_tokens)
+    return answer, *seen[0]
+
+
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.lengths, args.depths, args.keys = [2048], [0.1, 0.5], 1
-    recall = Recall(score=args.score)
-    rng = np.random.default_rng(0)
+    config = CONFIGS[f"{args.policy}+recall-turn"].with_recall(score=args.score)
+    rng = np.random.default_rng(0)  # one draw of keys and haystacks over all lengths
     rows = []
-    bar = tqdm(total=len(args.lengths) * len(args.depths) * args.keys, desc="selection", file=sys.stderr)
-    for length in args.lengths:
-        full = Llama(n_ctx=length + 16, kv_policy=FullCache(), seed=0)
-        policy = make_policy(args.policy, budget=args.budget)
-        llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall)
-        filler = llm.tokenize(kjv()[:200_000], add_bos=False)
-        for depth in args.depths:
-            for _ in range(args.keys):
-                key = str(rng.integers(10_000, 100_000))
-                start = int(rng.integers(len(filler)))
+    with progress(len(args.lengths) * len(args.depths) * args.keys, "selection") as bar:
+        for length in args.lengths:
+            full = Llama(n_ctx=length + 16, kv_policy="full", seed=0)
+            policy, recall = config.build(args.budget)
+            llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall)
+            filler = passkey_filler(llm)
+            for depth, key, start in passkey_draws(rng, len(filler), args.depths, args.keys, spread=True):
                 tokens, needle = passkey_tokens(
                     llm,
                     filler,
@@ -121,15 +133,14 @@ def main() -> int:
                 mass = np.bincount(page_of, weights=attention)
                 llm.reset()
                 llm.eval(tokens)
-                stream = llm._stream
-                stream.recall_turn()  # the question's recall, as the answer would start with it
-                stored = stream.store.page_ids()
-                recalled = {a // recall.page for a, _ in llm.recalled()}
-                ranked = stored[np.argsort(-mass[stored], kind="stable")]
+                before = llm.cached_stream_indices()
+                answer, after, ranges = answer_seen(llm, 16)  # the recall is the question's turn's
                 # what a recall can bring back: attention to the tokens the policy no longer holds
                 evicted = np.ones(len(attention), bool)
-                evicted[stream._stream_index[~stream._recalled]] = False
-                answer = llm.generate_text(max_tokens=16)  # no second recall: the turn is answered
+                evicted[np.intersect1d(before, after)] = False
+                stored = np.unique(np.flatnonzero(evicted) // recall.page)
+                recalled = {a // recall.page for a, _ in ranges}
+                ranked = stored[np.argsort(-mass[stored], kind="stable")]
                 lost = np.bincount(page_of, weights=attention * evicted)
                 ranked_lost = stored[np.argsort(-lost[stored], kind="stable")]
                 back = np.array(sorted(recalled & set(stored.tolist())), np.int64)
@@ -158,9 +169,8 @@ def main() -> int:
                     }
                 )
                 bar.update(1)
-        full.close()
-        llm.close()
-    bar.close()
+            full.close()
+            llm.close()
     for length in args.lengths:
         mine = [r for r in rows if r["length"] == length]
         print(
@@ -175,21 +185,6 @@ def main() -> int:
             f"needle recalled {np.mean([r['needle_recalled'] for r in mine]):.2f}, "
             f"answered {np.mean([r['answer_correct'] for r in mine]):.2f}"
         )
-    columns = list(rows[0])
-    out = write_results(
-        args.out,
-        {
-            "budget": args.budget,
-            "policy": args.policy,
-            "recall": repr(recall),
-            "preamble": not args.no_preamble,
-        },
-        rows,
-        columns,
-    )
-    print(f"wrote {out}.json/.csv")
+    out = write_results(args.out, stream_meta(args, recall), rows, list(rows[0]))
+    wrote(out, "json", "csv")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,9 @@
-"""Native overheads, side by side in one run: decode tok/s with in-graph scoring on vs off at a
-given number of filled cells, and the cost of one eviction round against one decode step.
+"""Native overheads: in-graph scoring's cost per decode, and one eviction round's.
 
-    python scripts/bench_native.py [--fills 1024 2048] [--steps 64] [--rounds 3] [--flash-attn]
+Side by side in one run: decode tok/s with in-graph scoring on vs off at a given number of
+filled cells, and the cost of one eviction round against one decode step.
+
+    python -m bench native [--fills 1024 2048] [--steps 64] [--rounds 3] [--flash-attn]
 
 Writes bench/results/native_speed.json.
 """
@@ -12,27 +14,36 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from infmllm_gguf._llama_cpp import llama_cpp as lc
-from tqdm import tqdm
 
+from bench.common import RESULTS, Stopwatch, progress, wrote
 from infmllm_gguf import default_model_path
+from infmllm_gguf.bindings import llama_cpp as lc
 from infmllm_gguf.kv import KVCache, decode, select_keep
 from infmllm_gguf.texts import genesis
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-
 
 @lc.llama_log_callback
-def _quiet(level, text, user_data):
+def quiet(level, text, user_data):  # llama.cpp's logs, left out
     pass
 
 
-def make_context(model, n_ctx: int, flash_attn: bool):
+def load_model() -> tuple[int, np.ndarray]:
+    """The default model loaded straight with llama.cpp (its logs off), and Genesis in its tokens."""
+    lc.llama_log_set(quiet, None)
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(default_model_path()).encode(), lc.llama_model_default_params())
+    vocab = lc.llama_model_get_vocab(model)
+    data = genesis().encode()
+    buf = (lc.llama_token * len(data))()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+    return model, np.array(buf[:n], np.int32)
+
+
+def make_context(model: int, n_ctx: int, flash_attn: bool) -> int:
     p = lc.llama_context_default_params()
     p.n_ctx = n_ctx
     p.n_batch = p.n_ubatch = 512
@@ -42,47 +53,43 @@ def make_context(model, n_ctx: int, flash_attn: bool):
     return lc.llama_init_from_model(model, p)
 
 
-def decode_steps(ctx, tokens: np.ndarray, start: int) -> float:
+def decode_steps(ctx: int, tokens: np.ndarray, start: int) -> float:
     """Seconds per single-token decode over len(tokens) steps, then roll them back."""
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     for i, tok in enumerate(tokens):
         decode(ctx, [tok], [start + i])
-    elapsed = (time.perf_counter() - t0) / len(tokens)
+    elapsed = clock.seconds / len(tokens)
     lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), 0, start, -1)
     return elapsed
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fills", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--flash-attn", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "native_speed.json"))
-    args = ap.parse_args()
+    ap.add_argument(
+        "--out", default=str(RESULTS / "native_speed.json"), help="the JSON file (default: %(default)s)"
+    )
 
-    lc.llama_log_set(_quiet, None)
-    lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(str(default_model_path()).encode(), lc.llama_model_default_params())
-    vocab = lc.llama_model_get_vocab(model)
-    data = genesis().encode()
-    buf = (lc.llama_token * len(data))()
-    n = lc.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
-    text = np.array(buf[:n], np.int32)
 
+def run(args: argparse.Namespace) -> int:
+    model, text = load_model()
     rows = []
     for fill in args.fills:
         ctx = make_context(model, fill + args.steps + 256, args.flash_attn)
         kv = KVCache(ctx)
         decode(ctx, text[:fill], np.arange(fill))
         steps = text[fill : fill + args.steps]
-        times = {"off": [], "on": []}
-        for _ in tqdm(range(args.rounds), desc=f"decode at {fill} cells", file=sys.stderr):
-            for mode in ("off", "on"):  # interleaved: both see the same machine state
-                kv.set_scoring(args.queries if mode == "on" else 0)
-                decode_steps(ctx, steps[:4], fill)  # warm the rebuilt graph
-                times[mode].append(decode_steps(ctx, steps, fill))
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        with progress(args.rounds, f"decode at {fill} cells") as bar:
+            for _ in range(args.rounds):
+                for mode in ("off", "on"):  # interleaved: both see the same machine state
+                    kv.set_scoring(args.queries if mode == "on" else 0)
+                    decode_steps(ctx, steps[:4], fill)  # warm the rebuilt graph
+                    times[mode].append(decode_steps(ctx, steps, fill))
+                bar.update()
         off, on = np.median(times["off"]), np.median(times["on"])
         rows.append(
             {
@@ -104,15 +111,15 @@ def main() -> int:
     plain_step = decode_steps(ctx, text[budget + chunk : budget + chunk + 16], budget + chunk)
     rounds = []
     for _ in range(args.rounds):
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         view = kv.cells()
         keep = select_keep(view.scores, budget, 4, budget // 4, 0, 1e-3)
         kv.evict(view.positions[~keep])
         nxt = kv.compact()
-        t_evict = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_evict = clock.seconds
+        clock = Stopwatch()
         decode(ctx, text[nxt : nxt + 1], [nxt])
-        t_shift_step = time.perf_counter() - t0
+        t_shift_step = clock.seconds
         rounds.append({"evict_compact_s": t_evict, "next_decode_with_kshift_s": t_shift_step})
         decode(ctx, text[: chunk - 1], np.arange(nxt + 1, nxt + chunk))  # refill to budget + chunk
     evict = float(np.median([r["evict_compact_s"] for r in rounds]))
@@ -145,11 +152,8 @@ def main() -> int:
         f"one decode step {e['decode_step_s'] * 1e3:.2f} ms "
         f"-> {e['round_over_step']:.2f} steps"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    wrote(out)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

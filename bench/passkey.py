@@ -1,15 +1,14 @@
-"""Passkey retrieval: a 5-digit key planted at several depths of KJV haystacks 2x ... 16x the
-budget, then asked for; accuracy per policy, budget, stream length and depth.
+"""Passkey retrieval: accuracy per configuration, budget, stream length and key depth.
 
-Eviction here is question-agnostic (the question comes after the haystack), so a key that
-scrolls out of the recent window survives only if it was kept as a saddle.  "full" holds the
-whole stream (n_ctx = stream length) and shows what the model itself can do.
+A 5-digit key is planted at several depths of KJV haystacks 2x ... 16x the budget, then asked
+for.  Eviction here is question-agnostic (the question comes after the haystack), so a key
+that scrolls out of the recent window survives only if it was kept as a saddle.  "full" holds
+the whole stream (n_ctx = stream length) and shows what the model itself can do.
 
-    python scripts/bench_passkey.py --quick    # budget 256, 2x/4x, 3 depths, 2 keys (minutes)
-    python scripts/bench_passkey.py            # budgets 512 1024, 2x..16x, 5 depths, 5 keys
-    python scripts/bench_passkey.py --policies infmllm infmllm+fixed --out bench/results/reposition_passkey
-                                               # NAME+fixed: reposition=False (kept tokens keep
-                                               # their positions; at most the model's trained context)
+    python -m bench passkey --quick    # budget 256, 2x/4x, 3 depths, 2 keys (minutes)
+    python -m bench passkey            # budgets 512 1024, 2x..16x, 5 depths, 5 keys
+    python -m bench passkey --policies infmllm infmllm+fixed --out bench/results/reposition_passkey
+                                       # configurations by name (bench/configs.py)
 
 Writes bench/results/passkey.json, passkey.csv and passkey.png (heat map).
 """
@@ -17,28 +16,28 @@ Writes bench/results/passkey.json, passkey.csv and passkey.png (heat map).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
 
+from bench.common import add_out, pyplot, save_figure, write_results, wrote
+from bench.configs import CONFIGS, add_policies
 from infmllm_gguf import Llama
-from infmllm_gguf.cli import run_passkey
-from infmllm_gguf.policies import make_policy
+from infmllm_gguf.evaluate import run_passkey
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="budget 256, 2x/4x, 3 depths, 2 keys")
     ap.add_argument("--budgets", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--multiples", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--trials", type=int, default=5, help="keys per depth")
-    ap.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "snapkv", "infmllm"])
+    add_policies(ap, ["full", "streamingllm", "h2o", "snapkv", "infmllm"])
     ap.add_argument("--max-full-ctx", type=int, default=8192, help="longest stream 'full' is run on")
-    ap.add_argument("--out", default=str(RESULTS / "passkey"))
-    args = ap.parse_args()
+    add_out(ap, "passkey")
+
+
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.budgets, args.multiples, args.depths, args.trials = [256], [2, 4], [0.1, 0.5, 0.9], 2
 
@@ -47,12 +46,12 @@ def main() -> int:
         for multiple in args.multiples:
             length = budget * multiple
             for name in args.policies:
-                if name == "full" and length > args.max_full_ctx:
+                config = CONFIGS[name]
+                if config.full and length > args.max_full_ctx:
                     continue
-                base, _, extra = name.partition("+")
-                policy = make_policy(base, budget=budget, reposition=extra != "fixed")
-                n_ctx = length + 16 if name == "full" else policy.capacity
-                llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0)
+                policy, recall = config.build(budget)
+                n_ctx = length + 16 if config.full else policy.capacity
+                llm = Llama(n_ctx=n_ctx, kv_policy=policy, recall=recall, seed=0)
                 result = run_passkey(llm, length, args.depths, args.trials)
                 llm.close()
                 for depth in args.depths:
@@ -76,19 +75,14 @@ def main() -> int:
         ["policy", "budget", "length", "depth", "accuracy", "trials"],
     )
     plot(rows, args.depths, out.with_suffix(".png"))
-    print(f"wrote {out}.json/.csv/.png")
+    wrote(out, "json", "csv", "png")
     return 0
 
 
 def plot(rows: list[dict], depths: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     budgets = sorted({r["budget"] for r in rows})
     n_labels = len(rows) // len(depths) // len(budgets)
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 1.5 + 0.35 * n_labels))
+    fig, axes = pyplot().subplots(1, len(budgets), figsize=(6 * len(budgets), 1.5 + 0.35 * n_labels))
     axes = np.atleast_1d(axes)
     for ax, budget in zip(axes, budgets):
         mine = [r for r in rows if r["budget"] == budget]
@@ -104,9 +98,4 @@ def plot(rows: list[dict], depths: list[float], path: Path) -> None:
                 ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
         ax.set_xlabel("depth of the key in the stream")
         ax.set_title(f"passkey accuracy, budget {budget}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""Soak: one long, messy life of a session per policy, with the cache invariants checked throughout.
+"""Soak: one long, messy life of a session per policy, the cache invariants checked throughout.
 
 Each policy's `Llama(debug=True)` checks after every decode, eviction and roll-back that the
 native cache holds exactly the tokens the stream records, at positions 0..n-1, within its
@@ -14,8 +14,8 @@ and about one turn in twelve (--interrupt-rate) gets a real SIGINT at a random m
 usable.  Process RSS is sampled as the streams grow; after the warm-up (the first 10 % of
 tokens) it must stay within +2 %.
 
-    python scripts/soak.py --quick        # 20k tokens in all (a few minutes)
-    python scripts/soak.py                # 1M tokens in all (an hour or more on 2 cores)
+    python -m bench soak --quick        # 20k tokens in all (a few minutes)
+    python -m bench soak                # 1M tokens in all (an hour or more on 2 cores)
 
 Writes bench/results/soak.json, soak.csv and soak.png (the JSON and CSV also every 50k tokens
 along the way, so a run stopped early leaves its figures); exits 1 on a violated invariant,
@@ -33,11 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
-from tqdm import tqdm
 
+from bench.common import Stopwatch, add_out, current_rss_mb, progress, pyplot, save_figure, write_results
 from infmllm_gguf import H2O, InfMLLM, InvariantError, Llama, SlidingWindow, SnapKV, StreamingLLM
-from infmllm_gguf.cli import current_rss_mb
 from infmllm_gguf.texts import kjv
 
 OPERATIONS = {"feed": 0.62, "generate": 0.16, "chat": 0.12, "ask": 0.08, "reset": 0.02}
@@ -123,8 +121,8 @@ def soak(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = N
     rss: list[tuple[int, float]] = []
     total = 0
     next_checkpoint = CHECKPOINT_TOKENS
-    start = time.perf_counter()
-    bar = tqdm(total=args.tokens, desc="soak", unit="tok", file=sys.stderr)
+    clock = Stopwatch()
+    bar = progress(args.tokens, "soak", unit="tok")
     while total < args.tokens:
         for s in sessions.values():
             op = str(rng.choice(ops, p=weights / weights.sum()))
@@ -152,10 +150,10 @@ def soak(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = N
         rss.append((total, current_rss_mb()))
         bar.set_postfix(rss=f"{rss[-1][1]:.0f}MB", evictions=sum(s.evictions for s in sessions.values()))
         if checkpoint is not None and total >= next_checkpoint:
-            checkpoint(summary(args, sessions, rss, total, time.perf_counter() - start))
+            checkpoint(summary(args, sessions, rss, total, clock.seconds))
             next_checkpoint += CHECKPOINT_TOKENS
     bar.close()
-    return summary(args, sessions, rss, total, time.perf_counter() - start)
+    return summary(args, sessions, rss, total, clock.seconds)
 
 
 def summary(
@@ -187,27 +185,18 @@ def summary(
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tokens, mb = zip(*result["rss_mb"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
     ax.plot(np.array(tokens) / 1e3, mb, lw=1)
     ax.axhline(result["rss_warm_mb"] * RSS_LIMIT, color="red", ls="--", lw=0.8, label="+2 % of warm RSS")
     ax.set_xlabel("tokens streamed in all (thousands)")
     ax.set_ylabel("process RSS (MB)")
     ax.set_title(f"soak: {len(result['rows'])} sessions, budget {result['settings']['budget']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    save_figure(fig, out.with_suffix(".png"), dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens", type=int, default=1_000_000, help="tokens to stream, all sessions together"
     )
@@ -219,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         "--interrupt-rate", type=float, default=1 / 12, help="share of operations interrupted"
     )
     parser.add_argument("--quick", action="store_true", help="20k tokens")
-    parser.add_argument("--out", default=str(RESULTS / "soak"))
+    add_out(parser, "soak")
     parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.tokens = 20_000
 
@@ -248,7 +239,3 @@ def main(argv: list[str] | None = None) -> int:
         f"RSS after warm-up {result['rss_warm_mb']:.0f} MB, growth {100 * (result['rss_growth'] - 1):+.1f} %"
     )
     return 0 if result["rss_ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Multi-round chat over one growing stream (paper Table 4): recall, collapse and cache turnover.
+"""Multi-round chat over one growing stream: recall, collapse and cache turnover (paper Table 4).
 
 Even rounds tell the model one fact ("Remember this: the code of Name is NNNN."), odd rounds
 ask for the code told d rounds earlier, d cycling over --distances.  All of it, questions and
@@ -10,10 +10,11 @@ the model's own replies, stays in the stream, which runs far past the budget.  P
     first round after which at least half of every 10 replies are degenerate;
   - turnover: the share of cached tokens (sinks excluded) older than 4 budgets of stream.
 InfMLLM is swept over the recency bias (0 lets old saddles squat the cache), next to
-StreamingLLM and H2O at the same budget and a full cache (up to the trained 8k context).
+StreamingLLM and H2O at the same budget (configurations of bench/configs.py) and a full cache
+(up to the trained 8k context).
 
-    python scripts/bench_multiround.py --quick     # 60 rounds, budget 256 (minutes)
-    python scripts/bench_multiround.py             # 300 rounds, budget 512
+    python -m bench multiround --quick     # 60 rounds, budget 256 (minutes)
+    python -m bench multiround             # 300 rounds, budget 512
 
 Writes bench/results/multiround.json, multiround.csv and multiround.png.
 """
@@ -21,26 +22,40 @@ Writes bench/results/multiround.json, multiround.csv and multiround.png.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
-from tqdm import tqdm
 
-from infmllm_gguf import ContextFullError, Llama
-from infmllm_gguf.policies import H2O, FullCache, InfMLLM, KVPolicy, StreamingLLM
+from bench.common import (
+    FULL_N_CTX,
+    NAMES,
+    add_out,
+    odd_distance,
+    progress,
+    pyplot,
+    save_figure,
+    write_results,
+    wrote,
+)
+from bench.configs import CONFIGS
+from infmllm_gguf import ContextFullError, FullCache, InfMLLM, KVPolicy, Llama
 
-FULL_N_CTX = 8192  # the model's trained context
-NAMES = [
-    "Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivan", "Jun",
-    "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tomas",
-]  # fmt: skip
+FACT_NAMES = NAMES[:20]
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="60 rounds, budget 256, 3 biases")
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--biases", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
+    ap.add_argument("--distances", type=odd_distance, nargs="+", default=[1, 5, 21, 61])
+    ap.add_argument("--seed", type=int, default=0)
+    add_out(ap, "multiround")
 
 
 def fact_name(r: int) -> str:
-    return f"{NAMES[r % len(NAMES)]} {r // len(NAMES) + 1}"
+    return f"{FACT_NAMES[r % len(FACT_NAMES)]} {r // len(FACT_NAMES) + 1}"
 
 
 def degenerate(reply: str, previous: list[str]) -> bool:
@@ -68,40 +83,42 @@ def run_config(
     llm.feed("A friendly assistant remembers every code it is told.\n")
     replies: list[str] = []
     log = []
-    for r in tqdm(range(rounds), desc=label, file=sys.stderr):
-        asked = r - distances[(r // 2) % len(distances)]  # an even (fact) round for odd r
-        if r % 2 == 0:
-            turn = f"Remember this: the code of {fact_name(r)} is {codes[r]}."
-        else:
-            asked = asked if asked >= 0 else r - 1
-            turn = f"What is the code of {fact_name(asked)}?"
-        try:
-            reply = llm.ask(turn, max_tokens=16)
-        except ContextFullError:
-            break  # the full-cache reference ends at the trained context
-        stats = llm.kv_stats()
-        ages = stats["n_streamed"] - llm.cached_stream_indices()[4:]
-        log.append(
-            {
-                "round": r,
-                "distance": r - asked if r % 2 else 0,
-                "correct": bool(r % 2) and str(codes[asked]) in reply,
-                "degenerate": degenerate(reply, replies),
-                "turnover_old_share": float(np.mean(ages > 4 * budget)),
-                "n_streamed": stats["n_streamed"],
-                "reply": reply,
-            }
-        )
-        replies.append(reply)
+    with progress(rounds, label) as bar:
+        for r in range(rounds):
+            bar.update()
+            asked = r - distances[(r // 2) % len(distances)]  # an even (fact) round for odd r
+            if r % 2 == 0:
+                turn = f"Remember this: the code of {fact_name(r)} is {codes[r]}."
+            else:
+                asked = asked if asked >= 0 else r - 1
+                turn = f"What is the code of {fact_name(asked)}?"
+            try:
+                reply = llm.ask(turn, max_tokens=16)
+            except ContextFullError:
+                break  # the full-cache reference ends at the trained context
+            stats = llm.kv_stats()
+            ages = stats["n_streamed"] - llm.cached_stream_indices()[4:]
+            log.append(
+                {
+                    "round": r,
+                    "distance": r - asked if r % 2 else 0,
+                    "correct": bool(r % 2) and str(codes[asked]) in reply,
+                    "degenerate": degenerate(reply, replies),
+                    "turnover_old_share": float(np.mean(ages > 4 * budget)),
+                    "n_streamed": stats["n_streamed"],
+                    "reply": reply,
+                }
+            )
+            replies.append(reply)
     llm.close()
     flags = [x["degenerate"] for x in log]
-    asked = [x for x in log if x["distance"]]
+    asked_rounds = [x for x in log if x["distance"]]
     return {
         "config": label,
-        "accuracy": float(np.mean([x["correct"] for x in asked])),
+        "accuracy": float(np.mean([x["correct"] for x in asked_rounds])),
         "accuracy_by_distance": {
-            str(d): float(np.mean([x["correct"] for x in asked if x["distance"] == d]))
-            for d in sorted({x["distance"] for x in asked} & set(distances))
+            str(d): float(np.mean([x["correct"] for x in asked_rounds if x["distance"] == d]))
+            for d in sorted({x["distance"] for x in asked_rounds} & set(distances))
         },
         "degenerate_share": float(np.mean(flags)),
         "collapse_round": collapse_round(flags),
@@ -111,25 +128,12 @@ def run_config(
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=300)
-    ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--biases", type=float, nargs="+", default=[0.0, 1e-4, 1e-3, 1e-2])
-    ap.add_argument("--distances", type=int, nargs="+", default=[1, 5, 21, 61])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "multiround"))
-    args = ap.parse_args()
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.rounds, args.budget, args.biases = 60, 256, [0.0, 1e-3, 1e-2]
-    if any(d % 2 == 0 or d < 1 for d in args.distances):
-        ap.error("--distances must be odd (a question round looks back to a fact round)")
 
     configs: list[tuple[str, KVPolicy]] = [
-        ("full", FullCache()),  # what the model does with everything in view (up to 8k tokens)
-        ("streamingllm", StreamingLLM(args.budget)),
-        ("h2o", H2O(args.budget)),
+        (name, CONFIGS[name].build(args.budget)[0]) for name in ("full", "streamingllm", "h2o")
     ] + [(f"infmllm bias={b:g}", InfMLLM(args.budget, bias=b)) for b in args.biases]
     results = [
         run_config(label, p, args.budget, args.rounds, args.distances, args.seed) for label, p in configs
@@ -151,17 +155,12 @@ def main() -> int:
         ["config", "round", "distance", "correct", "degenerate", "turnover_old_share", "reply"],
     )
     plot(results, out.with_suffix(".png"), args.budget)
-    print(f"wrote {out}.json/.csv/.png")
+    wrote(out, "json", "csv", "png")
     return 0
 
 
 def plot(results: list[dict], path: Path, budget: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(16, 4))
     for res in results:
         log = res["rounds"]
         xs = [x["round"] for x in log]
@@ -179,9 +178,4 @@ def plot(results: list[dict], path: Path, budget: int) -> None:
         ax.set_xlabel("round")
         ax.set_ylim(-0.05, 1.05)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    save_figure(fig, path)

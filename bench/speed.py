@@ -4,11 +4,11 @@ Every runner streams the same KJV tokens.  At each checkpoint (budget, 2x, 4x, .
 fed up to the checkpoint in 512-token pieces (prefill tok/s), then decodes `--steps` single
 tokens (decode tok/s).  Runners take turns checkpoint by checkpoint, so every ratio is
 measured on the same machine state.  "plain" is llama-cpp-python's own `Llama` (the copy
-vendored in this package, scoring off) with n_ctx = budget: a full cache up to n_ctx, then
+bundled in this package, scoring off) with n_ctx = budget: a full cache up to n_ctx, then
 llama.cpp's context shift (keep the first 4 tokens, drop half of the rest, shift positions).
 
-    python scripts/bench_speed.py --quick     # 8k tokens, budget 256 (a few minutes)
-    python scripts/bench_speed.py             # 64k tokens, budget 1024 (about an hour on 2 cores)
+    python -m bench speed --quick     # 8k tokens, budget 256 (a few minutes)
+    python -m bench speed             # 64k tokens, budget 1024 (about an hour on 2 cores)
 
 Writes bench/results/speed.json, speed.csv and speed.png.  RSS is the whole process (all runners
 alive); flat RSS over the stream is the claim, per-runner KV buffers are fixed at creation.
@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from infmllm_gguf._llama_cpp import llama as llama_cpp_python
-from results_io import RESULTS, write_results
-from tqdm import tqdm
 
+from bench.common import (
+    Stopwatch,
+    add_out,
+    current_rss_mb,
+    peak_rss_mb,
+    progress,
+    pyplot,
+    save_figure,
+    write_results,
+    wrote,
+)
+from bench.configs import CONFIGS, add_policies
 from infmllm_gguf import Llama, default_model_path
-from infmllm_gguf.cli import current_rss_mb, peak_rss_mb
-from infmllm_gguf.policies import make_policy
+from infmllm_gguf.bindings import LlamaCppPython, llama_cpp
 from infmllm_gguf.texts import kjv
 
 PIECE = 512
@@ -41,10 +48,10 @@ class PlainRunner:
     name = "plain"
 
     def __init__(
-        self, n_ctx: int, n_threads: int, n_keep: int = 4, model_path: str | None = None, **params
+        self, n_ctx: int, n_threads: int, n_keep: int = 4, model_path: str | None = None, **params: Any
     ) -> None:
         """params: more of llama-cpp-python's Llama arguments (n_gpu_layers, flash_attn, ...)."""
-        self.llm = llama_cpp_python.Llama(
+        self.llm = LlamaCppPython(
             model_path or str(default_model_path()),
             n_ctx=n_ctx,
             n_batch=PIECE,
@@ -58,20 +65,25 @@ class PlainRunner:
         i = 0
         while i < len(tokens):
             if self.llm.n_tokens == self.n_ctx:
-                self._context_shift()
+                self.context_shift()
             take = min(self.n_ctx - self.llm.n_tokens, PIECE, len(tokens) - i)
             self.llm.eval(tokens[i : i + take].tolist())
             i += take
 
-    def _context_shift(self) -> None:
+    def context_shift(self) -> None:
         n_past = self.llm.n_tokens
         n_discard = (n_past - self.n_keep) // 2
-        ctx = self.llm._ctx
-        ctx.kv_cache_seq_rm(0, self.n_keep, self.n_keep + n_discard)
-        ctx.kv_cache_seq_shift(0, self.n_keep + n_discard, n_past, -n_discard)
+        memory = llama_cpp.llama_get_memory(self.llm.ctx)
+        llama_cpp.llama_memory_seq_rm(memory, 0, self.n_keep, self.n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(memory, 0, self.n_keep + n_discard, n_past, -n_discard)
         ids = self.llm.input_ids
         ids[self.n_keep : n_past - n_discard] = ids[self.n_keep + n_discard : n_past]
         self.llm.n_tokens = n_past - n_discard
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens only (a decode's tokens taken back)."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, n, -1)
+        self.llm.n_tokens = n
 
     @property
     def n_cached(self) -> int:
@@ -82,12 +94,12 @@ class PlainRunner:
 
 
 class PolicyRunner:
-    name: str
+    """A configuration of bench/configs.py at the budget, streaming in this package's Llama."""
 
-    def __init__(self, policy: str, budget: int, n_threads: int) -> None:
-        p = make_policy(policy, budget=budget)
-        self.llm = Llama(n_ctx=p.capacity, kv_policy=p, n_threads=n_threads)
-        self.name = policy
+    def __init__(self, name: str, budget: int, n_threads: int) -> None:
+        policy, recall = CONFIGS[name].build(budget)
+        self.llm = Llama(n_ctx=policy.capacity, kv_policy=policy, recall=recall, n_threads=n_threads)
+        self.name = name
 
     def eval(self, tokens: np.ndarray) -> None:
         self.llm.eval(tokens)
@@ -100,6 +112,16 @@ class PolicyRunner:
         self.llm.close()
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="8k tokens at budget 256")
+    ap.add_argument("--tokens", type=int, default=65_536)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32, help="single-token decodes timed per checkpoint")
+    add_policies(ap, ["infmllm", "streamingllm", "h2o"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    add_out(ap, "speed")
+
+
 def checkpoints(first: int, n_tokens: int) -> list[int]:
     points, c = [], first
     while c <= n_tokens:
@@ -108,16 +130,7 @@ def checkpoints(first: int, n_tokens: int) -> list[int]:
     return points
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8k tokens at budget 256")
-    ap.add_argument("--tokens", type=int, default=65_536)
-    ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=32, help="single-token decodes timed per checkpoint")
-    ap.add_argument("--policies", nargs="+", default=["infmllm", "streamingllm", "h2o"])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--out", default=str(RESULTS / "speed"))
-    args = ap.parse_args()
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.tokens, args.budget = 8192, 256
 
@@ -125,7 +138,7 @@ def main() -> int:
     # plain gets the policies' capacity as n_ctx: at the first checkpoint (= budget) both hold
     # exactly the same cells, later plain shifts its context while the policies evict
     capacity = policy_runners[0].llm.policy.capacity
-    runners: list = [PlainRunner(capacity, args.threads), *policy_runners]
+    runners: list[PlainRunner | PolicyRunner] = [PlainRunner(capacity, args.threads), *policy_runners]
     text_tokens = np.array(policy_runners[0].llm.tokenize(kjv()[: args.tokens * 8]), np.int32)
     points = checkpoints(args.budget, args.tokens)
     need = points[-1] + len(points) * args.steps
@@ -133,31 +146,30 @@ def main() -> int:
         raise SystemExit(f"the text has {len(text_tokens)} tokens, {need} needed")
 
     rows = []
-    bar = tqdm(total=len(points) * len(runners), desc="checkpoints", file=sys.stderr)
-    for k, point in enumerate(points):
-        start = points[k - 1] + args.steps if k else 0  # every runner has been fed the same tokens
-        for r in runners:
-            t0 = time.perf_counter()
-            r.eval(text_tokens[start:point])
-            prefill_s = time.perf_counter() - t0
-            steps = text_tokens[point : point + args.steps]
-            t0 = time.perf_counter()
-            for tok in steps:
-                r.eval(np.array([tok], np.int32))
-            decode_s = time.perf_counter() - t0
-            rows.append(
-                {
-                    "runner": r.name,
-                    "stream_tokens": point,
-                    "prefill_tok_s": (point - start) / prefill_s,
-                    "decode_tok_s": args.steps / decode_s,
-                    "cached": r.n_cached,
-                    "rss_mb": current_rss_mb(),
-                }
-            )
-            bar.set_postfix(runner=r.name, tokens=point)
-            bar.update()
-    bar.close()
+    with progress(len(points) * len(runners), "checkpoints") as bar:
+        for k, point in enumerate(points):
+            start = points[k - 1] + args.steps if k else 0  # every runner has been fed the same tokens
+            for r in runners:
+                clock = Stopwatch()
+                r.eval(text_tokens[start:point])
+                prefill_s = clock.seconds
+                steps = text_tokens[point : point + args.steps]
+                clock = Stopwatch()
+                for tok in steps:
+                    r.eval(np.array([tok], np.int32))
+                decode_s = clock.seconds
+                rows.append(
+                    {
+                        "runner": r.name,
+                        "stream_tokens": point,
+                        "prefill_tok_s": (point - start) / prefill_s,
+                        "decode_tok_s": args.steps / decode_s,
+                        "cached": r.n_cached,
+                        "rss_mb": current_rss_mb(),
+                    }
+                )
+                bar.set_postfix(runner=r.name, tokens=point)
+                bar.update()
     for r in runners:
         r.close()
 
@@ -197,17 +209,12 @@ def main() -> int:
     )
     out = write_results(args.out, result, rows, list(rows[0]))
     plot(rows, [r.name for r in runners], out.with_suffix(".png"), args.budget)
-    print(f"wrote {out}.json/.csv/.png")
+    wrote(out, "json", "csv", "png")
     return 0
 
 
 def plot(rows: list[dict], names: list[str], path: Path, budget: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     for name in names:
         mine = [x for x in rows if x["runner"] == name]
         xs = [x["stream_tokens"] for x in mine]
@@ -221,9 +228,4 @@ def plot(rows: list[dict], names: list[str], path: Path, budget: int) -> None:
         ax.set_title(f"{title}, budget {budget}")
     axes[0].legend()
     axes[2].set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    save_figure(fig, path)

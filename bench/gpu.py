@@ -1,5 +1,6 @@
-"""Speed and memory on a GPU: a random-weight model of a real 1B shape (TinyLlama-1.1B's,
-quantized Q4_K_M by llama.cpp's own quantizer), every layer and the KV cache offloaded.
+"""Speed and memory on a GPU: a random-weight 1B model, every layer and the KV cache offloaded.
+
+The model has a real 1B shape (TinyLlama-1.1B's), quantized Q4_K_M by llama.cpp's own quantizer.
 
 1. Decode tok/s with InfMLLM against plain llama-cpp-python (the copy vendored in this
    package, scoring off) at the same filled cells, flash attention off and on: both are first
@@ -14,31 +15,26 @@ Random weights compute the same kernels as real ones, so the speeds are real; no
 model says is measured.  Writes gpu.json, gpu.csv (the stream's checkpoints) and gpu.png
 to `--out` (default bench/results/gpu/).
 
-    python scripts/bench_gpu.py                              # on a GPU machine (a few minutes)
-    python scripts/bench_gpu.py --shape small --stream-tokens 20000 --out /tmp/gpu   # CPU dry run
+    python -m bench gpu                              # on a GPU machine (a few minutes)
+    python -m bench gpu --shape small --stream-tokens 20000 --out /tmp/gpu   # CPU dry run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from bench_speed import PlainRunner
-from results_io import RESULTS, write_results
 
+from bench.common import RESULTS, Stopwatch, current_rss_mb, log, pyplot, save_figure, write_results, wrote
+from bench.speed import PlainRunner
 from infmllm_gguf import InfMLLM, Llama, build_info, devices, synthetic
-from infmllm_gguf.cli import current_rss_mb
 
 SHAPES = {"tinyllama-1b": synthetic.TINYLLAMA_1B, "small": synthetic.SMALL}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def gpu_memory_used() -> tuple[str, int]:
@@ -49,37 +45,43 @@ def gpu_memory_used() -> tuple[str, int]:
 
 
 def make_model(shape: synthetic.LlamaShape, work: Path) -> Path:
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     f16 = synthetic.write_llama(work / "random-f16.gguf", shape)
-    t1 = time.perf_counter()
+    written = clock.seconds
     q4 = synthetic.quantize(f16, work / "random-q4_k_m.gguf")
     f16.unlink()
     log(
-        f"model: {shape.n_params / 1e9:.2f}B parameters, written in {t1 - t0:.0f} s, quantized Q4_K_M "
-        f"in {time.perf_counter() - t1:.0f} s ({q4.stat().st_size / 2**20:.0f} MiB)"
+        f"model: {shape.n_params / 1e9:.2f}B parameters, written in {written:.0f} s, quantized Q4_K_M "
+        f"in {clock.seconds - written:.0f} s ({q4.stat().st_size / 2**20:.0f} MiB)"
     )
     return q4
 
 
-def decode_rate(run, tokens: np.ndarray) -> float:
-    t0 = time.perf_counter()
+def decode_rate(decode_one: Callable[[np.ndarray], object], tokens: np.ndarray) -> float:
+    """Single-token decodes per second over `tokens`."""
+    clock = Stopwatch()
     for tok in tokens:
-        run(np.array([tok], np.int32))
-    return len(tokens) / (time.perf_counter() - t0)
+        decode_one(np.array([tok], np.int32))
+    return len(tokens) / clock.seconds
 
 
-def bench_decode(model: Path, args: argparse.Namespace, flash_attn: bool, rng: np.random.Generator) -> dict:
-    """InfMLLM vs plain decode at the same filled cells, taking turns."""
-    policy = InfMLLM(budget=args.budget)
-    ours = Llama(
+def offloaded(model: Path, policy: InfMLLM, args: argparse.Namespace, **params: Any) -> Llama:
+    """`model` with every layer offloaded, its cache of n_ctx = capacity managed by `policy`."""
+    return Llama(
         str(model),
         n_ctx=policy.capacity,
         n_batch=args.piece,
         kv_policy=policy,
         n_gpu_layers=-1,
-        flash_attn=flash_attn,
         n_threads=args.threads,
+        **params,
     )
+
+
+def bench_decode(model: Path, args: argparse.Namespace, flash_attn: bool, rng: np.random.Generator) -> dict:
+    """InfMLLM vs plain decode at the same filled cells, taking turns."""
+    policy = InfMLLM(budget=args.budget)
+    ours = offloaded(model, policy, args, flash_attn=flash_attn)
     fill = rng.integers(300, args.n_vocab, policy.capacity + args.budget).astype(np.int32)
     ours.eval(fill)  # past the budget: evicting at its steady state
     cells = ours.n_cached
@@ -91,9 +93,8 @@ def bench_decode(model: Path, args: argparse.Namespace, flash_attn: bool, rng: n
     steps = rng.integers(300, args.n_vocab, (args.rounds, 2, args.steps)).astype(np.int32)
     for r in range(args.rounds):
         rates["infmllm"].append(decode_rate(ours.eval, steps[r, 0]))
-        rates["plain"].append(decode_rate(plain.llm.eval, steps[r, 1].tolist()))
-        plain.llm._ctx.kv_cache_seq_rm(0, cells, -1)  # back to the same fill for the next round
-        plain.llm.n_tokens = cells
+        rates["plain"].append(decode_rate(plain.llm.eval, steps[r, 1]))
+        plain.truncate(cells)  # back to the same fill for the next round
     row = {
         "flash_attn": flash_attn,
         "cells": cells,
@@ -114,31 +115,22 @@ def bench_decode(model: Path, args: argparse.Namespace, flash_attn: bool, rng: n
 def bench_stream(model: Path, args: argparse.Namespace, rng: np.random.Generator) -> tuple[list[dict], dict]:
     """One long InfMLLM stream: tok/s and device memory at checkpoints."""
     policy = InfMLLM(budget=args.budget, chunk=args.piece)
-    llm = Llama(
-        str(model),
-        n_ctx=policy.capacity,
-        n_batch=args.piece,
-        n_ubatch=args.piece,
-        kv_policy=policy,
-        n_gpu_layers=-1,
-        flash_attn=True,
-        n_threads=args.threads,
-    )
+    llm = offloaded(model, policy, args, n_ubatch=args.piece, flash_attn=True)
     every = max(args.piece, args.stream_tokens // 25 // args.piece * args.piece)
     rows, fed, stopped = [], 0, False
-    t_start = t_last = time.perf_counter()
-    last_fed = 0
+    clock = Stopwatch()
+    t_last = last_fed = 0
     while fed < args.stream_tokens:
         n = min(args.piece, args.stream_tokens - fed)
         llm.eval(rng.integers(300, args.n_vocab, n).astype(np.int32))
         fed += n
         if fed % every == 0 or fed == args.stream_tokens:
-            now = time.perf_counter()
+            now = clock.seconds
             name, used = gpu_memory_used()
             rows.append(
                 {
                     "stream_tokens": fed,
-                    "elapsed_s": now - t_start,
+                    "elapsed_s": now,
                     "tok_s": (fed - last_fed) / (now - t_last),
                     "device": name,
                     "device_mem_used_mib": used / 2**20,
@@ -152,7 +144,7 @@ def bench_stream(model: Path, args: argparse.Namespace, rng: np.random.Generator
                 f"stream {fed:>9,} tokens: {rows[-1]['tok_s']:8.0f} tok/s, {name} memory "
                 f"{rows[-1]['device_mem_used_mib']:.0f} MiB, {llm.n_cached} cells"
             )
-            if now - t_start > args.max_seconds:
+            if now > args.max_seconds:
                 stopped = True
                 log(f"stream stopped at {fed:,} tokens: --max-seconds {args.max_seconds} reached")
                 break
@@ -171,12 +163,7 @@ def bench_stream(model: Path, args: argparse.Namespace, rng: np.random.Generator
 
 
 def plot(decode: list[dict], stream: list[dict], meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4))
     labels = [f"FA {'on' if r['flash_attn'] else 'off'}" for r in decode]
     x = np.arange(len(decode))
     axes[0].bar(x - 0.2, [r["plain_tok_s"] for r in decode], 0.4, label="plain llama.cpp")
@@ -195,12 +182,10 @@ def plot(decode: list[dict], stream: list[dict], meta: dict, path: Path) -> None
     for ax in axes[1:]:
         ax.set_xlabel("stream length (tokens)")
     fig.suptitle(f"{meta['gpu']}: random {meta['model_params_b']:.2f}B Llama, Q4_K_M")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1b")
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=64, help="single-token decodes per round")
@@ -209,8 +194,12 @@ def main() -> int:
     ap.add_argument("--stream-tokens", type=int, default=1_000_000)
     ap.add_argument("--max-seconds", type=float, default=200.0, help="stop the stream past this")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--out", default=str(RESULTS / "gpu"))
-    args = ap.parse_args()
+    ap.add_argument(
+        "--out", default=str(RESULTS / "gpu"), help="the folder of the results (default: %(default)s)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
     args.n_vocab = SHAPES[args.shape].n_vocab  # random tokens past the byte vocabulary
 
     info = build_info()
@@ -243,9 +232,5 @@ def main() -> int:
         f"({summary['stream_tok_s']:.0f} tok/s); device memory {summary['device_mem_first_mib']:.0f} -> "
         f"{summary['device_mem_last_mib']:.0f} MiB (spread {summary['device_mem_max_minus_min_mib']:.0f} MiB)"
     )
-    log(f"wrote {out}.json/.csv/.png")
+    wrote(out, "json", "csv", "png")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

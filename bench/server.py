@@ -8,8 +8,8 @@ twice a second (flat: every conversation stays within budget + chunk however lon
 Decoding is serialised in one context, so aggregate tok/s stays about flat with the clients
 while the time to first token grows with the queue.
 
-    python scripts/bench_server.py --quick     # 10 turns per client (minutes)
-    python scripts/bench_server.py             # 100 turns per client
+    python -m bench server --quick     # 10 turns per client (minutes)
+    python -m bench server             # 100 turns per client
 
 Writes bench/results/server.json, server.csv and server.png.  Two builds side by side: run once
 per build with its venv's Python and a label, into the same --out (rows merge by label and
@@ -30,18 +30,21 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from openai import OpenAI
-from results_io import RESULTS, merge_rows, write_results
 from tqdm import tqdm
 
+from bench.common import (
+    Stopwatch,
+    add_out,
+    merge_rows,
+    process_rss_mb,
+    progress,
+    pyplot,
+    save_figure,
+    write_results,
+    wrote,
+)
+
 MODEL = "smollm2-135m"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Popen, int]:
@@ -63,17 +66,20 @@ def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Po
     raise SystemExit("the server did not start")
 
 
-def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqdm) -> dict:
+def load(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqdm) -> dict:
+    """`clients` conversations at once of `turns` turns each; throughput, latency and memory."""
+    from openai import OpenAI  # the test extra's, imported when a run needs it
+
     ttft: list[float] = []
     tokens = [0]
     lock = threading.Lock()
     rss: list[tuple[float, float]] = []
     done = threading.Event()
-    t0 = time.perf_counter()
+    clock = Stopwatch()
 
     def watch() -> None:
         while not done.is_set():
-            rss.append((time.perf_counter() - t0, rss_mb(pid)))
+            rss.append((clock.seconds, process_rss_mb(pid)))
             time.sleep(0.5)
 
     def converse(i: int) -> None:
@@ -83,7 +89,7 @@ def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqd
             messages.append(
                 {"role": "user", "content": f"Turn {turn}. Tell me one more thing about the sea."}
             )
-            start = time.perf_counter()
+            turn_clock = Stopwatch()
             first, parts, n = None, [], 0
             stream = client.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=turn,
@@ -92,7 +98,7 @@ def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqd
             for chunk in stream:
                 text = chunk.choices[0].delta.content if chunk.choices else None
                 if text:
-                    first = first or time.perf_counter() - start
+                    first = first or turn_clock.seconds
                     parts.append(text)
                     n += 1
             messages.append({"role": "assistant", "content": "".join(parts)})
@@ -109,7 +115,7 @@ def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqd
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall = clock.seconds
     done.set()
     watcher.join()
     mem = np.array([m for _, m in rss])
@@ -129,46 +135,13 @@ def run(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqd
     }
 
 
-def plot(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    builds = list(dict.fromkeys(r["build"] for r in rows))
-    for build in builds:
-        mine = [r for r in rows if r["build"] == build]
-        name = f"{build}: " if len(builds) > 1 else ""
-        clients = [r["clients"] for r in mine]
-        ax[0].plot(clients, [r["tokens_per_s"] for r in mine], "o-", label=build)
-        ax[1].plot(clients, [r["ttft_p50_s"] for r in mine], "o-", label=f"{name}p50")
-        ax[1].plot(clients, [r["ttft_p95_s"] for r in mine], "s--", label=f"{name}p95")
-        for r in mine:
-            t, m = zip(*r["rss_trace"])
-            ax[2].plot(t, m, label=f"{name}{r['clients']} clients")
-    ax[0].set(xlabel="concurrent clients", ylabel="generated tokens / s (all clients)", title="throughput")
-    if len(builds) > 1:
-        ax[0].legend()
-    ax[1].set(xlabel="concurrent clients", ylabel="seconds", title="time to first token")
-    ax[1].legend()
-    ax[2].set(xlabel="seconds into the run", ylabel="server RSS (MB)", title="memory")
-    ax[2].legend()
-    for a in ax[:2]:
-        a.set_xscale("log", base=2)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="10 turns per client")
     ap.add_argument("--turns", type=int, default=100)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--out", default=str(RESULTS / "server"))
+    add_out(ap, "server")
     ap.add_argument(
         "--python", default=sys.executable,
         help="the Python whose infmllm-gguf serves (another venv's, to compare two builds)",
@@ -176,12 +149,14 @@ def main() -> int:
     ap.add_argument(
         "--label", default=None, help="the build's name; rows of other labels in --out are kept (merged)"
     )
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
     turns = 10 if args.quick else args.turns
     rows = []
     with (
         tempfile.TemporaryDirectory() as sessions,
-        tqdm(total=sum(args.clients) * turns, unit="turn", desc="server") as bar,
+        progress(sum(args.clients) * turns, "server", unit="turn") as bar,
     ):
         for clients in args.clients:
             proc, port = start_server(args, sessions)  # a fresh server per run: RSS from its start
@@ -189,7 +164,7 @@ def main() -> int:
                 rows.append(
                     {
                         "build": args.label or "this build",
-                        **run(port, proc.pid, clients, turns, args.max_tokens, bar),
+                        **load(port, proc.pid, clients, turns, args.max_tokens, bar),
                     }
                 )
             finally:
@@ -215,9 +190,31 @@ def main() -> int:
     ]  # fmt: skip
     out = write_results(args.out, meta, rows, columns)
     plot(rows, out)
-    print(f"wrote {out}.json, .csv, .png")
+    wrote(out, "json", "csv", "png")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def plot(rows: list[dict], out: Path) -> None:
+    fig, ax = pyplot().subplots(1, 3, figsize=(15, 4))
+    builds = list(dict.fromkeys(r["build"] for r in rows))
+    for build in builds:
+        mine = [r for r in rows if r["build"] == build]
+        name = f"{build}: " if len(builds) > 1 else ""
+        clients = [r["clients"] for r in mine]
+        ax[0].plot(clients, [r["tokens_per_s"] for r in mine], "o-", label=build)
+        ax[1].plot(clients, [r["ttft_p50_s"] for r in mine], "o-", label=f"{name}p50")
+        ax[1].plot(clients, [r["ttft_p95_s"] for r in mine], "s--", label=f"{name}p95")
+        for r in mine:
+            t, m = zip(*r["rss_trace"])
+            ax[2].plot(t, m, label=f"{name}{r['clients']} clients")
+    ax[0].set(xlabel="concurrent clients", ylabel="generated tokens / s (all clients)", title="throughput")
+    if len(builds) > 1:
+        ax[0].legend()
+    ax[1].set(xlabel="concurrent clients", ylabel="seconds", title="time to first token")
+    ax[1].legend()
+    ax[2].set(xlabel="seconds into the run", ylabel="server RSS (MB)", title="memory")
+    ax[2].legend()
+    for a in ax[:2]:
+        a.set_xscale("log", base=2)
+        a.grid(alpha=0.3)
+    save_figure(fig, out.with_suffix(".png"), dpi=120)

@@ -9,8 +9,8 @@ the answer.  An answer is right when its first four digits are the code.  The fu
 reference while the stream fits in its n_ctx: its answers say what the model can do with
 everything in view.
 
-    python scripts/bench_video.py --quick   # 600 frames, budget 1024, delays 1/10/100 (minutes)
-    python scripts/bench_video.py           # 3600 frames (an hour at 1 fps), budgets 1024 and 2048
+    python -m bench video --quick   # 600 frames, budget 1024, delays 1/10/100 (minutes)
+    python -m bench video           # 3600 frames (an hour at 1 fps), budgets 1024 and 2048
 
 Also times a real encoded video file (written here with PyAV): decoding alone and the whole
 feed.  Writes bench/results/video.json, video.csv (per-checkpoint rows), video_recall.csv and
@@ -20,27 +20,63 @@ video.png.
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, write_results
 
-from infmllm_gguf import ContextFullError, Llama, default_model_path
-from infmllm_gguf.cli import current_rss_mb, peak_rss_mb
-from infmllm_gguf.codebook import read_codebook, render_words, write_codebook_mmproj
-from infmllm_gguf.policies import FullCache, KVPolicy, make_policy
+from bench.common import (
+    Stopwatch,
+    add_out,
+    current_rss_mb,
+    grouped_bars,
+    peak_rss_mb,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_results,
+    wrote,
+)
+from bench.configs import CONFIGS, add_policies
+from infmllm_gguf import ContextFullError, FullCache, KVPolicy, Llama, Recall, default_model_path
 
 DIGITS = [str(d) for d in range(10)]
 
-
 # The name right before the code lets the model find the fact by its name alone: the 135M model
-# copies it so 21 times in 24 with four such facts in view, 13 in 24 with "... NAME is d d d d".
+# copies it far more often than with "... NAME is d d d d".
 FACT = "the code for {name} is {name} {code}"
 QUESTION = "\nQuestion: what is the code for {name}?\nAnswer: the code for {name} is {name}"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="600 frames, budget 1024, delays 1 10 100")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--frames", type=int, default=3600)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    add_policies(ap, ["full", "streamingllm", "h2o", "snapkv", "infmllm"])
+    ap.add_argument("--delays", type=int, nargs="+", default=[1, 10, 100, 1000])
+    ap.add_argument("--per-delay", type=int, default=3, help="facts asked at each delay")
+    ap.add_argument(
+        "--offset", type=float, default=0.0, help="first fact of a delay at this part of a spacing"
+    )
+    ap.add_argument("--full-ctx", type=int, default=16384, help="n_ctx of the full-cache reference")
+    ap.add_argument("--every", type=int, default=60, help="frames between checkpoint rows")
+    ap.add_argument("--file-frames", type=int, default=120)
+    ap.add_argument("--seed", type=int, default=0)
+    add_out(ap, "video")
+
+
+@contextlib.contextmanager
+def codebook(model: str) -> Iterator[tuple[Path, list[str]]]:
+    """The codebook projector of `model`, in a temporary file, and its words."""
+    from infmllm_gguf.codebook import read_codebook, write_codebook_mmproj
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mmproj = write_codebook_mmproj(model, Path(tmp) / "mmproj-codebook.gguf")
+        yield mmproj, list(read_codebook(mmproj))
 
 
 def plan(
@@ -66,8 +102,10 @@ def plan(
     return facts, asks
 
 
-def frames(mmproj: Path, words: list[str], facts: dict, n_frames: int, seed: int):
+def frames(mmproj: Path, words: list[str], facts: dict, n_frames: int, seed: int) -> Iterator[np.ndarray]:
     """The stream's pictures; fact names never appear in the filler."""
+    from infmllm_gguf.codebook import render_words
+
     rng = np.random.default_rng(seed + 1)
     names = {name for name, _ in facts.values()}
     filler = [w for w in words if w.isalpha() and w not in names]
@@ -90,14 +128,22 @@ def ask(llm: Llama, name: str) -> str:
     return answer
 
 
-def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, words: list[str]) -> tuple:
-    """One stream of args.frames frames through `policy`; the full cache gets n_ctx args.full_ctx."""
+def stream(
+    label: str,
+    policy: KVPolicy,
+    recall: Recall | None,
+    args: argparse.Namespace,
+    mmproj: Path,
+    words: list[str],
+) -> tuple[dict, list[dict], list[dict]]:
+    """One stream of args.frames frames through `policy` (with `recall`); the full cache gets
+    n_ctx args.full_ctx.  Returns (summary, checkpoint rows, fact rows)."""
     facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed, args.offset)
     n_ctx = args.full_ctx if isinstance(policy, FullCache) else policy.capacity
-    llm = Llama(args.model, n_ctx=n_ctx, kv_policy=policy, mmproj_path=mmproj)
-    rows, recall = [], []
-    t0 = time.perf_counter()
-    last = [t0, 0]
+    llm = Llama(args.model, n_ctx=n_ctx, kv_policy=policy, recall=recall, mmproj_path=mmproj)
+    rows, facts_asked = [], []
+    clock = Stopwatch()
+    last = [clock.seconds, 0]
 
     def on_frame(info: dict) -> None:
         n = info["frame"]
@@ -105,7 +151,7 @@ def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, wo
             name, code, delay = asks[n - 1]
             answer = ask(llm, name)
             got = "".join(ch for ch in answer if ch.isdigit())[:4]
-            recall.append(
+            facts_asked.append(
                 {
                     "run": label,
                     "frame": n - 1,
@@ -117,7 +163,7 @@ def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, wo
                 }
             )
         if n % args.every == 0 or n == args.frames:
-            now = time.perf_counter()
+            now = clock.seconds
             rows.append(
                 {
                     "run": label,
@@ -139,12 +185,12 @@ def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, wo
     llm.close()
     summary = {
         "run": label,
-        "seconds": time.perf_counter() - t0,
+        "seconds": clock.seconds,
         "full_at_frame": failed_at,
         "recall_by_delay": {
-            d: float(np.mean([x["correct"] for x in recall if x["delay"] == d]))
+            d: float(np.mean([x["correct"] for x in facts_asked if x["delay"] == d]))
             for d in args.delays
-            if any(x["delay"] == d for x in recall)
+            if any(x["delay"] == d for x in facts_asked)
         },
         "s_per_frame_median": float(np.median([x["s_per_frame"] for x in rows])),
         "cached_max": max(x["cached"] for x in rows),
@@ -152,11 +198,12 @@ def run(label: str, policy: KVPolicy, args: argparse.Namespace, mmproj: Path, wo
         "rss_last_mb": rows[-1]["rss_mb"],
     }
     print(f"{label}: {summary}")
-    return summary, rows, recall
+    return summary, rows, facts_asked
 
 
 def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
     """A real encoded video (MPEG-4 Part 2 written with PyAV): decoding alone, then the whole feed."""
+    from infmllm_gguf.codebook import render_words
     from infmllm_gguf.video import file_frames, write_video
 
     filler = [w for w in words if w.isalpha()]
@@ -165,10 +212,11 @@ def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
         path = Path(tmp) / "clip.mp4"
         pictures = [render_words(list(rng.choice(filler, 16)), mmproj) for _ in range(args.file_frames)]
         write_video(path, pictures)
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         n = sum(1 for _ in file_frames(path, fps=1.0))
-        decode_s = time.perf_counter() - t0
-        llm = Llama(args.model, n_ctx=1152, kv_policy=make_policy("infmllm", budget=1024), mmproj_path=mmproj)
+        decode_s = clock.seconds
+        policy, _ = CONFIGS["infmllm"].build(1024)
+        llm = Llama(args.model, n_ctx=1152, kv_policy=policy, mmproj_path=mmproj)
         stats = llm.feed_video(path, fps=1.0)
         llm.close()
     return {
@@ -179,40 +227,21 @@ def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="600 frames, budget 1024, delays 1 10 100")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--frames", type=int, default=3600)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "snapkv", "infmllm"])
-    ap.add_argument("--delays", type=int, nargs="+", default=[1, 10, 100, 1000])
-    ap.add_argument("--per-delay", type=int, default=3, help="facts asked at each delay")
-    ap.add_argument(
-        "--offset", type=float, default=0.0, help="first fact of a delay at this part of a spacing"
-    )
-    ap.add_argument("--full-ctx", type=int, default=16384, help="n_ctx of the full-cache reference")
-    ap.add_argument("--every", type=int, default=60, help="frames between checkpoint rows")
-    ap.add_argument("--file-frames", type=int, default=120)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(RESULTS / "video"))
-    args = ap.parse_args()
+def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.frames, args.budgets, args.delays, args.per_delay = 600, [1024], [1, 10, 100], 5
     args.model = args.model or str(default_model_path())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mmproj = write_codebook_mmproj(args.model, Path(tmp) / "mmproj-codebook.gguf")
-        words = list(read_codebook(mmproj))
+    with codebook(args.model) as (mmproj, words):
         runs, rows, recall = [], [], []
-        for policy_name in args.policies:
-            for budget in args.budgets if policy_name != "full" else [0]:
-                policy = make_policy(policy_name, budget=budget or None)
-                label = f"{policy_name}@{budget}" if budget else f"full@{args.full_ctx}"
-                summary, r_rows, r_recall = run(label, policy, args, mmproj, words)
+        for name in args.policies:
+            config = CONFIGS[name]
+            for budget in [None] if config.full else args.budgets:
+                label = f"full@{args.full_ctx}" if config.full else f"{name}@{budget}"
+                summary, run_rows, run_recall = stream(label, *config.build(budget), args, mmproj, words)
                 runs.append(summary)
-                rows += r_rows
-                recall += r_recall
+                rows += run_rows
+                recall += run_recall
         file_timing = time_file(args, mmproj, words)
     print(f"encoded video file: {file_timing}")
     meta = {
@@ -227,43 +256,28 @@ def main() -> int:
         "peak_rss_mb": peak_rss_mb(),
     }
     out = write_results(args.out, meta, rows, list(rows[0]))
-    with open(out.with_name(out.name + "_recall.csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(recall[0]))
-        writer.writeheader()
-        writer.writerows(recall)
+    write_csv(out.with_name(out.name + "_recall.csv"), recall, list(recall[0]))
     plot(rows, runs, args.delays, out.with_suffix(".png"))
-    print(f"wrote {out}.json/.csv/.png and {out.name}_recall.csv")
+    wrote(out, "json", "csv", "png")
+    print(f"wrote {out}_recall.csv")
     return 0
 
 
 def plot(rows: list[dict], runs: list[dict], delays: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for run in runs:
-        mine = [r for r in rows if r["run"] == run["run"]]
+    fig, axes = pyplot().subplots(2, 2, figsize=(12, 8))
+    for run_summary in runs:
+        mine = [r for r in rows if r["run"] == run_summary["run"]]
         x = [r["frame"] for r in mine]
-        axes[0, 0].plot(x, [r["cached"] for r in mine], label=run["run"])
-        axes[0, 1].plot(x, [r["rss_mb"] for r in mine], label=run["run"])
-        axes[1, 0].plot(x, [r["s_per_frame"] for r in mine], label=run["run"])
+        axes[0, 0].plot(x, [r["cached"] for r in mine], label=run_summary["run"])
+        axes[0, 1].plot(x, [r["rss_mb"] for r in mine], label=run_summary["run"])
+        axes[1, 0].plot(x, [r["s_per_frame"] for r in mine], label=run_summary["run"])
     for ax, title in zip(axes.flat[:3], ["cache cells", "process RSS (MB)", "seconds per frame"]):
         ax.set_title(title)
         ax.set_xlabel("frame (1 fps)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    width = 0.8 / max(1, len(runs))
-    for i, run in enumerate(runs):
-        ys = [run["recall_by_delay"].get(d, np.nan) for d in delays]
-        axes[1, 1].bar(np.arange(len(delays)) + i * width, ys, width, label=run["run"])
-    axes[1, 1].set_xticks(np.arange(len(delays)) + 0.4 - width / 2, [f"{d} frames" for d in delays])
+    bars = {r["run"]: [r["recall_by_delay"].get(d, np.nan) for d in delays] for r in runs}
+    grouped_bars(axes[1, 1], bars, [f"{d} frames" for d in delays])
     axes[1, 1].set_title("recall of a frame's fact, asked later")
     axes[1, 1].set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    save_figure(fig, path)
