@@ -30,6 +30,7 @@ BENCHMARKS = {
     "long-chat": "long_chat",
     "sweep-infmllm": "sweep_infmllm",
     "sweep-video": "sweep_video",
+    "builds": "builds",
 }
 
 
