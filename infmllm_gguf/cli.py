@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -222,6 +223,8 @@ def _prompts() -> Iterator[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():  # Ctrl-C stops answers also when started with SIGINT ignored (`cmd &`)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     llm = _make_llama(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(

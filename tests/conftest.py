@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -18,6 +19,17 @@ from infmllm_gguf.kv import KVCache, decode
 from infmllm_gguf.texts import genesis
 
 N_THREADS = min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture
+def sigint():
+    """Python's Ctrl-C handler (a KeyboardInterrupt in the main thread) for the test, whatever
+    the run started with: a process started with SIGINT ignored (a background job, some CI
+    runners) gets no handler, and its children inherit the ignored signal.  While a handler is
+    installed, a child started by exec begins with SIGINT at its default again."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -127,13 +128,16 @@ def test_chat_commands_over_stdin(tmp_path):
 
 def test_chat_in_a_terminal_survives_ctrl_c_and_leaves_on_ctrl_d(tmp_path):
     """A real pseudo-terminal: Ctrl-C during an answer stops it and the conversation goes on;
-    Ctrl-C at the prompt abandons the line; Ctrl-D leaves with status 0."""
+    Ctrl-C at the prompt abandons the line; Ctrl-D leaves with status 0.  The chat starts with
+    SIGINT ignored, as from a background job, whatever this run started with: on a terminal it
+    installs its own handler."""
     child = pexpect.spawn(
         sys.executable,
         ["-m", "infmllm_gguf.cli", "chat", "--budget", "256", "--max-tokens", "120"],
         cwd=str(tmp_path),  # import the installed package, not the source tree
         encoding="utf-8",
         timeout=180,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         child.expect_exact("> ")

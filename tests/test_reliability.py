@@ -72,6 +72,7 @@ def stream_with_interrupts(llm: Llama, tokens: np.ndarray, delays: np.ndarray) -
     return interrupted
 
 
+@pytest.mark.usefixtures("sigint")
 @pytest.mark.parametrize(
     ("n_tokens", "n_interrupts"),
     [(600, 6), pytest.param(3000, 30, marks=pytest.mark.slow)],
@@ -103,6 +104,7 @@ def test_interrupts_at_random_points_leave_an_identical_stream(model_path, token
     reference.close()
 
 
+@pytest.mark.usefixtures("sigint")
 @pytest.mark.parametrize("policy", [InfMLLM(128, chunk=32), H2O(128, chunk=32)], ids=["infmllm", "h2o"])
 def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, tokens, policy):
     llm = Llama(model_path, n_ctx=256, kv_policy=policy, n_batch=32, debug=True)
@@ -122,6 +124,7 @@ def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, t
     llm.close()
 
 
+@pytest.mark.usefixtures("sigint")
 @pytest.mark.parametrize("when", ["chunk", "turn"])
 def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path, tokens, when):
     """Ctrl-C at random moments of a stream whose evictions copy rows out and whose recalls
@@ -152,6 +155,7 @@ def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path,
     llm.close()
 
 
+@pytest.mark.usefixtures("sigint")
 def test_ctrl_c_stops_a_long_prefill_inside_the_decode(model_path, tokens):
     """One 1024-token decode takes seconds; Ctrl-C must end it early through the abort
     callback, leaving nothing of it in the cache, rather than land after it completed."""
@@ -171,6 +175,7 @@ def test_ctrl_c_stops_a_long_prefill_inside_the_decode(model_path, tokens):
     fresh.close()
 
 
+@pytest.mark.usefixtures("sigint")
 def test_ctrl_c_inside_an_image_takes_the_whole_image_back(model_path, tmp_path):
     """A 1024-cell picture decoded in four batches: Ctrl-C after the first batches must take
     back the batches already decoded, restore the logits before the image and leave the stream

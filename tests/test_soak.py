@@ -14,6 +14,7 @@ from bench import soak  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("sigint")
 def test_short_soak_keeps_every_session_consistent():
     # short feeds and many interrupts: a few minutes see every operation and many SIGINTs
     args = argparse.Namespace(
