@@ -1,9 +1,9 @@
 """Page-selection quality of the recall tier: does a recall bring back what a full cache attends to?
 
-Does a recall bring back the pages that a full cache, holding the whole stream, attends to
-most when the question is asked?  For each passkey stream (as the recall benchmark's: the
-preamble unless --no-preamble, a KJV haystack from a random start per key, the key at a depth,
-in a paragraph of its own, the question at the end) two runs:
+The pages a full cache, holding the whole stream, attends to most when the question is asked
+are set against those a recall brings back.  For each passkey stream (as the recall
+benchmark's: the preamble unless --no-preamble, a KJV haystack from a random start per key,
+the key at a depth, in a paragraph of its own, the question at the end) two runs:
   - the full cache (n_ctx = stream length) with query capture on: the question's last
     `query_window` query rows of every layer and head, softmax-attended over all the cached
     keys (read back from the cache) exactly as the model does it, averaged over layers, heads
@@ -19,8 +19,10 @@ holds them).  And as attention mass: the share of the full cache's attention to 
 tokens that the recalled pages hold (`evicted_mass_recalled`), against the share the same
 number of pages holds at best (`evicted_mass_best`, chosen knowing the attention).
 
-The policy's own cells are those cached both before the question's recall and after it; every
-other token of the stream was evicted once, and so is in the store.
+The policy's own cells at the question (evictions to make room for the recall included) are
+those a twin session caches there: the same policy and recall tier, but a store with no room,
+so that it evicts as the session does and recalls nothing.  Every other token of the stream
+was evicted once, and so is in the session's store.
 
     python -m bench recall-selection --quick   # 2k tokens, 2 depths (minutes)
     python -m bench recall-selection           # 2k and 4k tokens, 4 depths, 2 keys
@@ -32,6 +34,7 @@ Writes bench/results/recall_selection.json and .csv.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
@@ -41,6 +44,8 @@ from bench.recall import add_stream_arguments, stream_meta
 from infmllm_gguf import Llama, Recall
 from infmllm_gguf.evaluate import passkey_draws, passkey_filler, passkey_tokens
 from infmllm_gguf.recall import keys_as_float
+
+NO_ROOM_MB = 1e-9  # a store limit no page fits in: every page is dropped as it is stored
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -94,7 +99,7 @@ def attention_by_token(llm: Llama, tokens: list[int], rows: int) -> np.ndarray:
 def answer_seen(llm: Llama, max_tokens: int) -> tuple[str, np.ndarray, list[tuple[int, int]]]:
     """Answer the question the stream ends with; also the cached stream indices and the
     recalled pages' ranges as the answer's first token is sampled (after the turn's recall)."""
-    seen: list[tuple[np.ndarray, list[tuple[int, int]]]] = []
+    seen: list[tuple[np.ndarray, list[tuple[int, int]]]] = []  # before the first token only
 
     def before_token() -> None:
         if not seen:
@@ -116,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             full = Llama(n_ctx=length + 16, kv_policy="full", seed=0)
             policy, recall = config.build(args.budget)
             llm = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall)
+            no_room = dataclasses.replace(recall, store_limit_mb=NO_ROOM_MB)
+            twin = Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=no_room)
             filler = passkey_filler(llm)
             for depth, key, start in passkey_draws(rng, len(filler), args.depths, args.keys, spread=True):
                 tokens, needle = passkey_tokens(
@@ -131,13 +138,15 @@ def run(args: argparse.Namespace) -> int:
                 attention = attention_by_token(full, tokens, recall.query_window)
                 page_of = np.arange(len(attention)) // recall.page
                 mass = np.bincount(page_of, weights=attention)
+                twin.reset()
+                twin.eval(tokens)
+                _, kept, _ = answer_seen(twin, 1)
                 llm.reset()
                 llm.eval(tokens)
-                before = llm.cached_stream_indices()
-                answer, after, ranges = answer_seen(llm, 16)  # the recall is the question's turn's
+                answer, _, ranges = answer_seen(llm, 16)  # the recall is the question's turn's
                 # what a recall can bring back: attention to the tokens the policy no longer holds
                 evicted = np.ones(len(attention), bool)
-                evicted[np.intersect1d(before, after)] = False
+                evicted[kept] = False
                 stored = np.unique(np.flatnonzero(evicted) // recall.page)
                 recalled = {a // recall.page for a, _ in ranges}
                 ranked = stored[np.argsort(-mass[stored], kind="stable")]
@@ -171,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
             full.close()
             llm.close()
+            twin.close()
     for length in args.lengths:
         mine = [r for r in rows if r["length"] == length]
         print(
