@@ -10,6 +10,7 @@ from infmllm_gguf.models import default_model_path
 from infmllm_gguf.policies import (
     H2O,
     POLICIES,
+    EvictingPolicy,
     FullCache,
     InfMLLM,
     KVPolicy,
@@ -30,6 +31,7 @@ __all__ = [
     "RecallError",
     "ContextFullError",
     "Device",
+    "EvictingPolicy",
     "FullCache",
     "HistoryDivergedError",
     "InfMLLM",

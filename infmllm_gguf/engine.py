@@ -30,10 +30,10 @@ from infmllm_gguf.kv import KVCache, NativeError
 from infmllm_gguf.params import ContextOptions, ModelOptions
 from infmllm_gguf.policies import KVPolicy
 from infmllm_gguf.recall import Recall
-from infmllm_gguf.responses import CHAT_FORMATS
+from infmllm_gguf.responses import CHAT_FORMATS, stop_list
 from infmllm_gguf.session import Session
 from infmllm_gguf.system import physical_cores
-from infmllm_gguf.vision import Projector, flatten_messages
+from infmllm_gguf.vision import Part, Projector, TextPart, flatten_messages
 
 __all__ = ["Engine"]
 
@@ -245,6 +245,32 @@ class Engine:
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as exc:
             # a message the template does not expect (a missing content, an odd role): the caller's
             raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
+
+    def require_projector(self) -> Projector:
+        if self.projector is None:
+            raise ValueError("images need a projector: create the Llama with mmproj_path=...")
+        return self.projector
+
+    def prompt_parts(self, prompt: str | list[int]) -> list[Part]:
+        """A completion's prompt (text, or token ids) as the one text part to feed."""
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt, add_bos=True, special=True)
+        else:
+            tokens = self.token_ids(prompt)
+        if not tokens:
+            raise ValueError("the prompt tokenises to no tokens")
+        return [TextPart(np.asarray(tokens, np.int32))]
+
+    def chat_parts(self, messages: list[dict]) -> tuple[list[Part], list[str]]:
+        """A chat request's prompt as parts to feed (text, and images where the messages have
+        any), and the stop strings its chat format adds (a named format's end-of-turn text)."""
+        rendered, images = self.render_chat(messages)
+        add_bos = not rendered.added_special
+        if images:
+            parts = self.require_projector().tokenize(rendered.prompt, images, add_bos)
+        else:
+            parts = [TextPart(np.asarray(self.tokenize(rendered.prompt, add_bos, special=True), np.int32))]
+        return parts, stop_list(rendered.stop)
 
     def describe(self) -> dict[str, Any]:
         """The model's identity, as a saved session records it."""

@@ -9,14 +9,20 @@ two halves of a step, so that a loop over several sessions can decode their toke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from infmllm_gguf.responses import StoppingCriterion, TokenLogprob, completion_logprobs
-from infmllm_gguf.sampling import Sampler, log_softmax, top_logprobs
+from infmllm_gguf.responses import (
+    StoppingCriterion,
+    TokenLogprob,
+    completion_head,
+    completion_logprobs,
+    criteria_list,
+)
+from infmllm_gguf.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.stream import StopGeneration
 from infmllm_gguf.vision import Part
@@ -145,6 +151,39 @@ class Completion:
     head: dict
     prefix: str = ""  # an echoed prompt
     text_offset: int = 0  # where the generated text starts, for log-probs' text_offset
+
+    @classmethod
+    def create(
+        cls,
+        session: Session,
+        parts: list[Part],
+        max_tokens: int | None,
+        params: SamplingParams,
+        stops: list[str],
+        *,
+        last_n_tokens: int,
+        model: str,
+        prefix: str = "",
+        n_logprobs: int | None = None,
+        text_offset: int = 0,
+        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
+    ) -> Completion:
+        """A completion with every argument checked (and the sampler made) before anything is
+        fed; max_tokens None or <= 0: until the context is full, as llama-cpp-python has it."""
+        if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
+            max_tokens = session.engine.n_ctx
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        n_vocab = session.engine.n_vocab
+        if n_logprobs is not None and (
+            isinstance(n_logprobs, bool) or not isinstance(n_logprobs, int) or not 0 <= n_logprobs <= n_vocab
+        ):
+            raise ValueError(f"logprobs must be an integer in [0, {n_vocab}], got {n_logprobs!r}")
+        criteria = criteria_list(stopping_criteria)
+        seed = session.seed
+        sampler = session.sampler(params, last_n_tokens)
+        generation = Generation(session, sampler, max_tokens, stops, n_logprobs, criteria)
+        return cls(generation, seed, parts, completion_head(model), prefix, text_offset)
 
     def _logprobs(self, tokens: list[TokenLogprob]) -> dict | None:
         return None if self.generation.n_logprobs is None else completion_logprobs(tokens, self.text_offset)

@@ -39,22 +39,20 @@ from infmllm_gguf.responses import (
     StoppingCriterion,
     chat_chunks,
     chat_response,
-    completion_head,
-    criteria_list,
+    embedding_response,
     stop_list,
 )
 from infmllm_gguf.sampling import (
     LlamaGrammar,
     LogitsProcessor,
-    Sampler,
     SamplingParams,
     grammar_for_response_format,
 )
 from infmllm_gguf.session import HistoryDivergedError, Session
 from infmllm_gguf.state import LlamaState, read_file, write_file
 from infmllm_gguf.stream import ContextFullError, InvariantError, StopGeneration
-from infmllm_gguf.video import expected_frames, feed_frames, frames_of, time_marker
-from infmllm_gguf.vision import ImageLike, ImagePart, Part, Projector, TextPart
+from infmllm_gguf.video import feed_video
+from infmllm_gguf.vision import ImageLike, ImagePart
 
 __all__ = ["ContextFullError", "HistoryDivergedError", "InvariantError", "Llama", "StopGeneration"]
 
@@ -70,6 +68,20 @@ def _locked(method):
     return wrapper
 
 
+class _Shared:
+    """A read-only attribute of a Llama that reads the one of the same name of its `_engine` or
+    `_settings` (what the faces of one engine's slots share)."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+
+    def __set_name__(self, cls: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, face: Llama | None, cls: type) -> Any:
+        return self if face is None else getattr(getattr(face, self.owner), self.name)
+
+
 @dataclass(frozen=True)
 class _Settings:
     """What a Llama was made with, shared by the faces of its slots."""
@@ -82,6 +94,12 @@ class _Settings:
     n_slots: int
     verbose: bool
     debug: bool
+
+    def __post_init__(self) -> None:
+        check_int("last_n_tokens_size", self.last_n_tokens_size, -1)  # -1: the whole generation
+        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
+            known = ", ".join(sorted(CHAT_FORMATS))
+            raise ValueError(f"unknown chat_format {self.chat_format!r}; known: {known}")
 
 
 class Llama:
@@ -140,25 +158,19 @@ class Llama:
         the GGUF's own template; type_k/type_v also take ggml's names ("q8_0"); `embedding`
         gives `embed()` a context of its own beside the stream's; `n_slots` > 1 makes room for
         that many independent streams in one context (see `slot`)."""
-        check_int("n_ctx", n_ctx, 0)
-        if 0 < n_ctx < 16:
-            raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16, got {n_ctx}")
         model_options = ModelOptions(n_gpu_layers, split_mode, main_gpu, tensor_split, use_mmap, use_mlock)
         context_options = ContextOptions(
             n_ctx, n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
             rope_freq_base, rope_freq_scale, offload_kqv, n_slots, swa_full,
         )  # fmt: skip
         check_int("seed", seed)
-        check_int("last_n_tokens_size", last_n_tokens_size, -1)  # -1: the whole generation
         check_int("pooling_type", pooling_type, lc.LLAMA_POOLING_TYPE_UNSPECIFIED)
-        if chat_format is not None and chat_format not in CHAT_FORMATS:
-            raise ValueError(f"unknown chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
-        if n_ctx:
-            _stream_policy(kv_policy, context_options, recall)  # a bad policy costs no model load
         self._settings = _Settings(
             Path(model_path) if model_path is not None else default_model_path(),
             recall, chat_format, logits_all, last_n_tokens_size, n_slots, verbose, debug,
         )  # fmt: skip
+        if n_ctx:
+            _stream_policy(kv_policy, context_options, recall)  # a bad policy costs no model load
         self._root: Llama | None = None  # the Llama whose engine a slot shares
         self._slots: dict[int, Llama] = {}
         self._engine = engine = Engine(self.model_path, model_options, verbose=verbose, debug=debug)
@@ -210,58 +222,24 @@ class Llama:
         """The session (one sequence: stream, policy state, recall tier, seed) this faces."""
         return self._session
 
-    @property
-    def model_path(self) -> Path:
-        return self._settings.model_path
-
-    @property
-    def recall(self) -> Recall | None:
-        """The recall tier each session gets a copy of (None: evicted cells are gone)."""
-        return self._settings.recall
-
-    @property
-    def chat_format(self) -> str | None:
-        return self._settings.chat_format
-
-    @property
-    def logits_all(self) -> bool:
-        return self._settings.logits_all
-
-    @property
-    def last_n_tokens_size(self) -> int:
-        return self._settings.last_n_tokens_size
-
-    @property
-    def n_slots(self) -> int:
-        return self._settings.n_slots
-
-    @property
-    def verbose(self) -> bool:
-        return self._settings.verbose
-
-    @property
-    def debug(self) -> bool:
-        return self._settings.debug
+    # the engine's, shared with the slots
+    kv: KVCache = _Shared("_engine")
+    vocab: Any = _Shared("_engine")
+    n_batch: int = _Shared("_engine")
+    n_ubatch: int = _Shared("_engine")
+    # what it was made with (shared with its slots' faces), as llama-cpp-python's attributes
+    model_path: Path = _Shared("_settings")
+    recall: Recall | None = _Shared("_settings")  # the recall tier each session gets a copy of
+    chat_format: str | None = _Shared("_settings")
+    logits_all: bool = _Shared("_settings")
+    last_n_tokens_size: int = _Shared("_settings")
+    n_slots: int = _Shared("_settings")
+    verbose: bool = _Shared("_settings")
+    debug: bool = _Shared("_settings")
 
     @property
     def policy(self) -> KVPolicy:
         return self._session.policy
-
-    @property
-    def kv(self) -> KVCache:
-        return self._engine.kv
-
-    @property
-    def vocab(self) -> Any:
-        return self._engine.vocab
-
-    @property
-    def n_batch(self) -> int:
-        return self._engine.n_batch
-
-    @property
-    def n_ubatch(self) -> int:
-        return self._engine.n_ubatch
 
     @property
     def restart_on_divergence(self) -> bool:
@@ -402,7 +380,7 @@ class Llama:
         image: a path, encoded bytes, an H x W x 3 uint8 array or a PIL image.  The image is
         decoded whole, the cache evicting first to make room; an image larger than the budget,
         or one that cannot be read, raises before anything is fed."""
-        projector = self._require_projector()
+        projector = self._engine.require_projector()
         at_start = self._session.stream.n_streamed == 0
         parts = projector.tokenize((prompt or "") + projector.marker, [image], at_start)
         encoded = {id(p): projector.encode(p) for p in parts if isinstance(p, ImagePart)}
@@ -421,19 +399,8 @@ class Llama:
 
         Frames are sampled at `fps`; with `timestamps` each is preceded by its time marker
         (`[00:01:05]`).  on_frame(stats) runs after each frame.  Returns the run's stats."""
-        self._require_projector()
-        frames = frames_of(source, fps)  # an unreadable or empty video fails here
-
-        def feed_frame(t: float, frame: Any) -> int:
-            return self.feed_image(frame, prompt=f"\n{time_marker(t)} " if timestamps else None)
-
-        total = expected_frames(source, fps)
-        return feed_frames(frames, feed_frame, self._session.stream, total, on_frame, progress)
-
-    def _require_projector(self) -> Projector:
-        if self._engine.projector is None:
-            raise ValueError("images need a projector: create the Llama with mmproj_path=...")
-        return self._engine.projector
+        self._engine.require_projector()
+        return feed_video(self.feed_image, self._session.stream, source, fps, timestamps, on_frame, progress)
 
     # --- generation -------------------------------------------------------------------
     def set_seed(self, seed: int) -> None:
@@ -441,9 +408,6 @@ class Llama:
         seed from this one, as llama-cpp-python does, so a session's samples are reproducible."""
         check_int("seed", seed)
         self._session.seed = seed
-
-    def _sampler(self, params: SamplingParams) -> Sampler:
-        return self._session.sampler(params, self.last_n_tokens_size)
 
     @_locked
     def generate_text(
@@ -463,7 +427,8 @@ class Llama:
         limit = self._engine.n_ctx if max_tokens is None else max_tokens
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        generation = Generation(self._session, self._sampler(params), limit, stop_list(stop))
+        sampler = self._session.sampler(params, self.last_n_tokens_size)
+        generation = Generation(self._session, sampler, limit, stop_list(stop))
         return "".join(step.text for step in generation)
 
     @_locked
@@ -518,61 +483,20 @@ class Llama:
                 "echo with logprobs is not supported: the prompt's earlier tokens may be evicted; "
                 "stream_logprobs() gives log p of fed tokens"
             )
-        if isinstance(prompt, str):
-            tokens = self.tokenize(prompt, add_bos=True, special=True)
-        else:
-            tokens = self._engine.token_ids(prompt)
-        if not tokens:
-            raise ValueError("the prompt tokenises to no tokens")
+        parts = self._engine.prompt_parts(prompt)
         params = SamplingParams(
             temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
             mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar, logits_processor, seed,
         )  # fmt: skip
-        return self._completion(
-            [TextPart(np.asarray(tokens, np.int32))],
-            max_tokens,
-            params,
-            stop_list(stop),
-            stream,
-            prefix=prompt if (echo and isinstance(prompt, str)) else "",
-            n_logprobs=logprobs,
-            text_offset=len(prompt) if isinstance(prompt, str) else 0,
-            stopping_criteria=stopping_criteria,
-            model=model,
-        )
+        completion = Completion.create(
+            self._session, parts, max_tokens, params, stop_list(stop),
+            last_n_tokens=self.last_n_tokens_size, model=model or str(self.model_path),
+            prefix=prompt if (echo and isinstance(prompt, str)) else "", n_logprobs=logprobs,
+            text_offset=len(prompt) if isinstance(prompt, str) else 0, stopping_criteria=stopping_criteria,
+        )  # fmt: skip
+        return completion.chunks() if stream else completion.result()
 
     __call__ = create_completion
-
-    def _completion(
-        self,
-        parts: list[Part],
-        max_tokens: int | None,
-        params: SamplingParams,
-        stops: list[str],
-        stream: bool,
-        *,
-        prefix: str = "",
-        n_logprobs: int | None = None,
-        text_offset: int = 0,
-        stopping_criteria: StoppingCriterion | Iterable[StoppingCriterion] | None = None,
-        model: str | None = None,
-    ) -> dict | Iterator[dict]:
-        # everything is checked before the prompt is fed
-        if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
-            max_tokens = self._engine.n_ctx  # llama-cpp-python's "until the context is full"
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise ValueError(f"max_tokens must be an integer or None, got {max_tokens!r}")
-        n_vocab = self._engine.n_vocab
-        if n_logprobs is not None and (
-            isinstance(n_logprobs, bool) or not isinstance(n_logprobs, int) or not 0 <= n_logprobs <= n_vocab
-        ):
-            raise ValueError(f"logprobs must be an integer in [0, {n_vocab}], got {n_logprobs!r}")
-        criteria = criteria_list(stopping_criteria)
-        seed = self._session.seed
-        generation = Generation(self._session, self._sampler(params), max_tokens, stops, n_logprobs, criteria)
-        head = completion_head(model or str(self.model_path))
-        completion = Completion(generation, seed, parts, head, prefix, text_offset)
-        return completion.chunks() if stream else completion.result()
 
     def create_chat_completion(
         self,
@@ -623,19 +547,13 @@ class Llama:
             mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar or format_grammar,
             logits_processor, seed,
         )  # fmt: skip
-        rendered, images = self._engine.render_chat(messages)
-        add_bos = not rendered.added_special
-        if images:
-            parts = self._require_projector().tokenize(rendered.prompt, images, add_bos)
-        else:
-            tokens = self.tokenize(rendered.prompt, add_bos=add_bos, special=True)
-            parts = [TextPart(np.asarray(tokens, np.int32))]
-        n_logprobs = (top_logprobs or 0) if logprobs else None
-        stops = stop_list(stop) + stop_list(rendered.stop)  # a named chat format's end-of-turn text
-        result = self._completion(
-            parts, max_tokens, params, stops, stream, n_logprobs=n_logprobs, model=model
-        )
-        return chat_chunks(result) if stream else chat_response(result)
+        parts, format_stops = self._engine.chat_parts(messages)
+        completion = Completion.create(
+            self._session, parts, max_tokens, params, stop_list(stop) + format_stops,
+            last_n_tokens=self.last_n_tokens_size, model=model or str(self.model_path),
+            n_logprobs=(top_logprobs or 0) if logprobs else None,
+        )  # fmt: skip
+        return chat_chunks(completion.chunks()) if stream else chat_response(completion.result())
 
     # --- saved sessions --------------------------------------------------------------------
     @_locked
@@ -681,14 +599,8 @@ class Llama:
 
     def create_embedding(self, input: str | list[str], model: str | None = None) -> dict[str, Any]:
         """OpenAI's embeddings response, as llama-cpp-python's `create_embedding` gives it."""
-        texts = input if isinstance(input, list) else [input]
-        vectors, n_tokens = self.embed(texts, return_count=True)
-        return {
-            "object": "list",
-            "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
-            "model": model if model is not None else str(self.model_path),
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        }
+        vectors, n_tokens = self.embed(input if isinstance(input, list) else [input], return_count=True)
+        return embedding_response(vectors, n_tokens, model if model is not None else str(self.model_path))
 
     def pooling_type(self) -> int:
         """The embedding context's pooling (LLAMA_POOLING_TYPE_*); UNSPECIFIED without `embedding`."""

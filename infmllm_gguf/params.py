@@ -109,6 +109,9 @@ class ContextOptions:
     swa_full: bool | None = None  # None: llama.cpp's default (a full-size sliding-window cache)
 
     def __post_init__(self) -> None:
+        check_int("n_ctx", self.n_ctx, 0)
+        if 0 < self.n_ctx < 16:
+            raise ValueError(f"n_ctx must be 0 (the model's training context) or >= 16, got {self.n_ctx}")
         check_int("n_batch", self.n_batch, 1)
         check_int("n_slots", self.n_slots, 1)
         check_int("n_ubatch", self.n_ubatch, 1)

@@ -2,9 +2,12 @@
 
 A policy only says how cells are scored and which to keep; the runtime owns the single
 eviction path (read cells -> policy.select -> native evict -> native compact) that every
-policy goes through, and the base class's `select` applies the one native rule
+policy goes through, and `EvictingPolicy.select` applies the one native rule
 (`infmllm_select_keep`) to what a policy defines: its scores and its `KeepRule` (sinks, recent
-window, local window, bias).  So comparisons are fair by construction.
+window, local window, bias).  So comparisons are fair by construction.  `FullCache`, which
+evicts nothing, is no budget of zero but a policy without a budget: `KVPolicy` is what every
+policy answers (`evicts`, `reposition`, the per-session hooks), `EvictingPolicy` adds the budget,
+the chunk and the selection.
 
 Scores arrive per decode as the attention mass each cell received from the scored query
 rows (native, in-graph).  How a policy turns them into a ranking is its whole identity:
@@ -41,24 +44,19 @@ def _check_int(name: str, value: int, minimum: int) -> None:
 
 @dataclass
 class KVPolicy:
-    """Base: keep `budget` cells; evict `chunk` at a time when the cache holds budget + chunk.
+    """What the runtime asks of any policy: whether it evicts, and the per-session hooks.
 
     `reposition` (keyword only): True compacts the kept cells to positions 0..n-1 after each
     eviction (their keys re-rotated), as the Inf-MLLM paper does; False leaves every cell at
     the position it was decoded at, so positions grow with the stream up to the model's
     trained context.  False is what M-RoPE models need (their keys cannot be re-rotated)."""
 
-    budget: int
-    chunk: int | None = None  # default: budget // 8 (at least 16)
     reposition: bool = field(default=True, kw_only=True)
 
     name: ClassVar[str] = ""
+    evicts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        _check_int("budget", self.budget, 1)
-        if self.chunk is None:
-            self.chunk = max(16, self.budget // 8)
-        _check_int("chunk", self.chunk, 1)
         if not isinstance(self.reposition, bool):
             raise ValueError(f"reposition must be a bool, got {self.reposition!r}")
 
@@ -66,16 +64,6 @@ class KVPolicy:
     @property
     def score_queries(self) -> int:
         return 0
-
-    @property
-    def evicts(self) -> bool:
-        """False only for the policy that keeps everything (its cache is n_ctx cells)."""
-        return True
-
-    @property
-    def capacity(self) -> int:
-        """Cells the cache may hold before an eviction round."""
-        return self.budget + self.chunk
 
     def needs_scores(self, n_cells_after: int) -> bool:
         """Whether a decode that leaves n_cells_after cells cached must be scored."""
@@ -104,6 +92,38 @@ class KVPolicy:
         """Restore what export_state gave onto `cells` (the cached cells in position order);
         called after reset().  Raises ValueError (nothing changed) if state does not fit."""
 
+
+@dataclass
+class FullCache(KVPolicy):
+    """No eviction: the cache is n_ctx cells and the stream fails with a clear error (a
+    `ContextFullError`) once it would exceed them."""
+
+    name: ClassVar[str] = "full"
+
+
+@dataclass
+class EvictingPolicy(KVPolicy):
+    """The base of every evicting policy: keep `budget` cells; evict `chunk` at a time when the
+    cache holds budget + chunk.  A policy defines its scores and its `KeepRule`; the shared
+    `select` applies the one native rule to them."""
+
+    budget: int
+    chunk: int | None = None  # default: budget // 8 (at least 16)
+
+    evicts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("budget", self.budget, 1)
+        if self.chunk is None:
+            self.chunk = max(16, self.budget // 8)
+        _check_int("chunk", self.chunk, 1)
+
+    @property
+    def capacity(self) -> int:
+        """Cells the cache may hold before an eviction round."""
+        return self.budget + self.chunk
+
     # --- what each policy defines: how cells rank, and the windows kept regardless
     def rule(self) -> KeepRule:
         raise NotImplementedError
@@ -128,29 +148,7 @@ class KVPolicy:
 
 
 @dataclass
-class FullCache(KVPolicy):
-    """No eviction: the stream fails with a clear error once it exceeds n_ctx."""
-
-    budget: int = 0
-    name: ClassVar[str] = "full"
-
-    def __post_init__(self) -> None:
-        self.chunk = 0
-
-    @property
-    def evicts(self) -> bool:
-        return False
-
-    @property
-    def capacity(self) -> int:
-        return 0  # the runtime uses n_ctx
-
-    def select(self, view: CellView, n_keep: int | None = None) -> np.ndarray:
-        return np.ones(len(view.positions), bool)
-
-
-@dataclass
-class SlidingWindow(KVPolicy):
+class SlidingWindow(EvictingPolicy):
     """The newest `budget` tokens."""
 
     name: ClassVar[str] = "window"
@@ -160,7 +158,7 @@ class SlidingWindow(KVPolicy):
 
 
 @dataclass
-class StreamingLLM(KVPolicy):
+class StreamingLLM(EvictingPolicy):
     """Attention sinks (the first tokens) plus the newest tokens (Xiao et al., 2023)."""
 
     sinks: int = 4
@@ -177,7 +175,7 @@ class StreamingLLM(KVPolicy):
 
 
 @dataclass
-class _SaddlePolicy(KVPolicy):
+class _SaddlePolicy(EvictingPolicy):
     """Shared checks for policies that keep sinks + recent + top-scored cells."""
 
     sinks: int = 4
@@ -330,7 +328,7 @@ class SnapKV(_FreshWindowPolicy):
 
 
 @dataclass
-class H2O(KVPolicy):
+class H2O(EvictingPolicy):
     """Heavy hitters: recent tokens + the highest attention *accumulated* over all queries seen."""
 
     recent: int | None = None  # default: budget // 2 (the H2O paper's split)
@@ -387,6 +385,6 @@ def make_policy(spec: KVPolicy | str | None, budget: int | None = None, repositi
     if not isinstance(spec, str) or spec.lower() not in POLICIES:
         raise ValueError(f"unknown kv_policy {spec!r}; valid names: {', '.join(POLICIES)}")
     cls = POLICIES[spec.lower()]
-    if cls is FullCache:
-        return FullCache()
+    if not cls.evicts:
+        return cls()
     return cls(budget=budget if budget is not None else 1024, reposition=reposition)

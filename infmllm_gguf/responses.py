@@ -132,3 +132,13 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
                 }
             ],
         }
+
+
+def embedding_response(vectors: list, n_tokens: int, model: str) -> dict[str, Any]:
+    """OpenAI's embeddings response, as llama-cpp-python's `create_embedding` gives it."""
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+    }

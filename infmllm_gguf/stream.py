@@ -355,11 +355,10 @@ class Stream:
         i = 0
         while i < len(tokens):
             # a text-scored chunk recall matches the piece decoded next
-            upcoming = tokens[i : i + self._recall_span()]
             if self.n_cached >= self.capacity:
-                self._evict(self.policy.budget, upcoming=upcoming)
+                self._evict(self.policy.budget, upcoming=tokens[i : i + self._recall_span()])
             elif self._until_recall() <= 0:
-                self.recall_pages(upcoming=upcoming)
+                self.recall_pages(upcoming=tokens[i : i + self._recall_span()])
                 continue  # the recalled pages may have filled the cache
             take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, self._until_recall())
             if self.poll is not None and i > 0:

@@ -118,6 +118,25 @@ def expected_frames(source: str | os.PathLike | Iterable[Any], fps: float) -> in
     return len(source) if hasattr(source, "__len__") else None
 
 
+def feed_video(
+    feed_image: Callable[..., int],
+    stream: Any,
+    source: str | os.PathLike | Iterable[Any],
+    fps: float,
+    timestamps: bool,
+    on_frame: Callable[[dict[str, Any]], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """`Llama.feed_video`: each sampled frame through feed_image(frame, prompt=...), preceded by
+    its time marker with `timestamps`; an unreadable or empty video fails before any frame."""
+    frames = frames_of(source, fps)
+
+    def feed_frame(t: float, frame: Any) -> int:
+        return feed_image(frame, prompt=f"\n{time_marker(t)} " if timestamps else None)
+
+    return feed_frames(frames, feed_frame, stream, expected_frames(source, fps), on_frame, progress)
+
+
 def feed_frames(
     frames: Iterator[tuple[float, Any]],
     feed_frame: Callable[[float, Any], int],

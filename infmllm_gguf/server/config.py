@@ -90,7 +90,7 @@ class ServerConfig:
         from infmllm_gguf.policies import make_policy
 
         policy = make_policy(self.kv_policy, budget=self.budget, reposition=self.reposition)
-        n_ctx = self.n_ctx or (policy.capacity if self.kv_policy != "full" else 2048)
+        n_ctx = self.n_ctx or (policy.capacity if policy.evicts else 2048)
         return Llama(
             self.model, kv_policy=policy, n_ctx=n_ctx, n_slots=self.slots, mmproj_path=self.mmproj,
             recall=self.recall, embedding=True, n_threads=self.n_threads, seed=0,
