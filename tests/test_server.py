@@ -1,24 +1,34 @@
-"""`infmllm-gguf serve` on 127.0.0.1, driven by the real `openai` client: conversations in sequence
-slots, saved and restored when the slots run out and across a restart, bad requests refused."""
+"""`infmllm-gguf serve` driven by the real `openai` client: conversations in sequence slots, saved
+and restored when the slots run out and across a restart, bad requests refused.  A real server
+process on 127.0.0.1 serves what needs one (streaming over a socket, a restart); the other cases
+call the same app in this process (`servers.App`)."""
 
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from servers import BUDGET, CHUNK, MODEL, Server
+from servers import BUDGET, CHUNK, MODEL, App, Server
+
+from infmllm_gguf.recall import Recall
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("sessions"), slots=2, max_queue=2)
+    """The app in this process: two slots, two requests queued."""
+    srv = App(tmp_path_factory.mktemp("sessions"), slots=2, max_queue=2)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def process(tmp_path_factory):
+    """`infmllm-gguf serve` in a process of its own: one slot, two requests queued."""
+    srv = Server(tmp_path_factory.mktemp("sessions"), slots=1, max_queue=2)
     yield srv
     srv.stop()
 
@@ -28,8 +38,8 @@ def chat(client, user: str, messages: list[dict], **kw) -> str:
     return reply.choices[0].message.content
 
 
-def test_models_chat_and_streaming(server):
-    client = server.client()
+def test_models_chat_and_streaming(process):
+    client = process.client()
     assert [m.id for m in client.models.list()] == [MODEL]
     messages = [{"role": "user", "content": "Name a colour."}]
     plain = chat(client, "s1", messages, max_tokens=10)
@@ -45,6 +55,7 @@ def test_models_chat_and_streaming(server):
     assert [len(d.embedding) for d in vectors.data] == [576, 576]
 
 
+@pytest.mark.slow
 def test_four_clients_forty_turns_in_two_slots(server):
     """Four conversations share two slots: they are saved and restored all along, each stream
     stays within budget + chunk, and every client gets its 40 answers."""
@@ -89,10 +100,11 @@ def test_four_clients_forty_turns_in_two_slots(server):
     assert sum(v for k, v in m.items() if k.startswith("infmllm_slot_evictions_total")) > 0
 
 
-def test_restored_conversation_continues_as_if_it_had_stayed(tmp_path):
+def test_restored_conversation_continues_as_if_it_had_stayed(process):
     """One slot: a conversation run straight through, and the same one evicted by another
-    conversation and then by a restart before its last turn, give the same last answer."""
-    srv = Server(tmp_path, slots=1, max_queue=2)
+    conversation and then by a restart (SIGINT: the slot is saved on the way out) before its
+    last turn, give the same last answer."""
+    srv = process
     client = srv.client()
     turns = ["Hello!", "What is the capital of France?", "And of Italy?", "Which is bigger?"]
 
@@ -113,7 +125,6 @@ def test_restored_conversation_continues_as_if_it_had_stayed(tmp_path):
     straight = run("straight", interrupt=False)
     assert run("interrupted", interrupt=True) == straight
     assert srv.metrics()["infmllm_sessions_restored_total"] >= 1
-    srv.stop()
 
 
 def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
@@ -128,13 +139,8 @@ def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
             client.chat.completions.create(model=MODEL, messages=bad)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_p=3.0)
-    request = urllib.request.Request(
-        f"{server.url}/v1/chat/completions", data=b"{oops", method="POST",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=10)
-    assert err.value.code == 400 and "JSON" in json.loads(err.value.read())["error"]["message"]
+    status, body = server.post("/v1/chat/completions", b"{oops")
+    assert status == 400 and "JSON" in body["error"]["message"]
 
     statuses: list[int] = []
     retry_after: list[str] = []
@@ -163,7 +169,7 @@ def test_images_through_the_server(tmp_path, codebook_mmproj):
 
     from infmllm_gguf.codebook import render_words
 
-    srv = Server(tmp_path, 1, 2, "--mmproj", str(codebook_mmproj))
+    srv = App(tmp_path, 1, 2, mmproj=str(codebook_mmproj))
     url = (
         "data:image/png;base64,"
         + base64.b64encode(png_bytes(render_words("the code is 4 7", codebook_mmproj))).decode()
@@ -186,7 +192,7 @@ def test_images_through_the_server(tmp_path, codebook_mmproj):
 def test_anonymous_conversations_are_found_by_their_prefix(tmp_path):
     """No session id: a request that continues a conversation finds it by the prompt's prefix, in
     its slot or saved on disk; a new first message starts another conversation."""
-    srv = Server(tmp_path, 1, 2)
+    srv = App(tmp_path, 1, 2)
     client = srv.client()
 
     def turn(messages: list[dict], text: str) -> None:
@@ -211,7 +217,7 @@ def test_anonymous_conversations_are_found_by_their_prefix(tmp_path):
 def test_a_conversation_longer_than_its_budget_recalls_with_recall_on(tmp_path):
     """`serve --recall`: a conversation that outgrows its slot's budget stores what it evicts, and
     its next question recalls pages; /metrics reports both per slot."""
-    srv = Server(tmp_path, 1, 2, "--recall")
+    srv = App(tmp_path, 1, 2, recall=Recall())
     client = srv.client()
     text = "In the beginning God created the heaven and the earth. " * 60  # ~780 tokens > budget 256
     messages = [{"role": "user", "content": "The pass key is 48213. Remember it. " + text}]

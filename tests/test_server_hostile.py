@@ -1,6 +1,8 @@
-"""Hostile input against a running `infmllm-gguf serve` (real HTTP, the real model and projector):
-every case is a clear 4xx (or a correct answer), and afterwards the server still answers with
-its conversations intact."""
+"""Hostile input against `infmllm-gguf serve` (the real model and projector): every case is a
+clear 4xx (or a correct answer), and afterwards the server still answers with its conversations
+intact.  The requests go to the app in this process (`servers.App`); what needs a real socket
+(bodies refused unread, clients that vanish, answers beside a generation) goes to a server
+process started with the same limits as flags."""
 
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import MODEL, Server
+from servers import MODEL, App, Endpoint, Server
 
 from infmllm_gguf.grammar import MAX_GRAMMAR_BYTES, MAX_GRAMMAR_NESTING
+from infmllm_gguf.server import Access, Limits
 
 openai = pytest.importorskip("openai")
 Image = pytest.importorskip("PIL.Image")
@@ -59,6 +62,22 @@ def media(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, codebook_mmproj, media):
+    """The app in this process: two slots, four queued, the limits above, the key."""
+    limits = Limits(
+        max_tokens=MAX_TOKENS, max_prompt_tokens=3000, max_images=2, max_image_bytes=MAX_IMAGE_BYTES,
+        max_image_pixels=MAX_PIXELS, max_body_bytes=MAX_BODY, timeout=120,
+    )  # fmt: skip
+    srv = App(
+        tmp_path_factory.mktemp("sessions"), 2, 4, limits=limits, access=Access(media_path=media),
+        mmproj=str(codebook_mmproj), api_key=KEY,
+    )  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def process(tmp_path_factory, codebook_mmproj, media):
+    """`infmllm-gguf serve` in a process of its own, set up as the app is, with flags."""
     srv = Server(
         tmp_path_factory.mktemp("sessions"), 2, 4, "--mmproj", str(codebook_mmproj),
         "--media-path", str(media),
@@ -71,7 +90,7 @@ def server(tmp_path_factory, codebook_mmproj, media):
     srv.stop()
 
 
-def converse(srv: Server, sid: str, turns: list[str], max_tokens: int = 8) -> list[str]:
+def converse(srv: Endpoint, sid: str, turns: list[str], max_tokens: int = 8) -> list[str]:
     client, messages, replies = srv.client(), [], []
     for text in turns:
         messages.append({"role": "user", "content": text})
@@ -87,7 +106,7 @@ def converse(srv: Server, sid: str, turns: list[str], max_tokens: int = 8) -> li
     return replies
 
 
-def next_turn(srv: Server, sid: str, turns: list[str], replies: list[str], max_tokens: int = 8) -> str:
+def next_turn(srv: Endpoint, sid: str, turns: list[str], replies: list[str], max_tokens: int = 8) -> str:
     """One more turn of a conversation that said `turns` and got `replies`, as one request."""
     messages = []
     for text, reply in zip(turns, replies):
@@ -104,10 +123,11 @@ def next_turn(srv: Server, sid: str, turns: list[str], replies: list[str], max_t
 
 
 @pytest.fixture(scope="module")
-def keeper(server):
-    """A conversation held across the whole module: its third turn must come out as it does in
-    a fresh conversation run straight through, whatever hostile requests came between."""
-    return converse(server, "keeper", KEEPER[:2])
+def keeper(server, process) -> dict[str, list[str]]:
+    """A conversation held across the whole module, by the app and by the process: its third
+    turn must come out as it does in a fresh conversation run straight through, whatever hostile
+    requests came between."""
+    return {"app": converse(server, "keeper", KEEPER[:2]), "process": converse(process, "keeper", KEEPER[:2])}
 
 
 def assert_refused(status: int, body, expected: int = 400, words: str = "") -> None:
@@ -117,7 +137,8 @@ def assert_refused(status: int, body, expected: int = 400, words: str = "") -> N
 
 
 def test_keeper_starts(keeper):
-    assert len(keeper) == 2
+    for replies in keeper.values():
+        assert len(replies) == 2
 
 
 # --- grammars and JSON schemas -----------------------------------------------------------------
@@ -249,43 +270,39 @@ def test_image_data_is_checked_before_decoding(server):
 
 
 # --- the HTTP layer -----------------------------------------------------------------------------------
-def test_access_and_transport_checks(server):
+def test_access_and_transport_checks(process):
     hi = json.dumps({"messages": user("hi"), "max_tokens": 2}).encode()
-    assert (
-        server.request("POST", CHAT, hi, {"Content-Type": "application/json", "Authorization": ""})[0] == 401
-    )
-    assert (
-        server.request("POST", CHAT, hi, {"Content-Type": "application/json", "Authorization": "Bearer x"})[0]
-        == 401
-    )
-    ok = server.request(
+    as_json = {"Content-Type": "application/json"}
+    assert process.request("POST", CHAT, hi, {**as_json, "Authorization": ""})[0] == 401
+    assert process.request("POST", CHAT, hi, {**as_json, "Authorization": "Bearer x"})[0] == 401
+    ok = process.request(
         "POST", CHAT, hi, {"Content-Type": "application/json", "Authorization": "", "X-Api-Key": KEY}
     )
     assert ok[0] == 200
-    assert server.request("GET", "/v1/models", headers={"Authorization": ""})[0] == 401
-    assert server.request("GET", "/health", headers={"Authorization": ""})[0] == 200  # public
-    assert server.post(CHAT, hi, content_type="text/plain")[0] == 415
-    assert server.post(CHAT, hi, content_type=None)[0] == 415
-    assert server.post(CHAT, hi, content_type="application/x-www-form-urlencoded")[0] == 415
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # refused unread
+    assert process.request("GET", "/v1/models", headers={"Authorization": ""})[0] == 401
+    assert process.request("GET", "/health", headers={"Authorization": ""})[0] == 200  # public
+    assert process.post(CHAT, hi, content_type="text/plain")[0] == 415
+    assert process.post(CHAT, hi, content_type=None)[0] == 415
+    assert process.post(CHAT, hi, content_type="application/x-www-form-urlencoded")[0] == 415
+    with socket.create_connection(("127.0.0.1", process.port), timeout=30) as sock:  # refused unread
         sock.sendall(
             f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n{{".encode()
         )
         assert sock.recv(64).startswith(b"HTTP/1.1 413")
     assert (
-        server.request("POST", CHAT, hi, {"Content-Type": "application/json", "Host": "evil.example"})[0]
+        process.request("POST", CHAT, hi, {"Content-Type": "application/json", "Host": "evil.example"})[0]
         == 400
     )
     assert (
-        server.request("POST", CHAT, hi, {"Content-Type": "application/json", "Host": "localhost:1"})[0]
+        process.request("POST", CHAT, hi, {"Content-Type": "application/json", "Host": "localhost:1"})[0]
         == 200
     )
-    assert server.get("/metrics")[0] == 200  # behind the key like the rest
+    assert process.get("/metrics")[0] == 200  # behind the key like the rest
 
 
-def test_chunked_body_over_the_limit_is_413(server):
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+def test_chunked_body_over_the_limit_is_413(process):
+    with socket.create_connection(("127.0.0.1", process.port), timeout=30) as sock:
         head = (
             f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -410,7 +427,7 @@ def test_session_files_are_private(server):
 
 
 # --- cancellation and the event loop ---------------------------------------------------------------
-def wait_idle(srv: Server, seconds: float = 10.0) -> float:
+def wait_idle(srv: Endpoint, seconds: float = 10.0) -> float:
     """Seconds until no slot is busy and nothing is in flight."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
@@ -436,16 +453,16 @@ def raw_request(srv: Server, body: dict, sid: str) -> socket.socket:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_vanished_client_stops_its_turn_and_the_turn_is_undone(server, stream):
+def test_a_vanished_client_stops_its_turn_and_the_turn_is_undone(process, stream):
     sid = f"vanish-{stream}"
     turns = ["Remember this: " + "The sea is wide and deep. " * 40 + "Tell me about the sea.", "And the sky?"]
     # the first turn fills the cache past its budget, so the turn below evicts within 32 tokens
-    before = converse(server, sid, turns[:1])
-    undone = server.metrics()["infmllm_turns_undone_total"]
-    decoded = server.metrics()["infmllm_tokens_decoded_total"]
+    before = converse(process, sid, turns[:1])
+    undone = process.metrics()["infmllm_turns_undone_total"]
+    decoded = process.metrics()["infmllm_tokens_decoded_total"]
     history = [*user(turns[0]), {"role": "assistant", "content": before[0]}, *user("Tell me a long story.")]
     sock = raw_request(
-        server,
+        process,
         {"messages": history, "max_tokens": MAX_TOKENS, "stream": stream, "grammar": 'root ::= "a" root'},
         sid,
     )
@@ -458,30 +475,30 @@ def test_a_vanished_client_stops_its_turn_and_the_turn_is_undone(server, stream)
     else:
         time.sleep(2.0)
     sock.close()
-    wait_idle(server)
-    m = server.metrics()
+    wait_idle(process)
+    m = process.metrics()
     assert m["infmllm_turns_undone_total"] == undone + 1
     assert m["infmllm_tokens_decoded_total"] == decoded  # the undone turn counts nothing
     # the conversation is as it was: its next turn is the one a fresh copy gives
-    assert next_turn(server, sid, turns, before) == converse(server, f"{sid}-fresh", turns)[1]
+    assert next_turn(process, sid, turns, before) == converse(process, f"{sid}-fresh", turns)[1]
 
 
-def test_a_client_gone_before_the_response_starts_releases_everything(server):
+def test_a_client_gone_before_the_response_starts_releases_everything(process):
     for _ in range(3):
-        sock = raw_request(server, {"messages": user("Hi"), "max_tokens": 50, "stream": True}, "early")
+        sock = raw_request(process, {"messages": user("Hi"), "max_tokens": 50, "stream": True}, "early")
         sock.close()
-    wait_idle(server)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # half a body, then gone
+    wait_idle(process)
+    with socket.create_connection(("127.0.0.1", process.port), timeout=30) as sock:  # half a body, then gone
         head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
         sock.sendall(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{".encode())
-    wait_idle(server)
+    wait_idle(process)
 
 
-def test_health_models_and_metrics_answer_during_a_long_generation(server):
+def test_health_models_and_metrics_answer_during_a_long_generation(process):
     done = threading.Event()
 
     def generate() -> None:
-        server.post(COMPLETIONS, {"prompt": "a", "grammar": 'root ::= "a" root', "max_tokens": MAX_TOKENS})
+        process.post(COMPLETIONS, {"prompt": "a", "grammar": 'root ::= "a" root', "max_tokens": MAX_TOKENS})
         done.set()
 
     threading.Thread(target=generate).start()
@@ -489,15 +506,17 @@ def test_health_models_and_metrics_answer_during_a_long_generation(server):
     worst = 0.0
     for path in ("/health", "/v1/models", "/metrics") * 3:
         t0 = time.monotonic()
-        assert server.get(path)[0] == 200
+        assert process.get(path)[0] == 200
         worst = max(worst, time.monotonic() - t0)
     assert not done.is_set(), "the generation ended before the checks: make it longer"
     assert worst < 0.5, worst  # answered beside the generation, not after it
     done.wait(120)
 
 
-def test_the_keeper_conversation_is_intact(server, keeper):
-    """Last: after every case above, the kept conversation continues as a fresh one does."""
-    assert server.alive()
-    assert next_turn(server, "keeper", KEEPER, keeper) == converse(server, "keeper-fresh", KEEPER)[2]
-    assert server.metrics().get('infmllm_errors_total{status="500"}', 0) == 0
+def test_the_keeper_conversation_is_intact(server, process, keeper):
+    """Last: after every case above, the kept conversation continues as a fresh one does, on
+    the app and on the process."""
+    for srv, replies in ((server, keeper["app"]), (process, keeper["process"])):
+        assert srv.alive()
+        assert next_turn(srv, "keeper", KEEPER, replies) == converse(srv, "keeper-fresh", KEEPER)[2]
+        assert srv.metrics().get('infmllm_errors_total{status="500"}', 0) == 0

@@ -1,6 +1,7 @@
 """The server's sessions under pressure: quotas (least recently used removed, 429 when all are
 in use), damaged files set aside, failed saves (503, nothing lost), each slot saved on its own
-at shutdown, the deadline, the strict model name and the refusal to listen openly without a key."""
+at shutdown, the deadline, the strict model name and the refusal to listen openly without a key.
+The app runs in this process (`servers.App`); the refusal is the command line's own."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import threading
 import time
 
 import pytest
-from servers import MODEL, Server
+from servers import MODEL, App, Endpoint
 
+from infmllm_gguf.server import Access, Limits
 from infmllm_gguf.server.sessions import SlotPool
 
 openai = pytest.importorskip("openai")
@@ -20,26 +22,24 @@ CHAT = "/v1/chat/completions"
 ENDLESS = 'root ::= "a" root'
 
 
-def turn(srv: Server, sid: str, text: str = "Hello.", **kw) -> tuple[int, dict]:
+def turn(srv: Endpoint, sid: str, text: str = "Hello.", **kw) -> tuple[int, dict]:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 2, "temperature": 0, **kw}
     return srv.post(CHAT, body, **{"X-Session-Id": sid})
 
 
-def path_of(srv: Server, sid: str):
+def path_of(srv: Endpoint, sid: str):
     return srv.cwd / f"{SlotPool.key_of(sid)}.session"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(
+    """Two slots, four queued, three conversations kept, a 4 s deadline, the strict model name."""
+    srv = App(
         tmp_path_factory.mktemp("sessions"),
         2,
         4,
-        "--max-sessions",
-        "3",
-        "--timeout",
-        "4",
-        "--strict-model-name",
+        limits=Limits(max_sessions=3, timeout=4),
+        access=Access(strict_model_name=True),
     )
     yield srv
     if srv.alive():

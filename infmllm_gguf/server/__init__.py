@@ -3,9 +3,10 @@
 Each conversation is a stream of its own: while it is in a slot it keeps its cells, policy
 state and recall store there, bounded by the budget however long it runs; idle ones wait in
 session files (`sessions.py`).  Requests are checked before they reach a session (`guard.py`:
-host, API key, content type, body size; `schemas.py` and `media.py`: fields, limits, images)
-and run as atomic turns (`app.py`).  Built on FastAPI, uvicorn and sse-starlette, the stack
-llama-cpp-python's server uses.
+host, API key, content type, body size; `schemas.py`, `requests.py` and `media.py`: fields,
+limits, images), admitted within the capacity by the routes (`app.py`) and run as atomic
+turns (`turns.py`); `metrics.py` reports them.  Built on FastAPI, uvicorn and sse-starlette,
+the stack llama-cpp-python's server uses.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The request bodies the server takes, as pydantic models (OpenAI's fields, llama.cpp's extras).
 
 Types and ranges that do not depend on the model are checked here; what does (token ids, the
-vocabulary, the configured limits) is checked in `app.py` before the request reaches a
+vocabulary, the configured limits) is checked in `requests.py` before the request reaches a
 session.  Unknown fields are ignored, as llama-server and llama-cpp-python's server do.  (Optional and
 Union, not `X | Y`: pydantic evaluates the annotations at run time, also on Python 3.9.)
 """
