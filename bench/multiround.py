@@ -39,7 +39,7 @@ from bench.common import (
     wrote,
 )
 from bench.configs import CONFIGS
-from infmllm_gguf import ContextFullError, FullCache, InfMLLM, KVPolicy, Llama
+from infmllm_gguf import ContextFullError, InfMLLM, KVPolicy, Llama
 
 FACT_NAMES = NAMES[:20]
 
@@ -78,7 +78,7 @@ def run_config(
 ) -> dict:
     rng = np.random.default_rng(seed)
     codes = [int(c) for c in rng.integers(1000, 10000, size=rounds)]
-    n_ctx = FULL_N_CTX if isinstance(policy, FullCache) else policy.capacity
+    n_ctx = policy.capacity if policy.evicts else FULL_N_CTX
     llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=seed)
     llm.feed("A friendly assistant remembers every code it is told.\n")
     replies: list[str] = []

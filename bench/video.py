@@ -41,7 +41,7 @@ from bench.common import (
     wrote,
 )
 from bench.configs import CONFIGS, add_policies
-from infmllm_gguf import ContextFullError, FullCache, KVPolicy, Llama, Recall, default_model_path
+from infmllm_gguf import ContextFullError, KVPolicy, Llama, Recall, default_model_path
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -139,7 +139,7 @@ def stream(
     """One stream of args.frames frames through `policy` (with `recall`); the full cache gets
     n_ctx args.full_ctx.  Returns (summary, checkpoint rows, fact rows)."""
     facts, asks = plan(words, args.frames, args.delays, args.per_delay, args.seed, args.offset)
-    n_ctx = args.full_ctx if isinstance(policy, FullCache) else policy.capacity
+    n_ctx = policy.capacity if policy.evicts else args.full_ctx
     llm = Llama(args.model, n_ctx=n_ctx, kv_policy=policy, recall=recall, mmproj_path=mmproj)
     rows, facts_asked = [], []
     clock = Stopwatch()

@@ -32,6 +32,7 @@ def test_ppl_json(tmp_path):
     assert result["reposition"] and result["kv"]["max_pos"] < 128 + 16
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_ppl_without_repositioning(tmp_path):
     args = ("ppl", "--policy", "streamingllm", "--budget", "128", "--max-tokens", "1500", "--no-reposition")
     result = run_json(tmp_path, *args)
@@ -39,6 +40,7 @@ def test_ppl_without_repositioning(tmp_path):
     assert result["kv"]["max_pos"] == 1499 and 1 < result["ppl"] < 100  # positions grew with the stream
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_ppl_with_chunk_recall_between_evictions(tmp_path):
     args = ("ppl", "--budget", "128", "--max-tokens", "1500", "--recall", "--recall-when", "chunk")
     result = run_json(tmp_path, *args, "--recall-score", "text", "--recall-every", "8")

@@ -289,7 +289,10 @@ def test_ubatches_smaller_than_the_batch(model_path, text_tokens):
         llm.close()
 
 
-@pytest.mark.parametrize("type_k, type_v, flash_attn", [("q8_0", None, False), ("q8_0", "q8_0", True)])
+@pytest.mark.parametrize(
+    "type_k, type_v, flash_attn",
+    [("q8_0", None, False), pytest.param("q8_0", "q8_0", True, marks=pytest.mark.slow)],
+)
 def test_quantized_kv_cache_evicts(model_path, text_tokens, type_k, type_v, flash_attn):
     """K/V stored as q8_0 blocks: eviction, compaction (K-shift of quantized keys) and scoring
     run, and the stream's log-probs stay close to an f16 cache's."""

@@ -64,7 +64,7 @@ def test_recall_configuration_is_checked():
         Llama(n_ctx=512, n_batch=16, kv_policy=InfMLLM(budget=256), recall=Recall(query_window=32))
 
 
-@pytest.mark.parametrize("policy", ["infmllm", "streamingllm"])
+@pytest.mark.parametrize("policy", ["infmllm", pytest.param("streamingllm", marks=pytest.mark.slow)])
 def test_needle_that_left_the_window_is_recalled_and_answered(filler, policy):
     """A pass key 3/4 of a 4x-budget stream back: without the tier no policy keeps it (it left
     the recent window long ago); with it the key's page comes back and the model copies it."""
@@ -154,6 +154,7 @@ def test_chunk_mode_also_recalls_every_so_many_tokens_between_evictions(filler, 
     llm.close()
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_turn_mode_streams_like_the_policy_alone_until_a_question(filler):
     """Between questions the reserve's empty part is the policy's: the stream keeps the cells
     and predicts the text as the policy without recall does; a question first makes room."""
@@ -213,6 +214,7 @@ def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
     llm.close()
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_adjacent_reaches_the_selection(filler, monkeypatch):
     """A turn's recall selects with the adjacent-pages rule exactly when Recall(adjacent=True)."""
     seen = []
@@ -354,6 +356,7 @@ def test_text_matches_are_the_places_that_continued_the_texts_runs():
     assert len(text_matches(history, 0, np.array([6, -1, 7], np.int32))[0]) == 0
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_text_score_recalls_what_the_new_text_repeats(filler):
     """Recall(when="chunk", score="text"): a passage read again long after it left the window
     brings its first reading back before each piece is decoded (no queries needed), and the
@@ -432,6 +435,7 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     llm.close()
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_store_is_bounded_by_dropping_oldest_pages(filler):
     llm = _llm(Recall(store_limit_mb=2))
     llm.eval([1] + filler[: 6 * BUDGET])
@@ -444,6 +448,7 @@ def test_store_is_bounded_by_dropping_oldest_pages(filler):
     assert llm.kv_stats()["pages_stored"] == 0 and llm.recalled() == []
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_spilled_pages_come_back_and_a_corrupt_spill_is_refused_once(filler, tmp_path):
     key, length = "24680", 4 * BUDGET
     llm = _llm(Recall(store_limit_mb=4, spill_dir=tmp_path))  # the rows of ~10 pages

@@ -105,7 +105,11 @@ def test_interrupts_at_random_points_leave_an_identical_stream(model_path, token
 
 
 @pytest.mark.usefixtures("sigint")
-@pytest.mark.parametrize("policy", [InfMLLM(128, chunk=32), H2O(128, chunk=32)], ids=["infmllm", "h2o"])
+@pytest.mark.parametrize(
+    "policy",
+    [InfMLLM(128, chunk=32), pytest.param(H2O(128, chunk=32), marks=pytest.mark.slow)],
+    ids=["infmllm", "h2o"],
+)
 def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, tokens, policy):
     llm = Llama(model_path, n_ctx=256, kv_policy=policy, n_batch=32, debug=True)
     delays = np.random.default_rng(1).uniform(0.0, 1.0, size=6)
@@ -125,7 +129,7 @@ def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, t
 
 
 @pytest.mark.usefixtures("sigint")
-@pytest.mark.parametrize("when", ["chunk", "turn"])
+@pytest.mark.parametrize("when", ["chunk", pytest.param("turn", marks=pytest.mark.slow)])
 def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path, tokens, when):
     """Ctrl-C at random moments of a stream whose evictions copy rows out and whose recalls
     write rows back, re-arrange and K-shift: every time the cache, the recalled flags and the

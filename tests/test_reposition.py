@@ -28,7 +28,12 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+FAST = ("infmllm", "h2o-no-recent")  # the others stream in the slow suite
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in POLICIES]
+)
 def test_kept_cells_keep_their_positions_and_give_a_replays_logits(
     model_path, model, make_ctx, text_tokens, name
 ):

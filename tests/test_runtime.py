@@ -82,7 +82,7 @@ POLICY_CASES = {
 }
 
 
-@pytest.mark.parametrize("length", [3000, pytest.param(STREAM, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("length", [1000, pytest.param(STREAM, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(POLICY_CASES))
 def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, name, length):
     llm, rec = run_stream(model_path, POLICY_CASES[name], stream_tokens[:length])
@@ -106,7 +106,7 @@ def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, nam
 
 
 def test_h2o_accumulates_while_infmllm_scores_fresh(model_path, stream_tokens):
-    toks = stream_tokens[:3000]
+    toks = stream_tokens[:1000]
     h2o, _ = run_stream(model_path, H2O(BUDGET, chunk=CHUNK), toks)
     inf, _ = run_stream(
         model_path, InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=0, bias=0.0), toks
@@ -187,6 +187,7 @@ def test_full_cache_fails_clearly_at_n_ctx_and_stays_usable(model_path, stream_t
     llm.close()
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_evicting_policies_run_past_n_ctx(model_path, stream_tokens):
     llm = Llama(model_path, n_ctx=256, kv_policy=StreamingLLM(budget=192))
     llm.eval(stream_tokens[:3000])

@@ -15,6 +15,7 @@ def policy() -> InfMLLM:
     return InfMLLM(budget=256, chunk=32)
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_each_slot_streams_as_a_llama_of_its_own(model_path, text_tokens):
     """Two slots fed in turns, both past many evictions: each gives the log-probs and keeps the
     cells a single-stream Llama gives for its text."""

@@ -45,7 +45,9 @@ def test_save_state_reproduces_seeded_samples(model_path):
 
 
 @pytest.mark.parametrize(
-    "policy", [InfMLLM(budget=256, chunk=32), H2O(budget=256, chunk=32)], ids=["infmllm", "h2o"]
+    "policy",
+    [InfMLLM(budget=256, chunk=32), pytest.param(H2O(budget=256, chunk=32), marks=pytest.mark.slow)],
+    ids=["infmllm", "h2o"],
 )
 def test_in_memory_round_trip_after_evictions(model_path, text_tokens, policy):
     a = session(model_path, policy)
@@ -116,6 +118,7 @@ def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_p
     llm.close()
 
 
+@pytest.mark.slow  # a long stream: the slow suite
 def test_a_turn_saved_before_its_answer_recalls_after_a_restore(model_path, text_tokens):
     """The captured queries travel with the state: a question fed but not yet answered brings back
     the same pages, and gets the same answer, in the session it was restored into."""
