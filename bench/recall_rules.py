@@ -35,7 +35,7 @@ from bench.configs import CONFIGS
 from bench.recall import add_stream_arguments, plot, stream_meta
 from infmllm_gguf import Llama, Recall
 from infmllm_gguf.evaluate import passkey_draws, passkey_filler, passkey_trial
-from infmllm_gguf.recall import PageStore
+from infmllm_gguf.recall import PeakScorer
 
 RULES = {"max-mean": "peak", "attention": "attention", "both": "both", "text": "text"}  # Recall.score
 OPENING_PAGES = 3
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                     rows.append(
                         {
                             "rule": rule,
-                            "sample": PageStore.SAMPLE,
+                            "sample": PeakScorer.SAMPLE,
                             "length": length,
                             **result,
                             "opening_recalled": any(a < opening for a, _ in llm.recalled()),
