@@ -128,10 +128,11 @@ class AttentionScorer:
     all stored keys, summed over layers, kv heads and query rows, each key rotated to stream
     index - shift, the distance from the queries it would have in a cache that never evicted.
     The cells the cache holds are left out of the softmax: with them the full cache's most
-    attended pages came back less often (docs/recall.md).  Every stored key is read (in chunks
-    of CHUNK pages, the softmax carried across them), so the cost grows with the store.
-    Logits are scaled by 1/sqrt(head_dim), as most models' attention is (not Gemma's).  Pages
-    of control tokens (`Probe.structural`), attended to as sinks wherever they stand, score 0."""
+    attended pages came back less often (docs/results.md, "The attention score").  Every
+    stored key is read (in chunks of CHUNK pages, the softmax carried across them), so the
+    cost grows with the store.  Logits are scaled by 1/sqrt(head_dim), as most models'
+    attention is (not Gemma's).  Pages of control tokens (`Probe.structural`), attended to as
+    sinks wherever they stand, score 0."""
 
     needs: ClassVar[tuple[str, ...]] = ("attention",)
     CHUNK: ClassVar[int] = 64  # pages read at once

@@ -27,7 +27,7 @@ _blas: ThreadpoolController | None = None
 def one_blas_thread():
     """A context in which numpy's BLAS runs on the calling thread: its worker threads, left
     spinning after a multithreaded product, would slow the llama.cpp decode and K-shift that
-    follow a recall on the same cores (docs/recall.md)."""
+    follow a recall on the same cores (docs/results.md, "Perplexity and cost in chunk mode")."""
     global _blas
     if _blas is None:
         _blas = ThreadpoolController()  # finds the BLAS libraries numpy has loaded, once
