@@ -4,6 +4,9 @@ The passkey streams of the recall benchmark's "recall" run (same keys, haystacks
 answer length) are answered with each rule, a `Recall.score`:
   max-mean   score="peak", the shipped rule: a page's strongest standardised q·k (over every
              layer, kv head and query row) less their mean
+  max        score="peak-max": the strongest one alone
+  max-half-mean
+             score="peak-max-half-mean": the strongest less half their mean
   attention  score="attention": a page's share of the softmax attention with keys at their
              full-cache distance
   both       score="both": the two rankings' standing-out pages in turn
@@ -37,7 +40,14 @@ from infmllm_gguf import Llama, Recall
 from infmllm_gguf.evaluate import passkey_draws, passkey_filler, passkey_trial
 from infmllm_gguf.recall import PeakScorer
 
-RULES = {"max-mean": "peak", "attention": "attention", "both": "both", "text": "text"}  # Recall.score
+RULES = {  # Recall.score
+    "max-mean": "peak",
+    "max": "peak-max",
+    "max-half-mean": "peak-max-half-mean",
+    "attention": "attention",
+    "both": "both",
+    "text": "text",
+}
 OPENING_PAGES = 3
 
 
