@@ -39,9 +39,10 @@ class RecallTier:
 
     Hooks the stream calls: `reset`, `close`, `export`/`check_state`/`load` (its part of a
     saved stream), `span`/`until_recall`/`before_decode` (chunk mode's clock while feeding),
-    `own_to_keep`/`on_evict` (an eviction: how many of the policy's cells stay, and copying
-    out what goes), `recall_pages` (chunk mode's recall right after an eviction),
-    `on_rollback`, `clocks`/`set_clocks` (a transaction), and `before_answer` (a turn's recall).
+    `recalls_after_eviction`/`own_to_keep`/`on_evict` (an eviction: whether a recall follows,
+    how many of the policy's cells stay, copying out what goes), `recall_pages` (chunk mode's
+    recall right after an eviction), `on_rollback`, `clocks`/`set_clocks` (a transaction),
+    and `before_answer` (a turn's recall).
 
     What it uses of the stream, and nothing else: reading `history`, `n_streamed`,
     `stream_index`, `recalled`, `n_cached`, `n_recalled`, `capacity`, `repositions`,
