@@ -46,7 +46,7 @@ from bench.common import (
 )
 from bench.configs import CONFIGS, Config
 from infmllm_gguf import POLICIES, Llama, Recall
-from infmllm_gguf.recall import PageStore
+from infmllm_gguf.recall import PeakScorer
 
 # the label of each recall run (NAME+label) and its configuration (NAME+suffix)
 RECALL_RUNS = {
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         "budget": args.budget,
         "rounds": args.rounds,
         "distances": args.distances,
-        "sample": PageStore.SAMPLE,
+        "sample": PeakScorer.SAMPLE,
         "score": args.score,
         "configs": summary,
     }

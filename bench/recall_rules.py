@@ -4,6 +4,9 @@ The passkey streams of the recall benchmark's "recall" run (same keys, haystacks
 answer length) are answered with each rule, a `Recall.score`:
   max-mean   score="peak", the shipped rule: a page's strongest standardised q·k (over every
              layer, kv head and query row) less their mean
+  max        score="peak-max": the strongest one alone
+  max-half-mean
+             score="peak-max-half-mean": the strongest less half their mean
   attention  score="attention": a page's share of the softmax attention with keys at their
              full-cache distance
   both       score="both": the two rankings' standing-out pages in turn
@@ -35,9 +38,16 @@ from bench.configs import CONFIGS
 from bench.recall import add_stream_arguments, plot, stream_meta
 from infmllm_gguf import Llama, Recall
 from infmllm_gguf.evaluate import passkey_draws, passkey_filler, passkey_trial
-from infmllm_gguf.recall import PageStore
+from infmllm_gguf.recall import PeakScorer
 
-RULES = {"max-mean": "peak", "attention": "attention", "both": "both", "text": "text"}  # Recall.score
+RULES = {  # Recall.score
+    "max-mean": "peak",
+    "max": "peak-max",
+    "max-half-mean": "peak-max-half-mean",
+    "attention": "attention",
+    "both": "both",
+    "text": "text",
+}
 OPENING_PAGES = 3
 
 
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                     rows.append(
                         {
                             "rule": rule,
-                            "sample": PageStore.SAMPLE,
+                            "sample": PeakScorer.SAMPLE,
                             "length": length,
                             **result,
                             "opening_recalled": any(a < opening for a, _ in llm.recalled()),

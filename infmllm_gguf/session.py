@@ -217,17 +217,18 @@ class Session:
             "images": st.stats.images,
             "n_image_cells": st.n_image_cells,
         }
-        if st.store is not None:
+        tier = st.tier
+        if tier is not None:
             stats.update(
-                recall_reserve=st.reserve,
+                recall_reserve=tier.reserve,
                 n_recalled=st.n_recalled,
-                pages_stored=st.store.n_pages,
-                store_mb=st.store.nbytes / 2**20,
-                spilled_mb=st.store.spilled_bytes / 2**20,
-                pages_dropped=st.store.stats.pages_dropped,
-                pages_spilled=st.store.stats.pages_spilled,
+                pages_stored=tier.store.n_pages,
+                store_mb=tier.store.nbytes / 2**20,
+                spilled_mb=tier.store.spilled_bytes / 2**20,
+                pages_dropped=tier.store.stats.pages_dropped,
+                pages_spilled=tier.store.stats.pages_spilled,
                 recalls=st.stats.recalls,
                 pages_recalled=st.stats.pages_recalled,
-                recall_error=st.recall_error,
+                recall_error=tier.error,
             )
         return stats

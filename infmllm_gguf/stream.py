@@ -14,16 +14,17 @@ re-rotated.)
 In an iSWA cache (Gemma 2/3) the cells are those of its full-attention half; the native calls
 make the sliding-window half follow every eviction and compaction.
 
-With a recall tier (recall.py), what the policy evicts is copied to a host-memory store
-first, and recalled pages sit in a reserve of the budget beside the policy's cells, in stream
-order: the policy ranks and evicts only its own cells, and holds the part of the reserve that
-recalled cells do not until a recall needs it; recalled ones leave when the next recall
-replaces them.
+With a recall tier (the recall package; its controller `RecallTier` is called through a few
+hooks), what the policy evicts is copied to a host-memory store first, and recalled pages sit
+in a reserve of the budget beside the policy's cells, in stream order: the policy ranks and
+evicts only its own cells, and holds the part of the reserve that recalled cells do not until
+a recall needs it; recalled ones leave when the next recall replaces them.
 
 Every native state change (decode, evict + compact + K-shift, roll back, recall) and its
 Python bookkeeping happen as one unit: an exception or Ctrl-C leaves the cache holding exactly the
-cells the stream records (see interrupts.py).  `transaction()` makes a whole call one unit too:
-if it raises, the stream becomes what it was before the call.
+cells the stream records (see interrupts.py).  `transaction()` (stream_state.py, with saving
+and restoring) makes a whole call one unit too: if it raises, the stream becomes what it was
+before the call.
 """
 
 from __future__ import annotations
@@ -37,18 +38,16 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.interrupts import InterruptGuard
-from infmllm_gguf.kv import Batch, CellView, KVCache, NativeError
+from infmllm_gguf.kv import Batch, CellView, KVCache
 from infmllm_gguf.policies import KVPolicy
-from infmllm_gguf.recall import TEXT_GRAMS, PageStore, Recall, RecallError, one_blas_thread, text_matches
+from infmllm_gguf.recall import PageStore, Recall, RecallTier
+from infmllm_gguf.stream_state import InvariantError as InvariantError  # raised by its checks
+from infmllm_gguf.stream_state import StreamState, StreamStats
 
 
 class ContextFullError(ValueError):
     """The stream would exceed what its cache can take — n_ctx cells under FullCache, or the
     model's trained positions where kept cells are not re-positioned; nothing was fed."""
-
-
-class InvariantError(RuntimeError):
-    """The cache and the stream's bookkeeping disagree (raised by `check_invariants`)."""
 
 
 class StopGeneration(Exception):  # noqa: N818 - a signal, like StopIteration, not an error
@@ -78,36 +77,11 @@ def inside_image(keys: np.ndarray, i: int) -> bool:
     return 0 < i < len(keys) and keys[i] < 0 and keys[i - 1] == keys[i]
 
 
-@dataclasses.dataclass
-class StreamStats:
-    n_streamed: int = 0
-    n_evicted: int = 0
-    evictions: int = 0
-    images: int = 0
-    max_pos_seen: int = -1
-    recalls: int = 0
-    pages_recalled: int = 0  # summed over recalls: pages written back into the cache
-
-
-@dataclasses.dataclass
-class _Transaction:
-    """What undoing a call needs: the stream's small facts at its start, and the whole state
-    (`export_state`), taken lazily before the first change that a roll-back cannot undo."""
-
-    n_history: int
-    last_logits: np.ndarray | None
-    n_turn: int
-    n_chunk_recall: int
-    query_shift: int
-    stats: StreamStats
-    saved: tuple[dict, dict[str, np.ndarray]] | None = None
-
-
 def _subview(view: CellView, mask: np.ndarray) -> CellView:
     return CellView(view.cells[mask], view.positions[mask], view.scores[mask], view.media[mask])
 
 
-class Stream:
+class Stream(StreamState):
     """One sequence of a context (reached through its `kv`) under `policy`; owned by a `Session`,
     whose engine serialises calls to it."""
 
@@ -143,24 +117,17 @@ class Stream:
         # trained for, or as the cache was asked to be (a user's choice to extrapolate)
         self.max_positions = max(lc.llama_model_n_ctx_train(model), n_ctx)
         self._scoring = 0
-        self._transaction: _Transaction | None = None
+        self._transaction = None  # the open transaction (StreamState.transaction)
         # called between prompt pieces and before each generated token (Llama.turn sets it):
         # it may raise to abort the call, or StopGeneration to end a generation there
         self.poll: Callable[[], None] | None = None
         self.recall = recall
-        self.store: PageStore | None = None
-        self.recall_error: str | None = None
-        if recall is not None:
-            self.reserve = recall.reserve_for(policy.budget)
-            self.store = PageStore(self.kv.layers(), recall.page, recall.store_limit_mb, recall.spill_dir)
-            self.rope = self.kv.rope()
-            self.kv.set_query_capture(recall.query_window)
-            self._control: np.ndarray | None = None  # made by the first `_structural_pages`
+        self.tier = RecallTier(self, recall) if recall is not None else None
         self.reset()
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        if self.tier is not None:
+            self.tier.close()
         for batch in (self._batch, self._embd_batch):
             if batch is not None:
                 batch.close()
@@ -169,26 +136,23 @@ class Stream:
     # --- state --------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new, empty stream."""
-        self._before_change()
+        self.before_change()
         with self._guard.atomic():
             self.kv.remove(self.seq_id, -1, -1)
             self._history_buf = np.zeros(4096, np.int32)  # grows by doubling: appends are amortised O(1)
             self._n_history = 0
             self._stream_index = np.zeros(0, np.int64)  # stream index of each cached position
             self._recalled = np.zeros(0, bool)  # per cached position: a recalled cell
-            self._n_turn = 0  # n_streamed at the last turn's recall
-            self._n_chunk_recall = 0  # n_streamed at chunk mode's last recall
             self.next_pos = 0  # the position of the next key: n_cached unless M-RoPE images came
-            self._query_shift = 0  # stream index - position of the newest decoded key, as decoded
+            self.query_shift = 0  # stream index - position of the newest decoded key, as decoded
             self.last_logits: np.ndarray | None = None
             self.stats = StreamStats()
             # per-cell policy state is indexed by cell, and llama.cpp pads the cache past n_ctx;
             # a policy that keeps everything keeps none (and runs caches without plain cells: iSWA,
             # recurrent)
             self.policy.reset(self.n_ctx if not self.policy.evicts else self.kv.size)
-            if self.store is not None:
-                self.store.clear()
-                self.kv.clear_queries(self.seq_id)
+            if self.tier is not None:
+                self.tier.reset()
 
     @property
     def history(self) -> np.ndarray:
@@ -222,6 +186,16 @@ class Stream:
         return self.policy.reposition and self.policy.evicts
 
     @property
+    def store(self) -> PageStore | None:
+        """The recall tier's store, or None without a tier."""
+        return self.tier.store if self.tier is not None else None
+
+    @property
+    def recalled(self) -> np.ndarray:
+        """Per cached cell, in position order: whether it is a recalled one."""
+        return self._recalled.copy()
+
+    @property
     def n_recalled(self) -> int:
         return int(self._recalled.sum())
 
@@ -249,100 +223,6 @@ class Stream:
         keys = self._history_buf[self._stream_index]
         return dataclasses.replace(view, media=media_ids(keys, self._stream_index))
 
-    # --- saving and restoring ----------------------------------------------------------------
-    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """Everything the stream is, as (JSON-able facts, arrays): its cells as llama.cpp saves a
-        sequence (positions, K and V) and the cells holding them, history, per-cell records, last
-        logits, the policy's state, the recall store and the captured queries (a turn fed but
-        not yet answered recalls with them after a restore)."""
-        cells = self.kv.save_sequence(self.seq_id)
-        facts = {
-            "n_history": self._n_history,
-            "next_pos": self.next_pos,
-            "n_turn": self._n_turn,
-            "n_chunk_recall": self._n_chunk_recall,
-            "query_shift": self._query_shift,
-            "stats": dataclasses.asdict(self.stats),
-            "recall_error": self.recall_error,
-        }
-        arrays = {
-            "cells": cells,
-            "history": self.history.copy(),
-            "stream_index": self._stream_index.copy(),
-            "recalled": self._recalled.copy(),
-        }
-        if self.last_logits is not None:
-            arrays["last_logits"] = self.last_logits.copy()
-        view = self.kv.cells(self.seq_id)
-        arrays["layout"] = np.append(view.cells, self.kv.head(self.seq_id)).astype(np.int32)
-        arrays.update({f"policy.{k}": v for k, v in self.policy.export_state(view.cells).items()})
-        if self.store is not None:
-            arrays.update({f"store.{k}": v for k, v in self.store.export().items()})
-            arrays["queries"], facts["queries_held"] = self.kv.queries(self._query_floats(), self.seq_id)
-        return facts, arrays
-
-    def import_state(self, facts: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Become what export_state gave.  The checks that need no change come first; a failure
-        after them (llama.cpp refusing the cells) leaves the stream empty but consistent, and the
-        caller restores what it had (Llama.load_state does)."""
-        n_history = int(facts["n_history"])
-        history, sidx, recalled = arrays["history"], arrays["stream_index"], arrays["recalled"]
-        n = len(sidx)
-        logits = arrays.get("last_logits")
-        if (
-            history.shape != (n_history,)
-            or recalled.shape != (n,)
-            or n > self.capacity
-            or (logits is not None and logits.shape != (self.n_vocab,))
-            or (n and (np.any(np.diff(sidx) <= 0) or sidx[-1] >= n_history or sidx[0] < 0))
-        ):
-            raise ValueError("the saved stream is inconsistent or larger than this cache")
-        if (self.store is None) != ("store.k" not in arrays):
-            raise ValueError("the saved stream and this session differ in having a recall tier")
-        queries = arrays.get("queries")
-        if queries is not None and (
-            self.store is None
-            or queries.shape != (self._query_floats(),)
-            or not 0 <= int(facts.get("queries_held", -1)) <= self.recall.query_window
-        ):
-            raise ValueError("the saved captured queries do not fit this session's recall tier")
-        stats = StreamStats(**facts["stats"])
-        self._before_change()
-        with self._guard.atomic():
-            self.reset()
-            loaded = self.kv.load_sequence(arrays["cells"], self.seq_id)
-            view = self.kv.cells(self.seq_id)
-            if not loaded or len(view.cells) != n:
-                self.reset()
-                raise ValueError("llama.cpp refused the saved cells (another model, n_ctx or K/V type?)")
-            layout = arrays.get("layout")
-            if not self.mrope and layout is not None and len(layout) == n + 1:
-                # the cells they had: later batches then land, and round, as they would have
-                try:
-                    self.kv.place(layout[:n], int(layout[n]), self.seq_id)
-                except NativeError:
-                    pass  # another cache size: the cells stay where llama.cpp put them
-                view = self.kv.cells(self.seq_id)
-            self._history_buf = np.zeros(max(4096, 2 * n_history), np.int32)
-            self._append_history(history.astype(np.int32))
-            self._stream_index = sidx.astype(np.int64)
-            self._recalled = recalled.astype(bool)
-            self._n_turn = int(facts["n_turn"])
-            self._n_chunk_recall = int(facts.get("n_chunk_recall", n_history))
-            self.next_pos = int(facts["next_pos"])
-            self._query_shift = int(facts.get("query_shift", n_history - self.next_pos))
-            self.last_logits = None if logits is None else logits.astype(np.float32)
-            self.stats = stats
-            self.recall_error = facts["recall_error"]
-            policy_state = {k[7:]: v for k, v in arrays.items() if k.startswith("policy.")}
-            self.policy.import_state(policy_state, view.cells)
-            if self.store is not None:
-                self.store.load({k[6:]: v for k, v in arrays.items() if k.startswith("store.")})
-                if queries is not None:
-                    self.kv.set_queries(queries, int(facts["queries_held"]), self.seq_id)
-        if self.debug:
-            self.check_invariants()
-
     # --- feeding --------------------------------------------------------------------------
     def feed(self, tokens: np.ndarray, logprobs: bool = False) -> np.ndarray | None:
         """Append token ids, evicting as the policy says; with logprobs, log p of each token."""
@@ -352,15 +232,17 @@ class Stream:
             raise ValueError(f"token ids must be in [0, {self.n_vocab})")
         self.check_room(len(tokens), len(tokens))
         out = np.empty(len(tokens), np.float64) if logprobs else None
+        tier = self.tier
         i = 0
         while i < len(tokens):
             # a text-scored chunk recall matches the piece decoded next
+            upcoming = tokens[i : i + tier.span()] if tier is not None else None
             if self.n_cached >= self.capacity:
-                self._evict(self.policy.budget, upcoming=tokens[i : i + self._recall_span()])
-            elif self._until_recall() <= 0:
-                self.recall_pages(upcoming=tokens[i : i + self._recall_span()])
+                self._evict(self.policy.budget, upcoming=upcoming)
+            elif tier is not None and tier.before_decode(upcoming):
                 continue  # the recalled pages may have filled the cache
-            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, self._until_recall())
+            until_recall = tier.until_recall() if tier is not None else self.capacity
+            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, until_recall)
             if self.poll is not None and i > 0:
                 self.poll()  # between pieces (a generated token is one piece: polled by its caller)
             piece = tokens[i : i + take]
@@ -457,8 +339,8 @@ class Stream:
         n = len(keys)
         start = self.n_cached
         scored = self.policy.needs_scores(start + n)
-        if scored or self.store is not None:
-            self._before_change()  # scores observed, queries captured: more than an append
+        if scored or self.tier is not None:
+            self.before_change()  # scores observed, queries captured: more than an append
         self._set_scoring(self.policy.score_queries if scored else 0)
         flags = np.zeros(n, np.int8)
         flags[-1] = 1
@@ -531,7 +413,7 @@ class Stream:
         self._recalled = np.concatenate([self._recalled, np.zeros(n, bool)])
         self.stats.max_pos_seen = max(self.stats.max_pos_seen, max_pos)
         self.next_pos = next_pos
-        self._query_shift = self._n_history - next_pos  # where the captured queries were rotated
+        self.query_shift = self._n_history - next_pos  # where the captured queries were rotated
         self.last_logits = last_logits
         if scored:
             queries = self.policy.score_queries
@@ -555,39 +437,29 @@ class Stream:
     ) -> None:
         """The one eviction path: the policy picks n_keep cells, native evicts and compacts.
 
-        With a recall tier the policy ranks only its own cells; the recalled cells stay (all of
-        them, or none where n_keep cannot hold them), and whatever the policy evicts is copied
-        to the store first.  The part of the reserve that recalled cells do not hold is the
-        policy's until a recall needs it: the policy keeps n_keep - reserve cells before a
-        recall (chunk mode's, right after, or `make_room` for a turn's) and n_keep - recalled
-        otherwise, so a stream between turns keeps as many cells as it would without recall.
-        `upcoming`: the keys to be decoded after the eviction, where the caller knows them (the
-        new text a chunk recall with score="text" matches)."""
-        self._before_change()
+        With a recall tier the policy ranks only its own cells (`RecallTier.own_to_keep` says
+        how many stay: fewer where a recall follows, chunk mode's right after or `make_room`
+        for a turn's); the recalled cells stay (all of them, or none where n_keep cannot hold
+        them), and whatever the policy evicts is copied to the store first.  `upcoming`: the
+        keys to be decoded after the eviction, where the caller knows them (the new text a
+        chunk recall with score="text" matches)."""
+        self.before_change()
         view = self.view()
         own = ~self._recalled
-        n_own_keep = n_keep
+        tier = self.tier
         # chunk mode recalls right after: its arrangement re-positions the cells again, so both
         # moves share one K-shift, applied before the block ends (a decode never sees it pending)
-        recall_next = then_recall and self.recall is not None and self.recall.when == "chunk"
-        if self.store is not None:
-            held = self.reserve if recall_next or make_room else self.n_recalled
-            # without re-positioning the newest cell (an own one) must stay, see KVPolicy.select
-            n_own_keep = max(0 if self.repositions else 1, n_keep - held)
-            if n_own_keep + self.n_recalled > n_keep:
-                own[:] = True  # too little room (a large image): recalled cells go too
+        recall_next = then_recall and tier is not None and tier.recalls_after_eviction
+        n_own_keep = n_keep if tier is None else tier.own_to_keep(n_keep, recall_next or make_room)
+        if n_own_keep + self.n_recalled > n_keep:
+            own[:] = True  # too little room (a large image): recalled cells go too
         keep = ~own
         keep[own] = self.policy.select(_subview(view, own), n_own_keep)
         if keep[own].sum() != n_own_keep:
             raise RuntimeError(f"{self.policy.name} kept {keep[own].sum()} cells, asked for {n_own_keep}")
         out = own & ~keep & ~self._recalled  # recalled cells are in the store already
-        if self.store is not None and self.recall_error is None and out.any():
-            k, v = self.kv.read_rows(view.positions[out], self.store.k_bytes, self.store.v_bytes, self.seq_id)
-            try:  # adding cells to a spilled page reads it back
-                self.store.add(self._stream_index[out], view.positions[out], k, v)
-            except RecallError as exc:
-                self._switch_off(exc)
-                raise
+        if tier is not None and out.any():
+            tier.on_evict(self._stream_index[out], view.positions[out])
         with self._guard.atomic():
             with self._unit():
                 # evict validates everything before it changes anything
@@ -604,107 +476,25 @@ class Stream:
                 self.stats.evictions += 1
             if recall_next:
                 try:
-                    self.recall_pages(upcoming=upcoming)
+                    tier.recall_pages(upcoming=upcoming)
                 finally:
                     self.kv.update()  # nothing to do if the recall re-positioned (and shifted) already
 
-    # --- recall ------------------------------------------------------------------------------
-    def _recall_span(self) -> int:
-        """Keys a chunk-mode recall is for: those up to the next eviction, or to the next recall
-        (`Recall.every`) if that comes first."""
-        every = self.recall.every if self.recall is not None else None
-        return min(self.capacity - self.policy.budget, every or self.capacity)
+    # --- the recall tier's changes (its hooks are in RecallTier) -----------------------------
+    def make_room(self) -> None:
+        """Before a turn's recall: evict down to the budget less the reserve, its room."""
+        self._evict(self.policy.budget, then_recall=False, make_room=True)
 
-    def _until_recall(self) -> int:
-        """Keys to feed before chunk mode's next recall between evictions (`Recall.every`); the
-        capacity (never the bound on a piece) without one."""
-        every = self.recall.every if self.recall is not None else None
-        return self.capacity if every is None else every - (self._n_history - self._n_chunk_recall)
+    def recall_turn(self) -> np.ndarray | None:
+        """A turn's recall before answering (`RecallTier.before_answer`); None without a tier."""
+        return self.tier.before_answer() if self.tier is not None else None
 
-    def _query_shape(self) -> tuple[int, int, int, int]:
-        return (self.store.n_layer, self.store.n_head, self.recall.query_window, self.store.head_dim)
-
-    def _query_floats(self) -> int:
-        return int(np.prod(self._query_shape()))
-
-    def _queries(self, rows: int) -> np.ndarray | None:
-        """The newest captured query rows (at most `rows`) as [layer, head, rows, dim], or None."""
-        shape = self._query_shape()
-        flat, held = self.kv.queries(self._query_floats(), self.seq_id)
-        held = min(held, rows)
-        if held == 0:
-            return None
-        return flat.reshape(shape)[:, :, shape[2] - held :]
-
-    def _structural_pages(self) -> np.ndarray:
-        """Ids of the pages whose tokens include a control token (a chat-template marker; image
-        cells are not tokens)."""
-        if self._control is None:
-            vocab = lc.llama_model_get_vocab(lc.llama_get_model(self.ctx))
-            ids = range(self.n_vocab)
-            self._control = np.array([lc.llama_vocab_is_control(vocab, t) for t in ids], bool)
-        history = self.history
-        text = np.flatnonzero(history >= 0)
-        return np.unique(text[self._control[history[text]]] // self.recall.page)
-
-    def _text_matches(self, rows: int, upcoming: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """`text_matches` of the new text (`upcoming` after the last keys read, whose runs lead
-        into it, or else the newest `rows` keys) in the stretch of history the store holds."""
-        history = self.history
-        read = min(len(history), rows if upcoming is None else max(TEXT_GRAMS) - 1)  # of the text
-        text = history[len(history) - read :]
-        if upcoming is not None:
-            text = np.concatenate([text, upcoming])
-        pids = self.store.page_ids()
-        first = int(pids.min()) * self.recall.page
-        last = max(first, min(len(history) - read, (int(pids.max()) + 1) * self.recall.page))
-        return text_matches(history[first:last], first, text)
-
-    def recall_pages(self, rows: int | None = None, upcoming: np.ndarray | None = None) -> bool:
-        """Score the stored pages with the newest queries (at most `rows`; score="text": with
-        the text `upcoming`, or without it the newest `rows` keys) and make the best ones the
-        recalled cells (replacing the previous ones), in stream order among the cached cells;
-        returns whether anything changed.  A store that fails (RecallError) is switched off:
-        the error is raised once, with nothing changed, and the stream goes on without recall.
-        Chunk mode's clock (`Recall.every`) starts again at any recall, a turn's included."""
-        self._before_change()
-        self._n_chunk_recall = self._n_history
-        if self.store is None or self.recall_error is not None or self.store.n_pages == 0:
-            return False
-        rows = rows or self.recall.query_window
-        queries = text = None
-        if self.recall.score == "text":
-            text = self._text_matches(rows, upcoming)
-        else:
-            queries = self._queries(rows)
-            if queries is None:
-                return False
-        room = min(self.reserve, self.capacity - (self.n_cached - self.n_recalled))
-        try:
-            with one_blas_thread():
-                # attention: keys moved to their distance from the queries in the whole stream
-                attention = structural = None
-                if self.recall.score in ("attention", "both"):
-                    attention = (self.rope, self._query_shift)
-                    structural = self._structural_pages()
-                pids = self.store.select(
-                    queries,
-                    room,
-                    self.recall.shortlist,
-                    adjacent=self.recall.adjacent,
-                    attention=attention,
-                    score=self.recall.score,
-                    structural=structural,
-                    text=text,
-                )
-            sidx, pos, k, v = self.store.rows(pids, exclude=self._stream_index)  # the cells not cached
-        except RecallError as exc:
-            self._switch_off(exc)
-            raise
-        # a recalled cell is a stored cell of its page: it stays while its page is chosen
-        drop = self._recalled & ~np.isin(self._stream_index // self.recall.page, pids)
-        if len(sidx) == 0 and not drop.any():
-            return False
+    def replace_recalled(
+        self, drop: np.ndarray, sidx: np.ndarray, pos: np.ndarray, k: np.ndarray, v: np.ndarray, n_pages: int
+    ) -> None:
+        """Make new cells the recalled ones: evict the recalled cells `drop` marks, write the
+        rows k, v (`KVCache.write_rows`' layout) of the cells at stream indices sidx at the
+        positions they were stored at, and put every cell in stream order."""
         view = self.kv.cells(self.seq_id)
         with self._unit():
             self.kv.evict_cells(view.cells[drop], self.seq_id)
@@ -722,20 +512,16 @@ class Stream:
             self._stream_index = all_index[order]
             self._recalled = all_recalled[order]
             self.stats.recalls += 1
-            self.stats.pages_recalled += len(pids)
-        return True
+            self.stats.pages_recalled += n_pages
 
-    def _reencode(self) -> None:
-        """Decode the cached text from the first recalled cell on again at the same positions,
-        the policy's state carried over by rank.  Where a cell is part of an image, or positions
-        are not compacted (a batch's must be consecutive), nothing is done.  A failed decode
-        leaves the cells before it cached and counts the rest as evicted (the recalled ones stay
-        in the store)."""
-        if not self.repositions or not self._recalled.any():
-            return
-        first = int(np.argmax(self._recalled))
+    def decode_again(self, first: int) -> None:
+        """Decode the cached text from cached cell `first` on again at the same positions, the
+        policy's state carried over by rank (recalled cells then sit in the context they are
+        in).  Where a cell is part of an image, or positions are not compacted (a batch's must
+        be consecutive), nothing is done.  A failed decode leaves the cells before it cached and
+        counts the rest as evicted (the recalled ones stay in the store)."""
         keys = self._history_buf[self._stream_index[first:]]
-        if keys.min() < 0:
+        if not self.repositions or len(keys) == 0 or keys.min() < 0:
             return
         view = self.kv.cells(self.seq_id)
         state = self.policy.export_state(view.cells)
@@ -762,81 +548,6 @@ class Stream:
             self.policy.forget(view.cells[first:])
             self.policy.import_state(state, self.kv.cells(self.seq_id).cells)
 
-    def _switch_off(self, exc: RecallError) -> None:
-        """The store failed: empty it and go on without recall (kv_stats reports why)."""
-        self.recall_error = str(exc)
-        self.store.clear()
-
-    def recall_turn(self) -> np.ndarray | None:
-        """Before answering: recall with the queries of the turn's newest text (at most
-        query_window rows, none from before the turn), making room in the reserve first, then
-        decode those last tokens again with the recalled pages in place, so that the answer's
-        first token sees them too.  Only text is decoded again, never part of an image.
-        Returns log p of the tokens decoded again but the first (whose logits came before
-        them), or None where nothing was."""
-        if self.store is None or self._n_history == self._n_turn:
-            return None
-        rows = min(self.recall.query_window, self._n_history - self._n_turn)
-        tail = np.array(self.history[self._n_history - rows :])
-        images = np.flatnonzero(tail < 0)
-        if len(images):
-            tail = tail[images[-1] + 1 :]  # the text after the last image
-        redo = len(tail) > 0 and self.rollback(self._n_history - len(tail))
-        logprobs = None
-        try:
-            if self.n_cached - self.n_recalled > self.policy.budget - self.reserve:
-                self._evict(self.policy.budget, then_recall=False, make_room=True)
-            # rolled back, the tail is the text about to be decoded (again)
-            if self.recall_pages(rows, upcoming=tail if redo else None) and self.recall.reencode:
-                self._reencode()
-        finally:
-            if redo:
-                logprobs = self.feed(tail, logprobs=True)[1:]
-            self._n_turn = self._n_history
-        return logprobs
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Make the block one unit: if it raises (an error, Ctrl-C, a client gone), the stream
-        becomes exactly what it was before it.  Only appending costs nothing; before the block's
-        first other change (an eviction, a recall, a roll-back, a scored decode, or any decode
-        with a recall tier) the whole state is copied once (export_state).  Nested blocks are
-        part of the outermost one."""
-        if self._transaction is not None:
-            yield
-            return
-        txn = _Transaction(
-            self._n_history, self.last_logits, self._n_turn, self._n_chunk_recall, self._query_shift,
-            dataclasses.replace(self.stats),
-        )  # fmt: skip
-        self._transaction = txn
-        try:
-            yield
-        except BaseException:
-            self._transaction = None
-            self._undo(txn)
-            raise
-        finally:
-            self._transaction = None
-
-    def _before_change(self) -> None:
-        """Inside a transaction: copy the state before its first change beyond an append."""
-        txn = self._transaction
-        if txn is not None and txn.saved is None:
-            txn.saved = self.export_state()
-
-    def _undo(self, txn: _Transaction) -> None:
-        """Back to the state at the start of txn: the copy, if one was taken (it holds what was
-        appended before it, all cached), then the appended keys rolled back."""
-        with self._guard.atomic():
-            if txn.saved is not None:
-                self.import_state(*txn.saved)
-            if not self.rollback(txn.n_history):
-                raise InvariantError(f"could not roll the stream back to {txn.n_history} keys")
-            self.last_logits = txn.last_logits
-            self._n_turn, self._n_chunk_recall = txn.n_turn, txn.n_chunk_recall
-            self._query_shift, self.stats = txn.query_shift, txn.stats
-
     def rollback(self, n_keep: int) -> bool:
         """Drop the stream's keys from index n_keep on, if all of them are still cached."""
         n_drop = self._n_history - n_keep
@@ -844,7 +555,7 @@ class Stream:
             return n_drop == 0
         if n_drop > self.n_cached or self._stream_index[self.n_cached - n_drop] != n_keep:
             return False
-        self._before_change()
+        self.before_change()
         first = self.n_cached - n_drop
         view = self.kv.cells(self.seq_id)
         first_pos = int(view.positions[first])  # == first, unless M-RoPE images came before
@@ -855,8 +566,8 @@ class Stream:
             self._n_history = n_keep
             self._stream_index = self._stream_index[:first]
             self._recalled = self._recalled[:first]
-            self._n_turn = min(self._n_turn, n_keep)
-            self._n_chunk_recall = min(self._n_chunk_recall, n_keep)
+            if self.tier is not None:
+                self.tier.on_rollback(n_keep)
             self.next_pos = first_pos
             self.last_logits = None
         return True
@@ -873,36 +584,3 @@ class Stream:
         while inside_image(keys, common):
             common -= 1  # an image is fed whole or not at all
         return common
-
-    # --- checks -------------------------------------------------------------------------------
-    def check_invariants(self) -> None:
-        """Raise InvariantError unless the native cache and the stream's records agree.
-
-        The cache holds exactly the cached cells, at positions 0..n-1 (compacted), or at their
-        stream indices (not re-positioned), or, for M-RoPE, non-decreasing below next_pos; within
-        the capacity; they are distinct stream indices in stream order; every streamed key is
-        either cached or counted as evicted."""
-        view = self.kv.cells(self.seq_id)
-        n = self.n_cached
-        problems = []
-        if len(view.cells) != n:
-            problems.append(f"the cache holds {len(view.cells)} cells, the stream records {n}")
-        elif self.mrope:
-            if n and (np.any(np.diff(view.positions) < 0) or view.positions[-1] >= self.next_pos):
-                problems.append(f"cached positions are not non-decreasing below {self.next_pos}")
-        elif not self.repositions:
-            if not np.array_equal(view.positions, self._stream_index) or self.next_pos != self._n_history:
-                problems.append("cached positions are not the cells' stream indices")
-        elif not np.array_equal(view.positions, np.arange(n)) or self.next_pos != n:
-            problems.append(f"cached positions are not 0..n-1 = next_pos - 1 ({self.next_pos - 1})")
-        if n > self.capacity:
-            problems.append(f"{n} cells cached, capacity {self.capacity}")
-        if n and (np.any(np.diff(self._stream_index) <= 0) or self._stream_index[-1] >= self._n_history):
-            problems.append("cached stream indices are not increasing within the history")
-        n_own = n - self.n_recalled  # recalled cells were counted as evicted
-        if n_own + self.stats.n_evicted != self._n_history:
-            problems.append(f"{n_own} cached + {self.stats.n_evicted} evicted != {self._n_history} streamed")
-        if len(self._recalled) != n:
-            problems.append(f"{len(self._recalled)} recalled flags for {n} cells")
-        if problems:
-            raise InvariantError("; ".join(problems))

@@ -10,8 +10,16 @@ from conftest import f16_keys
 from infmllm_gguf import InfMLLM, Llama, Recall, RecallError, StreamingLLM
 from infmllm_gguf.evaluate import passkey_tokens, passkey_trial
 from infmllm_gguf.kv import decode
-from infmllm_gguf.recall import PageStore, keys_as_float, text_matches
-from infmllm_gguf.stream import Stream
+from infmllm_gguf.recall import (
+    AttentionScorer,
+    Probe,
+    RecallTier,
+    keys_as_float,
+    selection,
+    text_matches,
+    with_neighbours,
+    with_runs,
+)
 from infmllm_gguf.texts import kjv
 
 BUDGET = 256
@@ -101,13 +109,13 @@ def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     st = llm.session.stream
     assert st.n_recalled > 0
     view = st.kv.cells()
-    rec = st._recalled
+    rec = st.recalled
     _, v = st.kv.read_rows(view.positions[rec], st.store.k_bytes, st.store.v_bytes)
-    sidx = st._stream_index[rec]
+    sidx = st.stream_index[rec]
     assert np.array_equal(v.reshape(st.store.n_layer, len(sidx), -1), _stored_v(st, sidx))
-    cached_own = set(st._stream_index[~rec].tolist())
+    cached_own = set(st.stream_index[~rec].tolist())
     for pid in st.store.page_ids():
-        assert not cached_own & set(st.store._pages[int(pid)].stream_index.tolist())
+        assert not cached_own & set(st.store.stream_indices(int(pid)).tolist())
 
 
 def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler):
@@ -133,13 +141,13 @@ def test_chunk_mode_also_recalls_every_so_many_tokens_between_evictions(filler, 
     since the last recall, matching (score="text") the E tokens about to be decoded; a recall
     that fills the cache is followed by an eviction, not by an empty decode."""
     calls = []
-    recall_pages = Stream.recall_pages
+    recall_pages = RecallTier.recall_pages
 
     def spy(self, rows=None, upcoming=None):
-        calls.append((self._n_history, None if upcoming is None else len(upcoming)))
+        calls.append((self.stream.n_streamed, None if upcoming is None else len(upcoming)))
         return recall_pages(self, rows, upcoming)
 
-    monkeypatch.setattr(Stream, "recall_pages", spy)
+    monkeypatch.setattr(RecallTier, "recall_pages", spy)
     every = 12  # the chunk is 32: between evictions two more recalls
     llm = _llm(Recall(when="chunk", score="text", every=every))
     tokens = [1] + filler[: 4 * BUDGET]
@@ -195,8 +203,8 @@ def test_chosen_pages_come_before_any_neighbour(filler):
     llm.eval([1] + filler[: 3 * BUDGET])
     store, page = llm.session.stream.store, Recall().page
     best = [int(p) for p in store.page_ids()[[2, 6, 10, 14]]]
-    assert store.with_neighbours(best, 4 * page) == best
-    assert store.with_neighbours(best, 6 * page) == [*best, best[0] + 1, best[0] - 1]
+    assert with_neighbours(store, best, 4 * page) == best
+    assert with_neighbours(store, best, 6 * page) == [*best, best[0] + 1, best[0] - 1]
     llm.close()
 
 
@@ -208,9 +216,9 @@ def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
     llm.eval([1] + filler[: 3 * BUDGET])
     store, page = llm.session.stream.store, Recall().page
     p = int(store.page_ids()[10])
-    runs = store.with_runs([p], {p - 2, p - 1, p + 1, p + 3})
+    runs = with_runs([p], {p - 2, p - 1, p + 1, p + 3})
     assert runs == [p, p + 1, p - 1, p - 2]
-    assert store.with_neighbours(runs, 5 * page) == [*runs, p + 2]
+    assert with_neighbours(store, runs, 5 * page) == [*runs, p + 2]
     llm.close()
 
 
@@ -218,13 +226,13 @@ def test_a_chosen_page_brings_the_adjacent_pages_above_the_median(filler):
 def test_adjacent_reaches_the_selection(filler, monkeypatch):
     """A turn's recall selects with the adjacent-pages rule exactly when Recall(adjacent=True)."""
     seen = []
-    select = PageStore.select
+    select = selection.select
 
     def spy(self, *args, **kw):
         seen.append(kw.get("adjacent", False))
         return select(self, *args, **kw)
 
-    monkeypatch.setattr(PageStore, "select", spy)
+    monkeypatch.setattr(selection, "select", spy)
     for adjacent in (False, True):
         llm = _llm(Recall(adjacent=adjacent))
         passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
@@ -240,14 +248,14 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     in chunks of 3 pages, the softmax carried across them, it equals the plain one.  The best
     page comes back, and a state saved before the question recalls the same pages."""
     seen = {}
-    select = PageStore.select
+    select = selection.select
 
     def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", **kw):
         seen.update(queries=queries.copy(), attention=attention, score=score)
         return select(self, queries, room, shortlist, adjacent, attention, score, **kw)
 
-    monkeypatch.setattr(PageStore, "select", spy)
-    monkeypatch.setattr(PageStore, "CHUNK", 3)
+    monkeypatch.setattr(selection, "select", spy)
+    monkeypatch.setattr(AttentionScorer, "CHUNK", 3)
     llm = _llm(Recall(score="attention"))
     tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.2, "58213")
     llm.eval(tokens)
@@ -268,7 +276,8 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
     weights = np.exp(logits - logits.max(axis=2, keepdims=True))
     weights /= weights.sum(axis=2, keepdims=True)
     want = np.bincount(sidx // store.page, weights.sum(axis=(0, 1, 3)))[store.page_ids()]
-    got = store.attention_scores(q.reshape(layers, kv_heads, -1, dim).transpose(0, 1, 3, 2), rope, shift)
+    probe = Probe(q.reshape(layers, kv_heads, -1, dim).transpose(0, 1, 3, 2), attention=(rope, shift))
+    got = AttentionScorer().score(store, probe)[0].score
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     best = int(store.page_ids()[np.argmax(want)])
     recalled = llm.recalled()
@@ -286,7 +295,7 @@ def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
     window comes back whole (the model's answer is the passkey benchmark's to count: with
     the opening's second page beside it, it answers this one with Genesis)."""
     picks = {}
-    select = PageStore.select
+    select = selection.select
 
     def spy(self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", **kw):
         assert score == "both" and attention is not None
@@ -296,7 +305,7 @@ def test_both_scores_take_their_standing_out_pages_in_turn(filler, monkeypatch):
             select(self, queries, room, score="both")  # it needs the RoPE and the queries' shift
         return picks[score]
 
-    monkeypatch.setattr(PageStore, "select", spy)
+    monkeypatch.setattr(selection, "select", spy)
     llm = _llm(Recall(score="both"))
     result = passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
     assert result["needle_whole"], result
@@ -315,7 +324,7 @@ def test_attention_ranking_leaves_pages_of_control_tokens_out(filler, monkeypatc
     answer a pass-key question as a chat.  The attention ranking leaves such pages out: the
     turn at the stream's start stands out without that and is not recalled with it."""
     picks = {}
-    select = PageStore.select
+    select = selection.select
 
     def spy(
         self, queries, room, shortlist=64, adjacent=False, attention=None, score="peak", structural=None, **kw
@@ -325,7 +334,7 @@ def test_attention_ranking_leaves_pages_of_control_tokens_out(filler, monkeypatc
         picks["without"] = select(self, queries, room, shortlist, adjacent, attention, "attention")
         return select(self, queries, room, shortlist, adjacent, attention, score, structural)
 
-    monkeypatch.setattr(PageStore, "select", spy)
+    monkeypatch.setattr(selection, "select", spy)
     llm = _llm(Recall(score="both"))
     turn = llm.tokenize(
         "<|im_start|>user\nWho created the heaven and the earth?<|im_end|>\n"
@@ -412,14 +421,14 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
     st = llm.session.stream
     assert llm.kv_stats()["recalls"] == 1 and st.n_recalled > 0
-    first, n = int(np.argmax(st._recalled)), st.n_cached
+    first, n = int(np.argmax(st.recalled)), st.n_cached
     n_layer, k_bytes, v_bytes = st.store.n_layer, st.store.k_bytes, st.store.v_bytes
     k, v = (x.reshape(n_layer, n, -1) for x in st.kv.read_rows(np.arange(n), k_bytes, v_bytes))
 
     ref = Llama(n_ctx=n + 64, kv_policy="full", seed=0)
     kv = ref.session.stream.kv
     kv.write_rows(np.arange(first), k[:, :first].ravel(), v[:, :first].ravel())
-    decode(ref.session.stream.ctx, llm.history[st._stream_index[first:]], np.arange(first, n))
+    decode(ref.session.stream.ctx, llm.history[st.stream_index[first:]], np.arange(first, n))
     rk, rv = (x.reshape(n_layer, n, -1) for x in kv.read_rows(np.arange(n), k_bytes, v_bytes))
     for got, want in ((k, rk), (v, rv)):
         got, want = (x[:, first:].view(np.float16).astype(np.float32) for x in (got, want))
@@ -430,8 +439,8 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
         assert (np.abs(got[:, 1:] - want[:, :-1]) / scale).mean() > 2e-2  # the check can fail
     ref.close()
 
-    rec = st._recalled
-    assert not np.array_equal(v[:, rec], _stored_v(st, st._stream_index[rec]))
+    rec = st.recalled
+    assert not np.array_equal(v[:, rec], _stored_v(st, st.stream_index[rec]))
     llm.close()
 
 
@@ -458,8 +467,8 @@ def test_spilled_pages_come_back_and_a_corrupt_spill_is_refused_once(filler, tmp
 
     llm.reset()
     llm.eval([1] + filler[: 4 * BUDGET])
-    spill = llm.session.stream.store._spill_file
-    with open(spill.name, "r+b") as fh:  # damage every spilled byte
+    spill = llm.session.stream.store.spill_path
+    with open(spill, "r+b") as fh:  # damage every spilled byte
         size = fh.seek(0, 2)
         fh.seek(0)
         fh.write(bytes(size))

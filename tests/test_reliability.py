@@ -149,9 +149,9 @@ def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path,
             pass
         llm.check_invariants()
     st = llm.session.stream
-    own = set(st.stream_index[~st._recalled].tolist())
+    own = set(st.stream_index[~st.recalled].tolist())
     for pid in st.store.page_ids():  # the store never holds a cell the policy still caches
-        assert not own & set(st.store._pages[int(pid)].stream_index.tolist())
+        assert not own & set(st.store.stream_indices(int(pid)).tolist())
     llm.eval(tokens[llm.n_streamed : llm.n_streamed + 12])
     llm.generate_text(max_tokens=4)
     llm.check_invariants()

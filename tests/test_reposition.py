@@ -61,12 +61,12 @@ def test_recalled_rows_come_back_unchanged_at_their_own_positions():
     result = passkey_trial(llm, filler, 4 * 256, 0.2, "58213")
     assert result["correct"], result
     st = llm.session.stream
-    rec = st._recalled
+    rec = st.recalled
     assert rec.any()
     view = st.kv.cells()
-    assert np.array_equal(view.positions, st._stream_index)
+    assert np.array_equal(view.positions, st.stream_index)
     k, v = st.kv.read_rows(view.positions[rec], st.store.k_bytes, st.store.v_bytes)
-    sidx = st._stream_index[rec]
+    sidx = st.stream_index[rec]
     s_sidx, s_pos, s_k, s_v = st.store.rows(sorted(set((sidx // st.recall.page).tolist())))
     assert np.array_equal(s_pos, s_sidx)
     chosen = np.isin(s_sidx, sidx)
