@@ -283,7 +283,7 @@ def test_ubatches_smaller_than_the_batch(model_path, text_tokens):
     evicting = Llama(
         model_path, n_ctx=320, kv_policy=InfMLLM(budget=256, chunk=32), n_batch=128, n_ubatch=16, debug=True
     )
-    evicting.eval(text_tokens[:1500])
+    evicting.eval(text_tokens[:700])
     assert evicting.kv_stats()["evictions"] > 0 and evicting.n_cached <= 288
     for llm in (whole, split, evicting):
         llm.close()
@@ -300,7 +300,7 @@ def test_quantized_kv_cache_evicts(model_path, text_tokens, type_k, type_v, flas
     f16 = Llama(model_path, kv_policy=InfMLLM(budget=256, chunk=32), **kw)
     quantized = {"type_k": type_k, "type_v": type_v}
     q8 = Llama(model_path, kv_policy=InfMLLM(budget=256, chunk=32), debug=True, **quantized, **kw)
-    a, b = f16.stream_logprobs(text_tokens[:1200]), q8.stream_logprobs(text_tokens[:1200])
+    a, b = f16.stream_logprobs(text_tokens[:700]), q8.stream_logprobs(text_tokens[:700])
     assert q8.kv_stats()["evictions"] > 0
     assert abs(np.nanmean(a) - np.nanmean(b)) < 0.05
     with pytest.raises(ValueError, match="quantized"):  # the recall tier scores unquantized keys

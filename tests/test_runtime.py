@@ -7,7 +7,20 @@ import pytest
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from reference import reference_keep
 
-from infmllm_gguf import H2O, ContextFullError, FullCache, InfMLLM, Llama, SlidingWindow, SnapKV, StreamingLLM
+from infmllm_gguf import (
+    H2O,
+    POLICIES,
+    ContextFullError,
+    EvictingPolicy,
+    FullCache,
+    InfMLLM,
+    KVPolicy,
+    Llama,
+    SlidingWindow,
+    SnapKV,
+    StreamingLLM,
+)
+from infmllm_gguf.policies import make_policy
 from infmllm_gguf.texts import genesis
 
 STREAM = 20_000
@@ -338,6 +351,16 @@ def test_policy_by_name_and_reset(model_path, stream_tokens):
     assert llm.kv_stats()["n_streamed"] == 0 and llm.kv_stats()["n_cached"] == 0
     assert isinstance(Llama(model_path, n_ctx=256, kv_policy="full").policy, FullCache)
     llm.close()
+
+
+def test_no_eviction_is_a_policy_without_a_budget():
+    full = make_policy("full", budget=64)
+    assert isinstance(full, FullCache) and isinstance(full, KVPolicy) and not full.evicts
+    assert not isinstance(full, EvictingPolicy) and not hasattr(full, "budget")
+    for name, cls in POLICIES.items():
+        if cls is not FullCache:
+            policy = make_policy(name, budget=64)
+            assert isinstance(policy, EvictingPolicy) and policy.evicts and policy.capacity == 64 + 16
 
 
 def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_tokens):
