@@ -140,7 +140,7 @@ class Engine:
 
     def _close_sessions(self) -> None:
         for session in list(self.sessions.values()):
-            session.close()
+            session.close(free_cells=False)  # the context is freed next: nothing to undo in it
         self.sessions.clear()
 
     def close(self) -> None:

@@ -57,10 +57,11 @@ class Session:
             seq_id=seq_id, recall=recall,
         )  # fmt: skip
 
-    def close(self) -> None:
-        """Free the session's cells and buffers."""
+    def close(self, free_cells: bool = True) -> None:
+        """Free the session's buffers, and its cells unless the whole context goes with it."""
         if self.stream is not None:
-            self.stream.reset()
+            if free_cells:
+                self.stream.reset()
             self.stream.close()
             self.stream = None
 

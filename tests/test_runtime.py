@@ -23,9 +23,9 @@ from infmllm_gguf import (
 from infmllm_gguf.policies import make_policy
 from infmllm_gguf.texts import genesis
 
-STREAM = 20_000
+STREAM = 10_000
 BUDGET = 128
-CHUNK = 128  # batches of 128 tokens keep 20k-token streams quick on 2 cores
+CHUNK = 128  # batches of 128 tokens keep 10k-token streams quick on 2 cores
 
 
 @pytest.fixture(scope="module")
