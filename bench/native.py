@@ -74,8 +74,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    model, text = load_model()
+def decode_speeds(model: int, text: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """Decode tok/s with in-graph scoring off and on at each filled-cell count, one row each."""
     rows = []
     for fill in args.fills:
         ctx = make_context(model, fill + args.steps + 256, args.flash_attn)
@@ -100,9 +100,13 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         lc.llama_free(ctx)
+    return rows
 
-    # one eviction round on a full 2048 + 256 cache: read cells, select, evict 256, compact;
-    # the K-shift it leaves is paid by the next decode, so that decode is timed too
+
+def eviction_round(model: int, text: np.ndarray, args: argparse.Namespace) -> dict:
+    """One eviction round on a full 2048 + 256 cache (read cells, select, evict 256, compact)
+    against one plain decode step; the K-shift it leaves is paid by the next decode, so that
+    decode is timed too."""
     budget, chunk = 2048, 256
     ctx = make_context(model, budget + chunk + 64, args.flash_attn)
     kv = KVCache(ctx)
@@ -124,22 +128,19 @@ def run(args: argparse.Namespace) -> int:
         decode(ctx, text[: chunk - 1], np.arange(nxt + 1, nxt + chunk))  # refill to budget + chunk
     evict = float(np.median([r["evict_compact_s"] for r in rounds]))
     shift_step = float(np.median([r["next_decode_with_kshift_s"] for r in rounds]))
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
-        "flash_attn": args.flash_attn,
-        "retrieval_window": args.queries,
-        "decode": rows,
-        "eviction_round": {
-            "cells": budget + chunk,
-            "evicted": chunk,
-            "evict_select_compact_s": evict,
-            "kshift_extra_s": shift_step - plain_step,
-            "decode_step_s": plain_step,
-            "round_over_step": (evict + max(0.0, shift_step - plain_step)) / plain_step,
-        },
+    return {
+        "cells": budget + chunk,
+        "evicted": chunk,
+        "evict_select_compact_s": evict,
+        "kshift_extra_s": shift_step - plain_step,
+        "decode_step_s": plain_step,
+        "round_over_step": (evict + max(0.0, shift_step - plain_step)) / plain_step,
     }
-    for row in rows:
+
+
+def report(result: dict) -> None:
+    """The decode rows and the eviction round, one line each, on stdout."""
+    for row in result["decode"]:
         print(
             f"{row['filled_cells']:>5} cells: scoring off {row['tok_s_scoring_off']:.1f} tok/s, "
             f"on {row['tok_s_scoring_on']:.1f} tok/s, ratio {row['ratio_on_off']:.3f}"
@@ -152,6 +153,21 @@ def run(args: argparse.Namespace) -> int:
         f"one decode step {e['decode_step_s'] * 1e3:.2f} ms "
         f"-> {e['round_over_step']:.2f} steps"
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    model, text = load_model()
+    rows = decode_speeds(model, text, args)
+    eviction = eviction_round(model, text, args)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "flash_attn": args.flash_attn,
+        "retrieval_window": args.queries,
+        "decode": rows,
+        "eviction_round": eviction,
+    }
+    report(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
