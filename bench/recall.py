@@ -93,52 +93,62 @@ def run(args: argparse.Namespace) -> int:
         for run_name in [r for r in RUNS if r in args.runs]:
             if run_name == "full" and length > args.max_full_ctx:
                 continue
-            suffix = RUNS[run_name]
-            config = CONFIGS["full" if suffix == "full" else args.policy + suffix]
-            trials = args.trials if config.recall is not None else args.control_trials
-            policy, recall = config.build(args.budget)
-            n_ctx = length + 16 if config.full else policy.capacity
-            llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
-            clock = Stopwatch()
-            result = run_passkey(
-                llm,
-                length,
-                args.depths,
-                trials,
-                spread=True,
-                answer_tokens=16,
-                paragraphs=True,
-                preamble=not args.no_preamble,
-            )
-            seconds = clock.seconds
-            stats = llm.kv_stats()
-            llm.close()
-            for depth in args.depths:
-                mine = [t for t in result["trials"] if t["depth"] == depth]
-                rows.append(
-                    {
-                        "run": run_name,
-                        "policy": policy.name,
-                        "budget": args.budget,
-                        "length": length,
-                        "depth": depth,
-                        "accuracy": float(np.mean([t["correct"] for t in mine])),
-                        "needle_recalled": (
-                            float(np.mean([t["needle_recalled"] for t in mine])) if recall else None
-                        ),
-                        "needle_whole": float(np.mean([t["needle_whole"] for t in mine])) if recall else None,
-                        "trials": len(mine),
-                        "seconds_per_trial": seconds / len(result["trials"]),
-                        "store_mb": stats.get("store_mb", 0.0),
-                        "pages_stored": stats.get("pages_stored", 0),
-                        "keys": mine,  # per key: the answer, and whether the needle came back (JSON)
-                    }
-                )
-            print(
-                f"{run_name:>13} length {length:>6}: accuracy {result['accuracy']:.2f} ({seconds:.0f} s)",
-                flush=True,
-            )
+            rows += run_streams(args, run_name, length)
+    write(args, rows)
+    return 0
 
+
+def run_streams(args: argparse.Namespace, run_name: str, length: int) -> list[dict]:
+    """One run's passkey streams of one length: a row per depth, and a line on stdout."""
+    suffix = RUNS[run_name]
+    config = CONFIGS["full" if suffix == "full" else args.policy + suffix]
+    trials = args.trials if config.recall is not None else args.control_trials
+    policy, recall = config.build(args.budget)
+    n_ctx = length + 16 if config.full else policy.capacity
+    llm = Llama(n_ctx=n_ctx, kv_policy=policy, seed=0, recall=recall)
+    clock = Stopwatch()
+    result = run_passkey(
+        llm,
+        length,
+        args.depths,
+        trials,
+        spread=True,
+        answer_tokens=16,
+        paragraphs=True,
+        preamble=not args.no_preamble,
+    )
+    seconds = clock.seconds
+    stats = llm.kv_stats()
+    llm.close()
+    rows = []
+    for depth in args.depths:
+        mine = [t for t in result["trials"] if t["depth"] == depth]
+        rows.append(
+            {
+                "run": run_name,
+                "policy": policy.name,
+                "budget": args.budget,
+                "length": length,
+                "depth": depth,
+                "accuracy": float(np.mean([t["correct"] for t in mine])),
+                "needle_recalled": float(np.mean([t["needle_recalled"] for t in mine])) if recall else None,
+                "needle_whole": float(np.mean([t["needle_whole"] for t in mine])) if recall else None,
+                "trials": len(mine),
+                "seconds_per_trial": seconds / len(result["trials"]),
+                "store_mb": stats.get("store_mb", 0.0),
+                "pages_stored": stats.get("pages_stored", 0),
+                "keys": mine,  # per key: the answer, and whether the needle came back (JSON)
+            }
+        )
+    print(
+        f"{run_name:>13} length {length:>6}: accuracy {result['accuracy']:.2f} ({seconds:.0f} s)",
+        flush=True,
+    )
+    return rows
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Merge with an earlier run's rows at --out, sort, and write the JSON, CSV and figure."""
     meta = stream_meta(args, Recall())
     rows = merge_rows(args.out, meta, rows, ("run", "length", "depth"))
     order = list(RUNS)  # an earlier run's rows of runs no longer made go last
@@ -166,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
     )
     plot(rows, out.with_suffix(".png"))
     wrote(out, "json", "csv", "png")
-    return 0
 
 
 def plot(rows: list[dict], path: Path, series: str = "run", value: str = "accuracy", title: str = "") -> None:
