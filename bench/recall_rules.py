@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 
 import numpy as np
+from tqdm import tqdm
 
 from bench.common import add_out, progress, write_results, wrote
 from bench.configs import CONFIGS
@@ -77,44 +78,9 @@ def run(args: argparse.Namespace) -> int:
     sinks = None
     with progress(len(args.multiples) * len(args.depths) * args.trials, "streams") as bar:
         for multiple in args.multiples:
-            length = args.budget * multiple
-            sessions = {rule: session(args, rule) for rule in args.rules}
-            first = next(iter(sessions.values()))
-            sinks = getattr(first.policy, "sinks", None)
-            filler = passkey_filler(first)
-            draws = passkey_draws(
-                np.random.default_rng(0), len(filler), args.depths, args.trials, spread=True
-            )
-            for depth, key, start in draws:  # the recall benchmark's keys and haystacks
-                for rule, llm in sessions.items():
-                    result = passkey_trial(
-                        llm, filler, length, depth, key, 16, True, start, preamble=not args.no_preamble
-                    )
-                    opening = OPENING_PAGES * llm.recall.page
-                    rows.append(
-                        {
-                            "rule": rule,
-                            "sample": PeakScorer.SAMPLE,
-                            "length": length,
-                            **result,
-                            "opening_recalled": any(a < opening for a, _ in llm.recalled()),
-                        }
-                    )
-                bar.update(1)
-            for llm in sessions.values():
-                llm.close()
-    for rule in args.rules:
-        per_length = [
-            sum(r["correct"] for r in rows if r["rule"] == rule and r["length"] == args.budget * m)
-            for m in args.multiples
-        ]
-        mine = [r for r in rows if r["rule"] == rule]
-        whole, opening = sum(r["needle_whole"] for r in mine), sum(r["opening_recalled"] for r in mine)
-        print(
-            f"{rule:>14}: correct {' / '.join(map(str, per_length))} of {len(args.depths) * args.trials} "
-            f"at {' / '.join(f'{m}x' for m in args.multiples)}; "
-            f"needle whole {whole}, opening recalled {opening} of {len(mine)}"
-        )
+            length_rows, sinks = answer_keys(args, args.budget * multiple, bar)
+            rows += length_rows
+    summarise(args, rows)
     meta = {**stream_meta(args, Recall()), "sinks": sinks}
     columns = [
         "rule",
@@ -132,3 +98,49 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, out.with_suffix(".png"), series="rule", value="correct", title=title)
     wrote(out, "json", "csv", "png")
     return 0
+
+
+def answer_keys(args: argparse.Namespace, length: int, bar: tqdm) -> tuple[list[dict], int | None]:
+    """The keys of one stream length, each answered by every rule's session in turn: a row per
+    key and rule, and the policy's sinks."""
+    rows = []
+    sessions = {rule: session(args, rule) for rule in args.rules}
+    first = next(iter(sessions.values()))
+    sinks = getattr(first.policy, "sinks", None)
+    filler = passkey_filler(first)
+    draws = passkey_draws(np.random.default_rng(0), len(filler), args.depths, args.trials, spread=True)
+    for depth, key, start in draws:  # the recall benchmark's keys and haystacks
+        for rule, llm in sessions.items():
+            result = passkey_trial(
+                llm, filler, length, depth, key, 16, True, start, preamble=not args.no_preamble
+            )
+            opening = OPENING_PAGES * llm.recall.page
+            rows.append(
+                {
+                    "rule": rule,
+                    "sample": PeakScorer.SAMPLE,
+                    "length": length,
+                    **result,
+                    "opening_recalled": any(a < opening for a, _ in llm.recalled()),
+                }
+            )
+        bar.update(1)
+    for llm in sessions.values():
+        llm.close()
+    return rows, sinks
+
+
+def summarise(args: argparse.Namespace, rows: list[dict]) -> None:
+    """A line per rule on stdout: keys answered at each length, needle whole, opening recalled."""
+    for rule in args.rules:
+        per_length = [
+            sum(r["correct"] for r in rows if r["rule"] == rule and r["length"] == args.budget * m)
+            for m in args.multiples
+        ]
+        mine = [r for r in rows if r["rule"] == rule]
+        whole, opening = sum(r["needle_whole"] for r in mine), sum(r["opening_recalled"] for r in mine)
+        print(
+            f"{rule:>14}: correct {' / '.join(map(str, per_length))} of {len(args.depths) * args.trials} "
+            f"at {' / '.join(f'{m}x' for m in args.multiples)}; "
+            f"needle whole {whole}, opening recalled {opening} of {len(mine)}"
+        )
