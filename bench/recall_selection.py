@@ -135,52 +135,64 @@ def run(args: argparse.Namespace) -> int:
                     start=start,
                     preamble=not args.no_preamble,
                 )
-                attention = attention_by_token(full, tokens, recall.query_window)
-                page_of = np.arange(len(attention)) // recall.page
-                mass = np.bincount(page_of, weights=attention)
-                twin.reset()
-                twin.eval(tokens)
-                _, kept, _ = answer_seen(twin, 1)
-                llm.reset()
-                llm.eval(tokens)
-                answer, _, ranges = answer_seen(llm, 16)  # the recall is the question's turn's
-                # what a recall can bring back: attention to the tokens the policy no longer holds
-                evicted = np.ones(len(attention), bool)
-                evicted[kept] = False
-                stored = np.unique(np.flatnonzero(evicted) // recall.page)
-                recalled = {a // recall.page for a, _ in ranges}
-                ranked = stored[np.argsort(-mass[stored], kind="stable")]
-                lost = np.bincount(page_of, weights=attention * evicted)
-                ranked_lost = stored[np.argsort(-lost[stored], kind="stable")]
-                back = np.array(sorted(recalled & set(stored.tolist())), np.int64)
-                best = ranked_lost[: len(back)]  # the same number of pages, chosen knowing the answer
-                needle_pages = set(range(needle.start // recall.page, (needle.stop - 1) // recall.page + 1))
-                rows.append(
-                    {
-                        "length": length,
-                        "depth": depth,
-                        "key": key,
-                        "pages_stored": len(stored),
-                        "pages_recalled": len(recalled),
-                        "top1_found": float(ranked[0] in recalled),
-                        "top3_found": float(np.mean([p in recalled for p in ranked[:3]])),
-                        "top3_beyond_start_found": beyond_start_found(ranked[:3], recalled, recall.page),
-                        "top3_evicted_found": float(np.mean([p in recalled for p in ranked_lost[:3]])),
-                        "evicted_mass_recalled": float(lost[back].sum() / lost[stored].sum()),
-                        "evicted_mass_best": float(lost[best].sum() / lost[stored].sum()),
-                        "random_expected": len(recalled) / len(stored),
-                        "needle_in_top3": bool(needle_pages & set(ranked[:3].tolist())),
-                        "needle_recalled": bool(needle_pages & recalled),
-                        "answer_correct": "".join(c for c in answer if c.isdigit()).startswith(key),
-                        "top3": ranked[:3].tolist(),
-                        "top3_evicted": ranked_lost[:3].tolist(),
-                        "recalled": sorted(recalled),
-                    }
-                )
+                selection = page_selection(full, twin, llm, recall, tokens, needle, key)
+                rows.append({"length": length, "depth": depth, "key": key, **selection})
                 bar.update(1)
             full.close()
             llm.close()
             twin.close()
+    summarise(args, rows)
+    out = write_results(args.out, stream_meta(args, recall), rows, list(rows[0]))
+    wrote(out, "json", "csv")
+    return 0
+
+
+def page_selection(
+    full: Llama, twin: Llama, llm: Llama, recall: Recall, tokens: list[int], needle: range, key: str
+) -> dict:
+    """One stream through the full cache, the twin and the session, and how the pages the
+    session recalled compare with those the full cache attends to most."""
+    attention = attention_by_token(full, tokens, recall.query_window)
+    page_of = np.arange(len(attention)) // recall.page
+    mass = np.bincount(page_of, weights=attention)
+    twin.reset()
+    twin.eval(tokens)
+    _, kept, _ = answer_seen(twin, 1)
+    llm.reset()
+    llm.eval(tokens)
+    answer, _, ranges = answer_seen(llm, 16)  # the recall is the question's turn's
+    # what a recall can bring back: attention to the tokens the policy no longer holds
+    evicted = np.ones(len(attention), bool)
+    evicted[kept] = False
+    stored = np.unique(np.flatnonzero(evicted) // recall.page)
+    recalled = {a // recall.page for a, _ in ranges}
+    ranked = stored[np.argsort(-mass[stored], kind="stable")]
+    lost = np.bincount(page_of, weights=attention * evicted)
+    ranked_lost = stored[np.argsort(-lost[stored], kind="stable")]
+    back = np.array(sorted(recalled & set(stored.tolist())), np.int64)
+    best = ranked_lost[: len(back)]  # the same number of pages, chosen knowing the answer
+    needle_pages = set(range(needle.start // recall.page, (needle.stop - 1) // recall.page + 1))
+    return {
+        "pages_stored": len(stored),
+        "pages_recalled": len(recalled),
+        "top1_found": float(ranked[0] in recalled),
+        "top3_found": float(np.mean([p in recalled for p in ranked[:3]])),
+        "top3_beyond_start_found": beyond_start_found(ranked[:3], recalled, recall.page),
+        "top3_evicted_found": float(np.mean([p in recalled for p in ranked_lost[:3]])),
+        "evicted_mass_recalled": float(lost[back].sum() / lost[stored].sum()),
+        "evicted_mass_best": float(lost[best].sum() / lost[stored].sum()),
+        "random_expected": len(recalled) / len(stored),
+        "needle_in_top3": bool(needle_pages & set(ranked[:3].tolist())),
+        "needle_recalled": bool(needle_pages & recalled),
+        "answer_correct": "".join(c for c in answer if c.isdigit()).startswith(key),
+        "top3": ranked[:3].tolist(),
+        "top3_evicted": ranked_lost[:3].tolist(),
+        "recalled": sorted(recalled),
+    }
+
+
+def summarise(args: argparse.Namespace, rows: list[dict]) -> None:
+    """A line per stream length on stdout: the rows' means."""
     for length in args.lengths:
         mine = [r for r in rows if r["length"] == length]
         print(
@@ -195,6 +207,3 @@ def run(args: argparse.Namespace) -> int:
             f"needle recalled {np.mean([r['needle_recalled'] for r in mine]):.2f}, "
             f"answered {np.mean([r['answer_correct'] for r in mine]):.2f}"
         )
-    out = write_results(args.out, stream_meta(args, recall), rows, list(rows[0]))
-    wrote(out, "json", "csv")
-    return 0
