@@ -118,6 +118,14 @@ def load(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tq
     wall = clock.seconds
     done.set()
     watcher.join()
+    return summary(clients, turns, wall, tokens[0], ttft, rss)
+
+
+def summary(
+    clients: int, turns: int, wall: float, tokens: int, ttft: list[float], rss: list[tuple[float, float]]
+) -> dict:
+    """A load run's row: throughput, time-to-first-token percentiles, and the server's RSS (at
+    the start and end of the samples past the first tenth, the warm-up; the peak; the trace)."""
     mem = np.array([m for _, m in rss])
     warm = mem[len(mem) // 10 :] if len(mem) > 10 else mem
     return {
@@ -125,7 +133,7 @@ def load(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tq
         "turns": turns,
         "requests": clients * turns,
         "seconds": round(wall, 1),
-        "tokens_per_s": round(tokens[0] / wall, 1),
+        "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
         "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3),
         "rss_start_mb": round(float(warm[0]), 1),
