@@ -145,48 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if len(text_tokens) < need:
         raise SystemExit(f"the text has {len(text_tokens)} tokens, {need} needed")
 
-    rows = []
-    with progress(len(points) * len(runners), "checkpoints") as bar:
-        for k, point in enumerate(points):
-            start = points[k - 1] + args.steps if k else 0  # every runner has been fed the same tokens
-            for r in runners:
-                clock = Stopwatch()
-                r.eval(text_tokens[start:point])
-                prefill_s = clock.seconds
-                steps = text_tokens[point : point + args.steps]
-                clock = Stopwatch()
-                for tok in steps:
-                    r.eval(np.array([tok], np.int32))
-                decode_s = clock.seconds
-                rows.append(
-                    {
-                        "runner": r.name,
-                        "stream_tokens": point,
-                        "prefill_tok_s": (point - start) / prefill_s,
-                        "decode_tok_s": args.steps / decode_s,
-                        "cached": r.n_cached,
-                        "rss_mb": current_rss_mb(),
-                    }
-                )
-                bar.set_postfix(runner=r.name, tokens=point)
-                bar.update()
+    rows = measure(runners, text_tokens, points, args.steps)
     for r in runners:
         r.close()
 
-    for row in rows:  # decode speed relative to plain at the same checkpoint
-        plain = next(x for x in rows if x["runner"] == "plain" and x["stream_tokens"] == row["stream_tokens"])
-        row["decode_vs_plain"] = row["decode_tok_s"] / plain["decode_tok_s"]
-    summary = {}
-    for r in runners:
-        mine = [x for x in rows if x["runner"] == r.name]
-        first_full = mine[0]  # the first checkpoint is the budget: a full cache
-        summary[r.name] = {
-            "decode_tok_s_at_budget": first_full["decode_tok_s"],
-            "decode_vs_plain_at_budget": first_full["decode_vs_plain"],
-            "decode_tok_s_last": mine[-1]["decode_tok_s"],
-            "last_over_first_full": mine[-1]["decode_tok_s"] / first_full["decode_tok_s"],
-            "decode_vs_plain_median": float(np.median([x["decode_vs_plain"] for x in mine])),
-        }
+    summary = summarise(rows, [r.name for r in runners])
     result = {
         "threads": args.threads,
         "budget": args.budget,
@@ -197,20 +160,78 @@ def run(args: argparse.Namespace) -> int:
         "peak_rss_mb": peak_rss_mb(),
         "summary": summary,
     }
-    for name, s in summary.items():
-        print(
-            f"{name:>13}: decode {s['decode_tok_s_at_budget']:.1f} -> {s['decode_tok_s_last']:.1f} tok/s "
-            f"(last/first {s['last_over_first_full']:.2f}), vs plain at {args.budget} cells "
-            f"{s['decode_vs_plain_at_budget']:.2f}, median over the stream {s['decode_vs_plain_median']:.2f}"
-        )
-    print(
-        f"process RSS {result['rss_first_mb']:.0f} MB at {points[0]} tokens, "
-        f"{result['rss_last_mb']:.0f} MB at the end"
-    )
+    report(result, args.budget, points[0])
     out = write_results(args.out, result, rows, list(rows[0]))
     plot(rows, [r.name for r in runners], out.with_suffix(".png"), args.budget)
     wrote(out, "json", "csv", "png")
     return 0
+
+
+def measure(
+    runners: list[PlainRunner | PolicyRunner], text_tokens: np.ndarray, points: list[int], steps: int
+) -> list[dict]:
+    """Runners taking turns at each checkpoint: fed up to it (prefill), then `steps` single-token
+    decodes; a row per runner and checkpoint, with the process RSS."""
+    rows = []
+    with progress(len(points) * len(runners), "checkpoints") as bar:
+        for k, point in enumerate(points):
+            start = points[k - 1] + steps if k else 0  # every runner has been fed the same tokens
+            for r in runners:
+                clock = Stopwatch()
+                r.eval(text_tokens[start:point])
+                prefill_s = clock.seconds
+                decode_tokens = text_tokens[point : point + steps]
+                clock = Stopwatch()
+                for tok in decode_tokens:
+                    r.eval(np.array([tok], np.int32))
+                decode_s = clock.seconds
+                rows.append(
+                    {
+                        "runner": r.name,
+                        "stream_tokens": point,
+                        "prefill_tok_s": (point - start) / prefill_s,
+                        "decode_tok_s": steps / decode_s,
+                        "cached": r.n_cached,
+                        "rss_mb": current_rss_mb(),
+                    }
+                )
+                bar.set_postfix(runner=r.name, tokens=point)
+                bar.update()
+    return rows
+
+
+def summarise(rows: list[dict], names: list[str]) -> dict:
+    """Add each row's decode speed relative to plain at the same checkpoint; per runner, its
+    decode speeds at the budget and at the end, and against plain."""
+    for row in rows:  # decode speed relative to plain at the same checkpoint
+        plain = next(x for x in rows if x["runner"] == "plain" and x["stream_tokens"] == row["stream_tokens"])
+        row["decode_vs_plain"] = row["decode_tok_s"] / plain["decode_tok_s"]
+    summary = {}
+    for name in names:
+        mine = [x for x in rows if x["runner"] == name]
+        first_full = mine[0]  # the first checkpoint is the budget: a full cache
+        summary[name] = {
+            "decode_tok_s_at_budget": first_full["decode_tok_s"],
+            "decode_vs_plain_at_budget": first_full["decode_vs_plain"],
+            "decode_tok_s_last": mine[-1]["decode_tok_s"],
+            "last_over_first_full": mine[-1]["decode_tok_s"] / first_full["decode_tok_s"],
+            "decode_vs_plain_median": float(np.median([x["decode_vs_plain"] for x in mine])),
+        }
+    return summary
+
+
+def report(result: dict, budget: int, first_point: int) -> None:
+    """A line per runner on stdout, then the process RSS at the first checkpoint and the end."""
+    for name, s in result["summary"].items():
+        print(
+            f"{name:>13}: decode {s['decode_tok_s_at_budget']:.1f} -> {s['decode_tok_s_last']:.1f} tok/s "
+            f"(last/first {s['last_over_first_full']:.2f}), vs plain at {budget} cells "
+            f"{s['decode_vs_plain_at_budget']:.2f}, median over the stream {s['decode_vs_plain_median']:.2f}"
+        )
+    print(
+        f"process RSS {result['rss_first_mb']:.0f} MB at {first_point} tokens, "
+        f"{result['rss_last_mb']:.0f} MB at the end"
+    )
 
 
 def plot(rows: list[dict], names: list[str], path: Path, budget: int) -> None:
