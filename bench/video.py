@@ -183,13 +183,28 @@ def stream(
         failed_at = rows[-1]["frame"] if rows else 0
         print(f"{label}: the full cache is full after about {failed_at} frames", file=sys.stderr)
     llm.close()
-    summary = {
+    summary = summarise(label, clock.seconds, failed_at, rows, facts_asked, args.delays)
+    print(f"{label}: {summary}")
+    return summary, rows, facts_asked
+
+
+def summarise(
+    label: str,
+    seconds: float,
+    failed_at: int | None,
+    rows: list[dict],
+    facts_asked: list[dict],
+    delays: list[int],
+) -> dict:
+    """A stream's summary: its time, where the full cache filled up, recall per delay, and the
+    checkpoints' median s/frame, most cells and first and last RSS."""
+    return {
         "run": label,
-        "seconds": clock.seconds,
+        "seconds": seconds,
         "full_at_frame": failed_at,
         "recall_by_delay": {
             d: float(np.mean([x["correct"] for x in facts_asked if x["delay"] == d]))
-            for d in args.delays
+            for d in delays
             if any(x["delay"] == d for x in facts_asked)
         },
         "s_per_frame_median": float(np.median([x["s_per_frame"] for x in rows])),
@@ -197,8 +212,6 @@ def stream(
         "rss_first_mb": rows[0]["rss_mb"],
         "rss_last_mb": rows[-1]["rss_mb"],
     }
-    print(f"{label}: {summary}")
-    return summary, rows, facts_asked
 
 
 def time_file(args: argparse.Namespace, mmproj: Path, words: list[str]) -> dict:
