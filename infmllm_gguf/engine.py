@@ -265,12 +265,15 @@ class Engine:
         """A chat request's prompt as parts to feed (text, and images where the messages have
         any), and the stop strings its chat format adds (a named format's end-of-turn text)."""
         rendered, images = self.render_chat(messages)
-        add_bos = not rendered.added_special
         if images:
-            parts = self.require_projector().tokenize(rendered.prompt, images, add_bos)
+            parts = self.require_projector().tokenize(rendered.prompt, images, not rendered.added_special)
         else:
-            parts = [TextPart(np.asarray(self.tokenize(rendered.prompt, add_bos, special=True), np.int32))]
+            parts = [TextPart(self.chat_tokens(rendered))]
         return parts, stop_list(rendered.stop)
+
+    def chat_tokens(self, rendered: Any) -> np.ndarray:
+        """The token ids of a rendered chat prompt (BOS unless the template put it there)."""
+        return np.asarray(self.tokenize(rendered.prompt, not rendered.added_special, special=True), np.int32)
 
     def describe(self) -> dict[str, Any]:
         """The model's identity, as a saved session records it."""

@@ -611,8 +611,7 @@ class Llama:
         """The token ids a chat request's text renders to (each image as its marker's tokens):
         what a conversation's stream would begin with, for finding the stream that holds it."""
         rendered, _ = self._engine.render_chat(messages)
-        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
-        return np.asarray(tokens, np.int32)
+        return self._engine.chat_tokens(rendered)
 
     # --- introspection -----------------------------------------------------------------
     @_locked

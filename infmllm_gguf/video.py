@@ -127,33 +127,18 @@ def feed_video(
     on_frame: Callable[[dict[str, Any]], None] | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """`Llama.feed_video`: each sampled frame through feed_image(frame, prompt=...), preceded by
-    its time marker with `timestamps`; an unreadable or empty video fails before any frame."""
+    """`Llama.feed_video`: each sampled frame through feed_image(frame, prompt=...) (which
+    returns the cells fed), preceded by its time marker with `timestamps`, with a progress bar
+    and on_frame(stats) after each; returns the run's stats.  An unreadable or empty video
+    fails before any frame."""
     frames = frames_of(source, fps)
-
-    def feed_frame(t: float, frame: Any) -> int:
-        return feed_image(frame, prompt=f"\n{time_marker(t)} " if timestamps else None)
-
-    return feed_frames(frames, feed_frame, stream, expected_frames(source, fps), on_frame, progress)
-
-
-def feed_frames(
-    frames: Iterator[tuple[float, Any]],
-    feed_frame: Callable[[float, Any], int],
-    stream: Any,
-    total: int | None,
-    on_frame: Callable[[dict[str, Any]], None] | None,
-    progress: bool,
-) -> dict[str, Any]:
-    """Feed (time, frame) pairs through feed_frame (which returns the cells fed) into stream,
-    with a progress bar and on_frame(stats) after each; returns the run's stats."""
     st = stream.stats
     evictions_before, t0 = st.evictions, time.perf_counter()
     n_frames = n_cells = 0
     t = 0.0
-    with tqdm(total=total, unit="frame", desc="video", disable=not progress) as bar:
+    with tqdm(total=expected_frames(source, fps), unit="frame", desc="video", disable=not progress) as bar:
         for t, frame in frames:
-            n_cells += feed_frame(t, frame)
+            n_cells += feed_image(frame, prompt=f"\n{time_marker(t)} " if timestamps else None)
             n_frames += 1
             info = {
                 "frame": n_frames,
