@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -327,3 +329,22 @@ def test_separate_kv_streams_per_sequence(make_ctx, model, tokens):
     decode(fresh, tokens[:100], np.arange(100))  # the same batches: batch shape changes the kernels
     decode(fresh, tokens[100:101], [100])
     np.testing.assert_allclose(shared, logits_of(fresh, model), atol=2e-3)
+
+
+def test_a_llama_left_open_at_exit_closes_quietly(model_path, tmp_path):
+    """Slots with cells, a recall store, never closed: the interpreter's exit frees them without
+    an exception from a finaliser (the context goes whole; no stream is reset on the way)."""
+    script = (
+        "import numpy as np\n"
+        "from infmllm_gguf import InfMLLM, Llama, Recall\n"
+        f"llm = Llama({model_path!r}, n_ctx=320, kv_policy=InfMLLM(budget=256, chunk=32), n_slots=2,\n"
+        "            recall=Recall())\n"
+        "llm.eval(np.arange(300, 900, dtype=np.int32))\n"
+        "llm.slot(1).eval(np.arange(300, 400, dtype=np.int32))\n"
+        "print('fed')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "fed", done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
