@@ -22,7 +22,8 @@ from infmllm_gguf.recall import (
 )
 from infmllm_gguf.texts import kjv
 
-BUDGET = 256
+BUDGET = 256  # where the model's answers count
+SMALL = 128  # where only the tier's mechanics do: half the tokens
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def filler():
     return tokens
 
 
-def _llm(recall: Recall | None, policy=None, **kw) -> Llama:
-    policy = policy or InfMLLM(budget=BUDGET)
+def _llm(recall: Recall | None, policy=None, budget: int = BUDGET, **kw) -> Llama:
+    policy = policy or InfMLLM(budget=budget)
     return Llama(n_ctx=policy.capacity, kv_policy=policy, seed=0, recall=recall, debug=True, **kw)
 
 
@@ -104,8 +105,8 @@ def test_a_passkey_trial_says_whether_all_of_the_needle_was_cached(filler):
 def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
     """Round trip through the store: the V rows of recalled cells are the stored bytes (keys are
     re-rotated, checked natively), and every stored page holds evicted tokens only."""
-    llm = _llm(Recall())
-    passkey_trial(llm, filler, 3 * BUDGET, 0.3, "13579")
+    llm = _llm(Recall(), budget=SMALL)
+    passkey_trial(llm, filler, 3 * SMALL, 0.3, "13579")
     st = llm.session.stream
     assert st.n_recalled > 0
     view = st.kv.cells()
@@ -119,8 +120,8 @@ def test_recalled_cells_hold_the_rows_that_were_evicted(filler):
 
 
 def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler):
-    text = np.array(filler[: 3 * BUDGET], np.int32)
-    turn = _llm(Recall(when="turn"))
+    text = np.array(filler[: 3 * SMALL], np.int32)
+    turn = _llm(Recall(when="turn"), budget=SMALL)
     turn.eval([1] + list(text))
     assert turn.kv_stats()["recalls"] == 0  # streaming costs nothing but the store
     assert turn.kv_stats()["pages_stored"] > 0
@@ -128,7 +129,7 @@ def test_turn_mode_recalls_once_per_answer_and_chunk_mode_after_evictions(filler
     assert turn.kv_stats()["recalls"] == 1
     turn.check_invariants()
 
-    chunk = _llm(Recall(when="chunk"))
+    chunk = _llm(Recall(when="chunk"), budget=SMALL)
     chunk.eval([1] + list(text))
     stats = chunk.kv_stats()
     assert stats["recalls"] >= stats["evictions"] // 2 > 0
@@ -149,8 +150,8 @@ def test_chunk_mode_also_recalls_every_so_many_tokens_between_evictions(filler, 
 
     monkeypatch.setattr(RecallTier, "recall_pages", spy)
     every = 12  # the chunk is 32: between evictions two more recalls
-    llm = _llm(Recall(when="chunk", score="text", every=every))
-    tokens = [1] + filler[: 4 * BUDGET]
+    llm = _llm(Recall(when="chunk", score="text", every=every), budget=SMALL)
+    tokens = [1] + filler[: 4 * SMALL]
     for i in range(0, len(tokens), 100):  # pieces that do not line up with the recalls
         llm.eval(tokens[i : i + 100])
     at = np.array([n for n, _ in calls])
@@ -184,12 +185,12 @@ def test_turn_mode_streams_like_the_policy_alone_until_a_question(filler):
 def test_a_turn_gives_the_log_probs_of_the_tokens_it_decodes_again(filler):
     """A turn's recall rolls back the newest query_window tokens and decodes them again with the
     pages in place; their log-probs (but the first's) come back, as a stream's would."""
-    llm = _llm(Recall(when="turn"))
+    llm = _llm(Recall(when="turn"), budget=SMALL)
     lp = llm.stream_logprobs([1] + filler[:100])
     again = llm.session.stream.recall_turn()  # nothing stored yet: the same cache, the same predictions
     np.testing.assert_allclose(again, lp[-7:], atol=2e-3)
     assert llm.session.stream.recall_turn() is None  # nothing new since that turn
-    llm.stream_logprobs(filler[100 : 100 + 3 * BUDGET])
+    llm.stream_logprobs(filler[100 : 100 + 3 * SMALL])
     again = llm.session.stream.recall_turn()
     assert again.shape == (7,) and np.isfinite(again).all() and (again <= 0).all()
     assert llm.kv_stats()["recalls"] == 1
@@ -256,15 +257,15 @@ def test_attention_score_is_each_pages_share_of_one_softmax(filler, monkeypatch)
 
     monkeypatch.setattr(selection, "select", spy)
     monkeypatch.setattr(AttentionScorer, "CHUNK", 3)
-    llm = _llm(Recall(score="attention"))
-    tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.2, "58213")
+    llm = _llm(Recall(score="attention"), budget=SMALL)
+    tokens, _ = passkey_tokens(llm, filler, 4 * SMALL, 0.2, "58213")
     llm.eval(tokens)
     state = llm.save_state()
     shift = len(tokens) - llm.session.stream.next_pos  # before the question's turn evicts and compacts
     llm.generate_text(max_tokens=2)
     store = llm.session.stream.store
     rope, got_shift = seen["attention"]
-    assert got_shift == shift > 2 * BUDGET
+    assert got_shift == shift > 2 * SMALL
     exported = store.export()
     sidx = exported["stream_index"]
     layers, kv_heads, dim = store.n_layer, store.n_head_kv, store.head_dim
@@ -335,14 +336,14 @@ def test_attention_ranking_leaves_pages_of_control_tokens_out(filler, monkeypatc
         return select(self, queries, room, shortlist, adjacent, attention, score, structural)
 
     monkeypatch.setattr(selection, "select", spy)
-    llm = _llm(Recall(score="both"))
+    llm = _llm(Recall(score="both"), budget=SMALL)
     turn = llm.tokenize(
         "<|im_start|>user\nWho created the heaven and the earth?<|im_end|>\n"
         "<|im_start|>assistant\nGod created them.<|im_end|>\n",
         add_bos=False,
         special=True,
     )
-    tokens, _ = passkey_tokens(llm, filler, 4 * BUDGET, 0.5, "58213")
+    tokens, _ = passkey_tokens(llm, filler, 4 * SMALL, 0.5, "58213")
     llm.eval(turn + tokens)
     llm.generate_text(max_tokens=2)
     page = Recall().page
@@ -397,8 +398,8 @@ def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler, recall):
     """Evictions and recalls move cells many times, each pair sharing one K-shift (a recall
     between evictions has its own): every cached key of layer 0 (a function of its token and
     position alone) is the one a fresh context computes for that token at that position."""
-    llm = _llm(recall)
-    llm.eval([1] + filler[: 4 * BUDGET])
+    llm = _llm(recall, budget=SMALL)
+    llm.eval([1] + filler[: 4 * SMALL])
     stats = llm.kv_stats()
     assert stats["recalls"] > 0 and stats["n_recalled"] > 0
     tokens = llm.history[llm.cached_stream_indices()]
@@ -417,8 +418,8 @@ def test_reencoded_cells_are_computed_in_the_context_they_now_sit_in(filler):
     """With reencode, a turn's recall decodes the cached text from the first recalled cell on
     again: those cells hold, in every layer, what a fresh decode of their tokens after the
     cells before them computes, and the recalled ones no longer hold their stored rows."""
-    llm = _llm(Recall(reencode=True))
-    passkey_trial(llm, filler, 4 * BUDGET, 0.2, "58213")
+    llm = _llm(Recall(reencode=True), budget=SMALL)
+    passkey_trial(llm, filler, 4 * SMALL, 0.2, "58213")
     st = llm.session.stream
     assert llm.kv_stats()["recalls"] == 1 and st.n_recalled > 0
     first, n = int(np.argmax(st.recalled)), st.n_cached

@@ -114,8 +114,8 @@ def test_interrupts_at_random_points_leave_an_identical_stream(model_path, token
 )
 def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, tokens, policy):
     llm = Llama(model_path, n_ctx=256, kv_policy=policy, n_batch=32, debug=True)
-    delays = np.random.default_rng(1).uniform(0.0, 1.0, size=6)
-    stream_with_interrupts(llm, tokens[:1200], delays)
+    delays = np.random.default_rng(1).uniform(0.0, 0.7, size=6)
+    stream_with_interrupts(llm, tokens[:800], delays)
     for delay in np.random.default_rng(2).uniform(0.0, 0.3, size=4):
         timer = Interrupter(float(delay)).start()
         try:
@@ -124,7 +124,7 @@ def test_interrupted_scored_streams_and_generation_stay_consistent(model_path, t
         except KeyboardInterrupt:
             pass
         llm.check_invariants()
-    llm.eval(tokens[1200:1300])  # still usable: decodes, evicts, scores on
+    llm.eval(tokens[800:900])  # still usable: decodes, evicts, scores on
     llm.check_invariants()
     assert llm.kv_stats()["evictions"] > 10
     llm.close()
@@ -139,7 +139,7 @@ def test_interrupted_recalls_leave_cache_store_and_stream_consistent(model_path,
     llm = Llama(
         model_path, n_ctx=288, kv_policy=InfMLLM(256), n_batch=32, recall=Recall(when=when), debug=True
     )
-    stream_with_interrupts(llm, tokens[:1500], np.random.default_rng(3).uniform(0.0, 1.5, size=6))
+    stream_with_interrupts(llm, tokens[:900], np.random.default_rng(3).uniform(0.0, 0.9, size=6))
     recalls = llm.kv_stats()["recalls"]
     for delay in np.random.default_rng(4).uniform(0.0, 0.3, size=4):
         timer = Interrupter(float(delay)).start()

@@ -95,7 +95,7 @@ POLICY_CASES = {
 }
 
 
-@pytest.mark.parametrize("length", [1000, pytest.param(STREAM, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("length", [600, pytest.param(STREAM, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(POLICY_CASES))
 def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, name, length):
     llm, rec = run_stream(model_path, POLICY_CASES[name], stream_tokens[:length])
@@ -119,7 +119,7 @@ def test_policy_keeps_its_rule_over_a_long_stream(model_path, stream_tokens, nam
 
 
 def test_h2o_accumulates_while_infmllm_scores_fresh(model_path, stream_tokens):
-    toks = stream_tokens[:1000]
+    toks = stream_tokens[:640]
     h2o, _ = run_stream(model_path, H2O(BUDGET, chunk=CHUNK), toks)
     inf, _ = run_stream(
         model_path, InfMLLM(BUDGET, chunk=CHUNK, recent=BUDGET // 4, local_window=0, bias=0.0), toks
@@ -173,7 +173,7 @@ def test_bias_keeps_the_cache_turning_over(model_path, stream_tokens):
 def test_stream_logprobs_match_llama_cpp_python(model_path, stream_tokens):
     from infmllm_gguf._llama_cpp import Llama as PlainLlama
 
-    toks = stream_tokens[:300]
+    toks = stream_tokens[:150]
     llm = Llama(model_path, n_ctx=512, kv_policy=InfMLLM(budget=400), n_batch=512)
     ours = llm.stream_logprobs(toks)
     assert np.isnan(ours[0]) and np.all(np.isfinite(ours[1:]))
@@ -184,7 +184,7 @@ def test_stream_logprobs_match_llama_cpp_python(model_path, stream_tokens):
     lsm -= np.log(np.exp(lsm).sum(1, keepdims=True))
     np.testing.assert_allclose(ours[1:], lsm[np.arange(len(toks) - 1), toks[1:]], atol=1e-4)
     # continuing the stream scores the first new token with the previous logits
-    more = llm.stream_logprobs(stream_tokens[300:310])
+    more = llm.stream_logprobs(stream_tokens[150:160])
     assert np.all(np.isfinite(more))
     llm.close()
 
@@ -365,7 +365,7 @@ def test_no_eviction_is_a_policy_without_a_budget():
 
 def test_ask_appends_a_chat_turn_and_the_stream_goes_on(model_path, stream_tokens):
     llm = Llama(model_path, n_ctx=384, kv_policy=InfMLLM(budget=192))
-    llm.eval(stream_tokens[:1000])
+    llm.eval(stream_tokens[:500])
     before = llm.kv_stats()["n_streamed"]
     answer = llm.ask("Who created the heaven and the earth?", max_tokens=16)
     assert answer
@@ -393,7 +393,7 @@ def test_rewind_takes_back_a_question_asked_aside(model_path, stream_tokens):
         np.testing.assert_allclose(llm.session.stream.last_logits, twin.session.stream.last_logits, atol=1e-3)
 
         mark = llm.n_streamed
-        llm.eval(stream_tokens[350:1000])  # more than the budget: part of it is evicted
+        llm.eval(stream_tokens[350:700])  # more than the budget: part of it is evicted
         n = llm.n_streamed
         assert not llm.rewind(mark) and llm.n_streamed == n
         for bad in (-1, n + 1, 1.5):

@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 Image = pytest.importorskip("PIL.Image")
 
 KEY = "test-key-0123456789"
-MAX_TOKENS, MAX_BODY, MAX_IMAGE_BYTES, MAX_PIXELS = 512, 1_000_000, 300_000, 1_000_000
+MAX_TOKENS, MAX_BODY, MAX_IMAGE_BYTES, MAX_PIXELS = 256, 1_000_000, 300_000, 1_000_000
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 KEEPER = ["My name is Ada and my code is 4417.", "What is my code?", "Thank you. And my name?"]
 
