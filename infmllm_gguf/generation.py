@@ -22,7 +22,14 @@ from infmllm_gguf.responses import (
     completion_logprobs,
     criteria_list,
 )
-from infmllm_gguf.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from infmllm_gguf.sampling import (
+    LlamaGrammar,
+    Sampler,
+    SamplingParams,
+    grammar_for_response_format,
+    log_softmax,
+    top_logprobs,
+)
 from infmllm_gguf.stops import StopMatcher
 from infmllm_gguf.stream import StopGeneration
 from infmllm_gguf.vision import Part
@@ -30,7 +37,7 @@ from infmllm_gguf.vision import Part
 if TYPE_CHECKING:
     from infmllm_gguf.session import Session
 
-__all__ = ["Completion", "Generation", "Step"]
+__all__ = ["Completion", "Generation", "Step", "chat_grammar", "check_completion_args"]
 
 
 @dataclass
@@ -222,3 +229,33 @@ class Completion:
                 if step.text or step.finish:
                     choice = {"text": step.text, "index": 0, "finish_reason": step.finish}
                     yield {**self.head, "choices": [{**choice, "logprobs": self._logprobs(step.tokens)}]}
+
+
+def check_completion_args(suffix: str | None, echo: bool, logprobs: int | None) -> None:
+    """Refuse the llama-cpp-python completion arguments a stream cannot honour."""
+    if suffix is not None:
+        raise ValueError("suffix (fill-in-the-middle) is not supported: a stream only grows at its end")
+    if echo and logprobs is not None:
+        raise ValueError(
+            "echo with logprobs is not supported: the prompt's earlier tokens may be evicted; "
+            "stream_logprobs() gives log p of fed tokens"
+        )
+
+
+def chat_grammar(
+    tool_calling: bool,
+    logprobs: bool | None,
+    top_logprobs: int | None,
+    grammar: LlamaGrammar | str | None,
+    response_format: dict | None,
+) -> LlamaGrammar | str | None:
+    """The grammar a chat completion samples under (given, or its JSON response_format's), after
+    refusing the combinations of chat arguments that cannot be honoured."""
+    if tool_calling:
+        raise ValueError("tool and function calling is not supported; describe the tools in a message")
+    if top_logprobs is not None and not logprobs:
+        raise ValueError("top_logprobs needs logprobs=True")
+    format_grammar = grammar_for_response_format(response_format)
+    if format_grammar is not None and grammar is not None:
+        raise ValueError("give grammar or a JSON response_format, not both")
+    return grammar or format_grammar

@@ -28,7 +28,7 @@ import numpy as np
 
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from infmllm_gguf.engine import Engine
-from infmllm_gguf.generation import Completion, Generation
+from infmllm_gguf.generation import Completion, Generation, chat_grammar, check_completion_args
 from infmllm_gguf.kv import KVCache
 from infmllm_gguf.models import default_model_path
 from infmllm_gguf.params import ContextOptions, ModelOptions, check_int
@@ -46,7 +46,6 @@ from infmllm_gguf.sampling import (
     LlamaGrammar,
     LogitsProcessor,
     SamplingParams,
-    grammar_for_response_format,
 )
 from infmllm_gguf.session import HistoryDivergedError, Session
 from infmllm_gguf.state import LlamaState, read_file, write_file
@@ -476,13 +475,7 @@ class Llama:
         (see the module's docstring); max_tokens None or <= 0 means up to n_ctx tokens; `logprobs`
         (the number of alternatives per token) needs no logits_all; `tfs_z` is accepted and
         ignored, as llama.cpp no longer has tail-free sampling."""
-        if suffix is not None:
-            raise ValueError("suffix (fill-in-the-middle) is not supported: a stream only grows at its end")
-        if echo and logprobs is not None:
-            raise ValueError(
-                "echo with logprobs is not supported: the prompt's earlier tokens may be evicted; "
-                "stream_logprobs() gives log p of fed tokens"
-            )
+        check_completion_args(suffix, echo, logprobs)
         parts = self._engine.prompt_parts(prompt)
         params = SamplingParams(
             temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
@@ -533,19 +526,13 @@ class Llama:
         list of parts, `{"type": "text", ...}` and `{"type": "image_url", "image_url": {"url": path
         or data: URL}}` (needs mmproj_path).  `response_format` {"type": "json_object"} (with an
         optional "schema") or {"type": "json_schema", ...} constrains the reply by a grammar."""
-        if functions or function_call or tools or tool_choice:
-            raise ValueError("tool and function calling is not supported; describe the tools in a message")
         if not messages:
             raise ValueError("messages is empty")
-        if top_logprobs is not None and not logprobs:
-            raise ValueError("top_logprobs needs logprobs=True")
-        format_grammar = grammar_for_response_format(response_format)
-        if format_grammar is not None and grammar is not None:
-            raise ValueError("give grammar or a JSON response_format, not both")
+        tool_calling = bool(functions or function_call or tools or tool_choice)
+        grammar = chat_grammar(tool_calling, logprobs, top_logprobs, grammar, response_format)
         params = SamplingParams(
             temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty, presence_penalty,
-            mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar or format_grammar,
-            logits_processor, seed,
+            mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, grammar, logits_processor, seed,
         )  # fmt: skip
         parts, format_stops = self._engine.chat_parts(messages)
         completion = Completion.create(
