@@ -39,10 +39,10 @@ def test_kept_cells_keep_their_positions_and_give_a_replays_logits(
 ):
     llm = Llama(model_path, n_ctx=256, kv_policy=POLICIES[name], n_threads=2, debug=True)
     ref = make_ctx(n_ctx=512)
-    tokens = text_tokens[:352]  # a full cache of 160, then six chunks of 32: an eviction before each
+    tokens = text_tokens[:320]  # a full cache of 160, then five chunks of 32: an eviction before each
     replay_evictions(llm, ref, tokens)
     stats = llm.kv_stats()
-    assert stats["evictions"] >= 6 and stats["n_cached"] <= llm.policy.capacity
+    assert stats["evictions"] >= 5 and stats["n_cached"] <= llm.policy.capacity
     assert stats["max_pos"] == len(tokens) - 1  # positions went on past n_ctx
     assert np.array_equal(llm.session.stream.kv.cells().positions, llm.cached_stream_indices())
     assert llm.cached_stream_indices()[-1] == len(tokens) - 1
