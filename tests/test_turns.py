@@ -63,7 +63,7 @@ def test_a_failed_turn_is_undone_exactly(model_path, policy, recall):
     a, b = make(model_path, policy, recall=recall), make(model_path, policy, recall=recall)
     for llm in (a, b):
         llm.feed(text[:700])  # past the budget: the cache is full
-        llm.generate_text(8)
+        llm.generate_text(4)
     before = state_of(a)
     with pytest.raises(Boom):
         with a.turn(poll=BoomOnCall(16)):  # polled between pieces, then before each token
