@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def test_save_state_reproduces_seeded_samples(model_path):
         number = llm.create_completion(
             "Pick a number from 1 to 10?:\n", max_tokens=4, temperature=1.0, grammar=NUMBER
         )
-        story = llm.create_completion("Once upon a time", max_tokens=12, temperature=1.0)
+        story = llm.create_completion("Once upon a time", max_tokens=4, temperature=1.0)
         return number["choices"][0]["text"], story["choices"][0]["text"]
 
     first = sample()
@@ -51,9 +52,9 @@ def test_save_state_reproduces_seeded_samples(model_path):
 )
 def test_in_memory_round_trip_after_evictions(model_path, text_tokens, policy):
     a = session(model_path, policy)
-    a.eval(text_tokens[:1500])
+    a.eval(text_tokens[:500])  # several evictions
     b = session(model_path, policy)
-    b.eval(text_tokens[5000:5100])  # something else, replaced by the load
+    b.eval(text_tokens[5000:5040])  # something else, replaced by the load
     b.load_state(a.save_state())
     b.check_invariants()
     assert a.kv_stats() == b.kv_stats()
@@ -66,7 +67,9 @@ def test_in_memory_round_trip_after_evictions(model_path, text_tokens, policy):
     np.testing.assert_array_equal(a.policy.scores(pa), b.policy.scores(pb))  # H2O's sums, by position
     # the cells go back where they were, so later batches land, and round, as they would have
     assert np.array_equal(a.kv.cells().cells, b.kv.cells().cells) and a.kv.head() == b.kv.head()
-    la, lb = a.stream_logprobs(text_tokens[1500:1600]), b.stream_logprobs(text_tokens[1500:1600])
+    evictions = a.kv_stats()["evictions"]
+    la, lb = a.stream_logprobs(text_tokens[500:564]), b.stream_logprobs(text_tokens[500:564])
+    assert a.kv_stats()["evictions"] > evictions  # the later batches evicted too
     assert np.array_equal(la, lb, equal_nan=True)
     assert a.kv_stats() == b.kv_stats()
     a.close()
@@ -93,7 +96,7 @@ print(json.dumps(out))
 def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_path):
     """Cells after eviction, history, recall store and recalled pages survive the process."""
     llm = session(model_path, recall=Recall())
-    llm.eval(text_tokens[:2000])
+    llm.eval(text_tokens[:500])
     llm.feed("\nWho was the first man?")
     llm.generate_text(4)  # a turn: the recall tier brings pages back
     path = tmp_path / "session.bin"
@@ -101,7 +104,7 @@ def test_session_file_restores_in_a_fresh_process(model_path, text_tokens, tmp_p
     assert path.stat().st_size == nbytes
     saved = {"stats": llm.kv_stats(), "recalled": llm.recalled(), "logits": llm.session.stream.last_logits}
     assert saved["stats"]["pages_recalled"] > 0 and saved["recalled"]
-    more = text_tokens[2000:2100]
+    more = text_tokens[500:550]
     expected = llm.stream_logprobs(more)
     llm.feed("\nWho made the heaven and the earth?")
     answer = llm.generate_text(8)
@@ -142,13 +145,27 @@ def _continuation(llm: Llama) -> tuple[int, str]:
     return mark, text
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
-def test_damaged_session_file_is_refused_and_nothing_changes(model_path, text_tokens, tmp_path, damage):
+@pytest.fixture(scope="module")
+def evicted(model_path, text_tokens, tmp_path_factory) -> tuple[LlamaState, Path]:
+    """A session past several evictions, streamed once for the tests that only load it: its
+    state and its session file (neither is changed by them)."""
     llm = session(model_path)
-    llm.eval(text_tokens[:600])
-    path = tmp_path / "s.bin"
+    llm.eval(text_tokens[:500])
+    path = tmp_path_factory.mktemp("evicted") / "s.bin"
     llm.save_session(path)
-    data = bytearray(path.read_bytes())
+    state = llm.save_state()
+    llm.close()
+    return state, path
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_damaged_session_file_is_refused_and_nothing_changes(
+    model_path, text_tokens, tmp_path, evicted, damage
+):
+    llm = session(model_path)
+    llm.load_session(evicted[1])
+    path = tmp_path / "s.bin"
+    data = bytearray(evicted[1].read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
     elif damage == "truncate":
@@ -158,7 +175,7 @@ def test_damaged_session_file_is_refused_and_nothing_changes(model_path, text_to
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
-    llm.eval(text_tokens[600:700])
+    llm.eval(text_tokens[500:540])
     before = _continuation(llm)
     with pytest.raises(StateError):
         llm.load_session(path)
@@ -176,10 +193,8 @@ def test_damaged_session_file_is_refused_and_nothing_changes(model_path, text_to
     ],
     ids=["other policy", "other budget", "recall tier"],
 )
-def test_mismatched_session_is_refused(model_path, text_tokens, other, match):
-    a = session(model_path)
-    a.eval(text_tokens[:500])
-    state = a.save_state()
+def test_mismatched_session_is_refused(model_path, text_tokens, evicted, other, match):
+    state = evicted[0]
     b = session(model_path, **other)
     b.eval(text_tokens[:40])
     before = _continuation(b)
@@ -191,5 +206,5 @@ def test_mismatched_session_is_refused(model_path, text_tokens, other, match):
         c.load_state(state)
     with pytest.raises(FileNotFoundError):
         c.load_session("/nonexistent/session.bin")
-    for llm in (a, b, c):
+    for llm in (b, c):
         llm.close()

@@ -59,15 +59,15 @@ def make(model_path, policy, **kw) -> Llama:
 def test_a_failed_turn_is_undone_exactly(model_path, policy, recall):
     """Failing after evictions (and recalls) inside the turn: the state, byte for byte, and the
     next answer are those of a session the turn never happened to."""
-    text = genesis()[:4000]
+    text = genesis()[:1200]
     a, b = make(model_path, policy, recall=recall), make(model_path, policy, recall=recall)
     for llm in (a, b):
-        llm.feed(text[:1500])
-        llm.generate_text(8)
+        llm.feed(text[:700])  # past the budget: the cache is full
+        llm.generate_text(4)
     before = state_of(a)
     with pytest.raises(Boom):
-        with a.turn(poll=BoomOnCall(40)):
-            a.feed(text[1500:2600])  # several evictions
+        with a.turn(poll=BoomOnCall(16)):  # polled between pieces, then before each token
+            a.feed(text[700:])  # several evictions
             a.generate_text(100, temperature=0.9)
     assert a.kv_stats()["evictions"] == b.kv_stats()["evictions"]
     assert_same_state(state_of(a), before)
@@ -110,22 +110,23 @@ def test_stop_generation_ends_the_reply_as_length_and_keeps_it(model_path):
 
 
 def test_a_poll_raising_during_the_prompt_stops_it_between_pieces(model_path):
-    llm = Llama(model_path, n_ctx=2 * BUDGET, kv_policy=InfMLLM(budget=BUDGET), n_batch=64, n_threads=2)
+    small = InfMLLM(budget=32)  # a capacity of 48
+    llm = Llama(model_path, n_ctx=64, kv_policy=small, n_batch=16, n_threads=2)
     poll = BoomOnCall(3)
     with pytest.raises(Boom):
         with llm.turn(poll=poll):
-            llm.create_completion(genesis()[:3000], max_tokens=4)
-    assert poll.calls == 3 and llm.n_streamed == 0  # three pieces of 64 decoded (an eviction), undone
+            llm.create_completion(genesis()[:1000], max_tokens=4)
+    assert poll.calls == 3 and llm.n_streamed == 0  # three pieces of 16 decoded (an eviction), undone
 
 
 def test_a_streamed_turn_abandoned_midway_is_undone(model_path):
-    llm = make(model_path, InfMLLM(budget=BUDGET))
+    llm = make(model_path, InfMLLM(budget=BUDGET // 4))
     llm.create_completion("The sea", max_tokens=4, temperature=0)
     before = state_of(llm)
     with pytest.raises(Boom):
-        with llm.turn():
-            for i, _ in enumerate(llm.create_completion(genesis()[:900], max_tokens=40, stream=True)):
-                if i == 10:
+        with llm.turn():  # the prompt, past the cache's capacity, evicts before the abandon
+            for i, _ in enumerate(llm.create_completion(genesis()[:300], max_tokens=40, stream=True)):
+                if i == 5:
                     raise Boom
     assert_same_state(state_of(llm), before)
 
@@ -133,7 +134,7 @@ def test_a_streamed_turn_abandoned_midway_is_undone(model_path):
 def test_a_departing_history_is_refused_where_it_cannot_be_taken_back(model_path):
     llm = make(model_path, InfMLLM(budget=BUDGET))
     llm.restart_on_divergence = False
-    text = genesis()[:2000]  # several budgets: the start is evicted
+    text = genesis()[:800]  # past the budget: the start is evicted
     llm.create_completion(text, max_tokens=2)
     before = state_of(llm)
     with pytest.raises(HistoryDivergedError, match="evicted"):
