@@ -174,7 +174,7 @@ def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
     from infmllm_gguf.video import write_video
 
     video = tmp_path / "clip.mp4"
-    frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(8)]
+    frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(4)]
     write_video(video, frames, fps=1)
     result = run_json(
         tmp_path,
@@ -186,14 +186,14 @@ def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
         "--ask",
         "What is the code?",
         "--every",
-        "3",
+        "2",
         "--budget",
-        "128",
+        "64",
         "--max-answer-tokens",
         "8",
     )
-    assert result["video"]["frames"] == 8 and [round(a["time"]) for a in result["answers"]] == [2, 5]
-    assert result["kv"]["images"] == 8 and result["kv"]["evictions"] > 0
+    assert result["video"]["frames"] == 4 and [round(a["time"]) for a in result["answers"]] == [1, 3]
+    assert result["kv"]["images"] == 4 and result["kv"]["evictions"] > 0
 
 
 def test_chat_attaches_an_image_to_the_next_message(tmp_path, codebook_mmproj):
