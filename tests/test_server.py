@@ -149,7 +149,7 @@ def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
 
     def hammer(i: int) -> None:
         try:
-            chat(clients[i], f"busy-{i}", [{"role": "user", "content": "Count to ten."}], max_tokens=20)
+            chat(clients[i], f"busy-{i}", [{"role": "user", "content": "Count to ten."}], max_tokens=10)
             statuses.append(200)
         except openai.APIStatusError as exc:
             statuses.append(exc.status_code)
@@ -221,7 +221,7 @@ def test_a_conversation_longer_than_its_budget_recalls_with_recall_on(tmp_path):
     its next question recalls pages; /metrics reports both per slot."""
     srv = App(tmp_path, 1, 2, recall=Recall())
     client = srv.client()
-    text = "In the beginning God created the heaven and the earth. " * 30  # ~330 tokens > budget 256
+    text = "In the beginning God created the heaven and the earth. " * 24  # a ~310-token prompt > 256 + 32
     messages = [{"role": "user", "content": "The pass key is 48213. Remember it. " + text}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     messages += [
