@@ -84,7 +84,7 @@ def test_a_full_quota_of_busy_conversations_is_429(server):
     ]
     for t in threads:  # two in the slots, one waiting for a slot: three conversations in use
         t.start()
-        time.sleep(0.3)
+        time.sleep(0.2)
     status, body = turn(server, "one-too-many")
     for t in threads:
         t.join()
