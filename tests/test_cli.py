@@ -23,11 +23,11 @@ def run_json(tmp_path, *args) -> dict:
 
 
 def test_ppl_json(tmp_path):
-    result = run_json(tmp_path, "ppl", "--policy", "infmllm", "--budget", "128", "--max-tokens", "2500")
+    result = run_json(tmp_path, "ppl", "--policy", "infmllm", "--budget", "128", "--max-tokens", "1100")
     for key in ("policy", "budget", "n_tokens", "ppl", "tokens_per_s", "peak_rss_mb", "buckets"):
         assert key in result
-    assert result["policy"] == "infmllm" and result["n_tokens"] == 2500
-    assert len(result["buckets"]) == 2 and 1 < result["ppl"] < 100
+    assert result["policy"] == "infmllm" and result["n_tokens"] == 1100
+    assert len(result["buckets"]) == 1 and 1 < result["ppl"] < 100  # one whole 1000-token bucket
     assert result["kv"]["evictions"] > 0
     assert result["reposition"] and result["kv"]["max_pos"] < 128 + 16
 
@@ -53,7 +53,7 @@ def test_passkey_json(tmp_path):
         tmp_path,
         "passkey",
         "--length",
-        "400",
+        "200",
         "--depths",
         "0.5",
         "--trials",
@@ -86,7 +86,7 @@ def test_a_passkey_stream_with_the_preamble_keeps_its_length_and_needle():
 
 def test_stream_command_answers(tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text("Alice lives in Paris. " * 200)
+    text.write_text("Alice lives in Paris. " * 60)  # about 300 tokens: past the 128-token budget
     result = run_json(
         tmp_path,
         "stream",
@@ -95,7 +95,7 @@ def test_stream_command_answers(tmp_path):
         "--ask",
         "Where does Alice live?",
         "--every",
-        "600",
+        "200",
         "--budget",
         "128",
         "--max-answer-tokens",
@@ -106,10 +106,10 @@ def test_stream_command_answers(tmp_path):
 
 
 def test_demo_runs_short(tmp_path):
-    result = run_json(tmp_path, "demo", "--max-tokens", "1500", "--every", "700", "--budget", "256")
-    assert len(result["answers"]) == 3  # after 700, 1400 and the last 100 tokens
-    assert result["kv"]["n_streamed"] > 1500 and result["kv"]["evictions"] > 0
-    assert [f["name"] for f in result["facts"]] == ["red door"]  # the one planted within 1500 tokens
+    result = run_json(tmp_path, "demo", "--max-tokens", "1050", "--every", "500", "--budget", "256")
+    assert len(result["answers"]) == 3  # after 500, 1000 and the last 50 tokens
+    assert result["kv"]["n_streamed"] > 1050 and result["kv"]["evictions"] > 0
+    assert [f["name"] for f in result["facts"]] == ["red door"]  # the one planted within 1050 tokens
     assert result["kv"]["pages_stored"] > 0  # the demo runs with the recall tier
 
 
@@ -174,7 +174,7 @@ def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
     from infmllm_gguf.video import write_video
 
     video = tmp_path / "clip.mp4"
-    frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(8)]
+    frames = [render_words(f"the code is {i} {i} {i} {i} .", codebook_mmproj) for i in range(4)]
     write_video(video, frames, fps=1)
     result = run_json(
         tmp_path,
@@ -186,12 +186,14 @@ def test_stream_video_answers_at_intervals(tmp_path, codebook_mmproj):
         "--ask",
         "What is the code?",
         "--every",
-        "3",
+        "2",
         "--budget",
-        "128",
+        "64",
+        "--max-answer-tokens",
+        "8",
     )
-    assert result["video"]["frames"] == 8 and [round(a["time"]) for a in result["answers"]] == [2, 5]
-    assert result["kv"]["images"] == 8 and result["kv"]["evictions"] > 0
+    assert result["video"]["frames"] == 4 and [round(a["time"]) for a in result["answers"]] == [1, 3]
+    assert result["kv"]["images"] == 4 and result["kv"]["evictions"] > 0
 
 
 def test_chat_attaches_an_image_to_the_next_message(tmp_path, codebook_mmproj):

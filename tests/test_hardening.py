@@ -15,7 +15,7 @@ from infmllm_gguf.sampling import grammar_for_response_format
 
 @pytest.fixture(scope="module")
 def llm(model_path):
-    llm = Llama(model_path, n_ctx=512, kv_policy="infmllm", embedding=True, n_threads=2, seed=3)
+    llm = Llama(model_path, n_ctx=512, n_batch=256, kv_policy="infmllm", embedding=True, n_threads=2, seed=3)
     yield llm
     llm.close()
 
@@ -70,7 +70,7 @@ def test_no_token_left_to_sample_is_a_value_error_not_an_abort(llm):
 
 
 def test_refused_embedding_inputs_leave_the_batch_empty(llm):
-    long = "word " * 600
+    long = "word " * 300  # past n_batch (256)
     alone = llm.embed(["hello"])
     with pytest.raises(ValueError):
         llm.engine.embedder.embed([[1] * 10, []], False)  # the second is refused before the batch is touched

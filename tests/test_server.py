@@ -106,19 +106,19 @@ def test_restored_conversation_continues_as_if_it_had_stayed(process):
     last turn, give the same last answer."""
     srv = process
     client = srv.client()
-    turns = ["Hello!", "What is the capital of France?", "And of Italy?", "Which is bigger?"]
+    turns = ["Hello!", "What is the capital of France?", "And of Italy?"]
 
     def run(user: str, interrupt: bool) -> str:
         nonlocal client
         messages: list[dict] = []
         for n, text in enumerate(turns):
             if interrupt and n == len(turns) - 1:
-                chat(client, "intruder", [{"role": "user", "content": "Tell me a story."}], max_tokens=8)
+                chat(client, "intruder", [{"role": "user", "content": "Tell me a story."}], max_tokens=2)
                 srv.stop()  # saved to disk with the slot's conversation
                 srv.start()
                 client = srv.client()
             messages.append({"role": "user", "content": text})
-            reply = chat(client, user, messages, max_tokens=12)
+            reply = chat(client, user, messages, max_tokens=6)
             messages.append({"role": "assistant", "content": reply})
         return reply
 
@@ -145,9 +145,11 @@ def test_bad_requests_get_http_errors_and_the_server_goes_on(server):
     statuses: list[int] = []
     retry_after: list[str] = []
 
+    clients = [server.client() for _ in range(8)]  # made before the race: the requests start together
+
     def hammer(i: int) -> None:
         try:
-            chat(server.client(), f"busy-{i}", [{"role": "user", "content": "Count to ten."}], max_tokens=40)
+            chat(clients[i], f"busy-{i}", [{"role": "user", "content": "Count to ten."}], max_tokens=10)
             statuses.append(200)
         except openai.APIStatusError as exc:
             statuses.append(exc.status_code)
@@ -219,7 +221,7 @@ def test_a_conversation_longer_than_its_budget_recalls_with_recall_on(tmp_path):
     its next question recalls pages; /metrics reports both per slot."""
     srv = App(tmp_path, 1, 2, recall=Recall())
     client = srv.client()
-    text = "In the beginning God created the heaven and the earth. " * 60  # ~780 tokens > budget 256
+    text = "In the beginning God created the heaven and the earth. " * 24  # a ~310-token prompt > 256 + 32
     messages = [{"role": "user", "content": "The pass key is 48213. Remember it. " + text}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
     messages += [

@@ -33,12 +33,12 @@ def path_of(srv: Endpoint, sid: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Two slots, four queued, three conversations kept, a 4 s deadline, the strict model name."""
+    """Two slots, four queued, three conversations kept, a 2 s deadline, the strict model name."""
     srv = App(
         tmp_path_factory.mktemp("sessions"),
         2,
         4,
-        limits=Limits(max_sessions=3, timeout=4),
+        limits=Limits(max_sessions=3, timeout=2),
         access=Access(strict_model_name=True),
     )
     yield srv
@@ -62,7 +62,7 @@ def test_the_deadline_ends_a_generation_as_length(server):
     status, body = turn(server, "slow", grammar=ENDLESS, max_tokens=4000)
     took = time.monotonic() - t0
     assert status == 200 and body["choices"][0]["finish_reason"] == "length", body
-    assert 0 < body["usage"]["completion_tokens"] < 4000 and took < 4 + 2, took
+    assert 0 < body["usage"]["completion_tokens"] < 4000 and took < 2 + 2, took
 
 
 def test_least_recently_used_sessions_go_first(server):
@@ -84,7 +84,7 @@ def test_a_full_quota_of_busy_conversations_is_429(server):
     ]
     for t in threads:  # two in the slots, one waiting for a slot: three conversations in use
         t.start()
-        time.sleep(0.3)
+        time.sleep(0.2)
     status, body = turn(server, "one-too-many")
     for t in threads:
         t.join()
