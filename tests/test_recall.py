@@ -150,7 +150,7 @@ def test_chunk_mode_also_recalls_every_so_many_tokens_between_evictions(filler, 
 
     monkeypatch.setattr(RecallTier, "recall_pages", spy)
     every = 12  # the chunk is 32: between evictions two more recalls
-    llm = _llm(Recall(when="chunk", score="text", every=every), budget=SMALL)
+    llm = _llm(Recall(when="chunk", score="text", every=every), InfMLLM(budget=SMALL, chunk=32))
     tokens = [1] + filler[: 4 * SMALL]
     for i in range(0, len(tokens), 100):  # pieces that do not line up with the recalls
         llm.eval(tokens[i : i + 100])
@@ -392,14 +392,16 @@ def test_text_score_recalls_what_the_new_text_repeats(filler):
 
 
 @pytest.mark.parametrize(
-    "recall", [Recall(when="chunk"), Recall(when="chunk", score="text", every=8)], ids=["peak", "text-every"]
+    "recall, budget",
+    [(Recall(when="chunk"), SMALL), (Recall(when="chunk", score="text", every=8), BUDGET)],
+    ids=["peak", "text-every"],  # the text score needs the longer stream to find repeats near its end
 )
-def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler, recall):
+def test_chunk_mode_keys_sit_rotated_at_their_new_positions(filler, recall, budget):
     """Evictions and recalls move cells many times, each pair sharing one K-shift (a recall
     between evictions has its own): every cached key of layer 0 (a function of its token and
     position alone) is the one a fresh context computes for that token at that position."""
-    llm = _llm(recall, budget=SMALL)
-    llm.eval([1] + filler[: 4 * SMALL])
+    llm = _llm(recall, budget=budget)
+    llm.eval([1] + filler[: 4 * budget])
     stats = llm.kv_stats()
     assert stats["recalls"] > 0 and stats["n_recalled"] > 0
     tokens = llm.history[llm.cached_stream_indices()]
