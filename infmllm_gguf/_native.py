@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 6  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
+ABI_VERSION = 7  # must equal INFMLLM_ABI_VERSION in native/include/infmllm.h
 
 INFMLLM_OK = 0
 INFMLLM_ERR_INVALID_ARG = -1
@@ -160,6 +160,9 @@ infmllm_get_scoring = _bind(
 )
 infmllm_kv_size = _bind("infmllm_kv_size", [llama_context_p], ctypes.c_int32)
 infmllm_kv_seq_n_cells = _bind("infmllm_kv_seq_n_cells", [llama_context_p, llama_seq_id], ctypes.c_int32)
+infmllm_kv_seq_scored_rows = _bind(
+    "infmllm_kv_seq_scored_rows", [llama_context_p, llama_seq_id], ctypes.c_int32
+)
 infmllm_kv_seq_cells = _bind(
     "infmllm_kv_seq_cells",
     [

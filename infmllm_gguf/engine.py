@@ -1,10 +1,10 @@
 """`Engine`: what the sessions of one llama context share.
 
-The engine owns the model, the context and its one `KVCache`, the vision projector, the
-embedding context, the lock that serialises every call on them and the interrupt guard; a
-`Session` (session.py) is one sequence of its context.  Resources are released in one place,
-in the reverse order of their making (an `ExitStack`), whether the engine closes normally or
-a later step of its construction fails.
+The engine owns the model, the context, its one `KVCache` and the `StepLoop` that batches the
+sessions' decodes, the vision projector, the embedding context, the lock that serialises every
+call on them and the interrupt guard; a `Session` (session.py) is one sequence of its context.
+Resources are released in one place, in the reverse order of their making (an `ExitStack`),
+whether the engine closes normally or a later step of its construction fails.
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from infmllm_gguf.policies import KVPolicy
 from infmllm_gguf.recall import Recall
 from infmllm_gguf.responses import CHAT_FORMATS, stop_list
 from infmllm_gguf.session import Session
+from infmllm_gguf.steps import StepLoop
 from infmllm_gguf.system import physical_cores
 from infmllm_gguf.vision import Part, Projector, TextPart, flatten_messages
 
 __all__ = ["Engine"]
+
+PREFILL_CHUNK = 128
 
 
 def check_gguf(path: Path) -> None:
@@ -78,6 +81,7 @@ class Engine:
         self.n_embd_inp = lc.llama_model_n_embd_inp(self.model.model)
         self.ctx = 0
         self.kv: KVCache | None = None
+        self.steps: StepLoop | None = None
         self.projector: Projector | None = None
         self.embedder: Embedder | None = None
         self.chat_formatter: ChatFormatter | None = None
@@ -93,10 +97,13 @@ class Engine:
         gpu_tower: bool = True,
         embedding: bool = False,
         pooling_type: int = lc.LLAMA_POOLING_TYPE_UNSPECIFIED,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         """Make the context (n_ctx cells per sequence), and the projector and the embedding
-        context where asked.  An evicting policy needs a cache whose keys can be scored and
-        re-rotated: checked here, before any token (ValueError naming the policy)."""
+        context where asked.  prefill_chunk: the most prompt tokens a session decodes in one
+        step while other sessions generate (see StepLoop.piece_limit).  An evicting policy needs
+        a cache whose keys can be scored and re-rotated: checked here, before any token
+        (ValueError naming the policy)."""
         cparams = context.to_params(physical_cores())
         self.ctx = lc.llama_init_from_model(self.model.model, cparams)
         if not self.ctx:
@@ -122,6 +129,8 @@ class Engine:
                     f"{type(policy).__name__} cannot evict in this model's cache: {exc}"
                 ) from exc
             self.kv.set_scoring(0)
+        self.steps = StepLoop(self.ctx, self.kv, self.lock, self.n_batch, self.n_vocab, prefill_chunk)
+        self._stack.callback(self.steps.close)
         if mmproj_path is not None:
             # the tower offloads like the layers (as llama.cpp's mtmd tools: unless told not to)
             self.projector = Projector(
@@ -148,16 +157,21 @@ class Engine:
         self._stack.close()
 
     # --- sessions -------------------------------------------------------------------------
+    def hold(self) -> contextlib.AbstractContextManager:
+        """Hold the engine's lock (through the steps once the context exists, so that a step
+        gathering pieces lets this caller in first)."""
+        return self.steps.hold() if self.steps is not None else self.lock
+
     def session(self, seq_id: int, policy: KVPolicy, recall: Recall | None, seed: int) -> Session:
         """The session on sequence seq_id, made on first use with its own copy of policy."""
-        with self.lock:
+        with self.hold():
             if seq_id not in self.sessions:
                 self.sessions[seq_id] = Session(self, seq_id, copy.deepcopy(policy), recall, seed)
             return self.sessions[seq_id]
 
     def drop_session(self, seq_id: int) -> None:
         """Free the session's cells and forget it."""
-        with self.lock:
+        with self.hold():
             session = self.sessions.pop(seq_id, None)
             if session is not None:
                 session.close()

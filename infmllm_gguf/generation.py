@@ -149,8 +149,9 @@ class Generation:
 @dataclass
 class Completion:
     """A text completion: the prompt's parts fed, then the generation run, shaped as OpenAI's
-    response (`result`) or its chunks (`chunks`).  Either holds the engine's lock from the prompt
-    to the last token; a prompt that fails to feed leaves the session's seed at `seed`."""
+    response (`result`) or its chunks (`chunks`).  Either is one member of the engine's steps from
+    the prompt to the last token (`Session.generating`); a prompt that fails to feed leaves the
+    session's seed at `seed`."""
 
     generation: Generation
     seed: int
@@ -198,7 +199,7 @@ class Completion:
     def result(self) -> dict:
         session = self.generation.session
         n_prompt = sum(len(p) for p in self.parts)
-        with session.engine.lock:
+        with session.generating():
             session.begin(self.parts, self.generation.sampler, self.seed)
             n_before = session.stream.n_streamed
             pieces, tokens, finish = [], [], "length"
@@ -220,7 +221,7 @@ class Completion:
 
     def chunks(self) -> Iterator[dict]:
         session = self.generation.session
-        with session.engine.lock:
+        with session.generating():
             session.begin(self.parts, self.generation.sampler, self.seed)
             if self.prefix:
                 choice = {"text": self.prefix, "index": 0, "logprobs": None, "finish_reason": None}

@@ -151,6 +151,10 @@ class KVCache:
         """Cells in the KV buffer: llama.cpp pads n_ctx, so cell indices can reach past it."""
         return _check("infmllm_kv_size", N.infmllm_kv_size(self.ctx))
 
+    def scored_rows(self, seq_id: int = 0) -> int:
+        """The query rows the sequence's latest scores come from (`infmllm_kv_seq_scored_rows`)."""
+        return _check("infmllm_kv_seq_scored_rows", N.infmllm_kv_seq_scored_rows(self.ctx, seq_id))
+
     def n_cells(self, seq_id: int = 0) -> int:
         return _check("infmllm_kv_seq_n_cells", N.infmllm_kv_seq_n_cells(self.ctx, seq_id))
 
@@ -321,26 +325,35 @@ class Batch:
     """A reusable llama_batch filled with memmove, not per-token Python loops.
 
     n_embd = 0: it carries token ids; n_embd > 0: input embeddings of that width (images).
-    n_pos > 1: each embedding has n_pos positions (M-RoPE's sections), passed section-major."""
+    n_pos > 1: each embedding has n_pos positions (M-RoPE's sections), passed section-major.
+    Each token has one sequence id, from an array of ours that the batch's per-token
+    pointers are aimed at once (their own buffers are put back before the batch is freed)."""
 
     def __init__(self, capacity: int, n_embd: int = 0, n_pos: int = 1):
         self.capacity = capacity
         self.n_embd = n_embd
         self.n_pos = n_pos
         self._batch = lc.llama_batch_init(capacity, n_embd, 1)
-        self._seq_id: int | None = None
         self._n_seq = np.ones(capacity, np.int32)
-        # llama_batch_init allocates one position per token; more sections get a buffer of
-        # ours, swapped back before llama_batch_free frees the batch's own (kept as an address:
-        # reading a ctypes pointer field gives a view of the field, not a copy)
+        # pointers are kept as addresses: reading a ctypes pointer field gives a view of the
+        # field, not a copy
         self._own_pos = ctypes.cast(self._batch.pos, ctypes.c_void_p).value
         self._pos_buf = np.zeros(capacity * n_pos, np.int32) if n_pos > 1 else None
         if self._pos_buf is not None:
             self._batch.pos = self._pos_buf.ctypes.data_as(_I32P)
+        self._seq_buf = np.zeros(capacity, np.int32)
+        ptrs = ctypes.cast(self._batch.seq_id, ctypes.POINTER(ctypes.c_void_p))
+        self._own_seq = [ptrs[i] for i in range(capacity)]
+        base = self._seq_buf.ctypes.data
+        for i in range(capacity):
+            ptrs[i] = base + 4 * i
 
     def close(self) -> None:
         if self._batch is not None:
             self._batch.pos = ctypes.cast(self._own_pos, _I32P)
+            ptrs = ctypes.cast(self._batch.seq_id, ctypes.POINTER(ctypes.c_void_p))
+            for i, own in enumerate(self._own_seq):
+                ptrs[i] = own
             lc.llama_batch_free(self._batch)
             self._batch = None
 
@@ -348,10 +361,16 @@ class Batch:
         self.close()
 
     def decode(
-        self, ctx: int, inputs: np.ndarray, positions: np.ndarray, seq_id: int, logits: np.ndarray
+        self,
+        ctx: int,
+        inputs: np.ndarray,
+        positions: np.ndarray,
+        seq_id: int | np.ndarray,
+        logits: np.ndarray,
     ) -> int:
         """llama_decode at most capacity tokens (ids, or n x n_embd embeddings) at `positions`
-        (n, or n_pos x n for embeddings with several position sections); returns its status."""
+        (n, or n_pos x n for embeddings with several position sections) into sequence seq_id
+        (one for all, or one per token); returns its status."""
         n = len(inputs)
         if n == 0 or n > self.capacity:
             raise ValueError(f"batch of {n} tokens, capacity {self.capacity}")
@@ -359,10 +378,7 @@ class Batch:
         if np.shape(positions) != ((n,) if n_pos == 1 else (n_pos, n)):
             raise ValueError(f"positions of shape {np.shape(positions)} for {n} inputs of {n_pos} sections")
         b = self._batch
-        if self._seq_id != seq_id:
-            for i in range(self.capacity):
-                b.seq_id[i][0] = seq_id
-            self._seq_id = seq_id
+        self._seq_buf[:n] = seq_id
         # keep the converted arrays referenced until the copies are done
         pos = np.ascontiguousarray(positions, np.int32)
         out = np.ascontiguousarray(logits, np.int8)

@@ -57,11 +57,12 @@ __all__ = ["ContextFullError", "HistoryDivergedError", "InvariantError", "Llama"
 
 
 def _locked(method):
-    """Serialise a public method on the engine's lock: one caller at a time on the context."""
+    """Serialise a public method on the session's lock, then the engine's: one caller at a time
+    on the session, and on the context but while a decode waits to share a step."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._engine.lock:
+        with self._session.locked():
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -265,7 +266,7 @@ class Llama:
         face = root._slots.get(seq_id)  # made once: finding it never waits for a running call
         if face is not None:
             return face
-        with self._engine.lock:
+        with self._engine.hold():
             if seq_id not in root._slots:
                 session = self._engine.session(seq_id, root.policy, root.recall, root._session.seed)
                 root._slots[seq_id] = root._face(session)
@@ -289,7 +290,7 @@ class Llama:
         if engine is None:
             return
         if self._root is not None:
-            with engine.lock:
+            with self._session.locked():
                 self._root._slots.pop(self.seq_id, None)
                 engine.drop_session(self.seq_id)
         else:
@@ -341,14 +342,15 @@ class Llama:
     def turn(self, poll: Callable[[], None] | None = None) -> Iterator[Llama]:
         """Make the block one atomic step of the session, e.g. a chat turn: if it raises (an error,
         Ctrl-C, a cancelled request), the session becomes exactly what it was before the block,
-        evictions and recalls undone, its seed too.  The block holds the engine's lock.
+        evictions and recalls undone, its seed too.  The block holds the session's lock, and the
+        engine's but while a decode waits for other sessions' pieces to share a step.
 
         `poll()` is called between the prompt's pieces (n_batch keys) and before each generated
         token: it may raise to abort the block, or raise StopGeneration to end the generation
         there (finish_reason "length").  A streamed completion must be consumed inside the block.
         Appending costs nothing; the first eviction, recall or roll-back in the block copies the
         session's state once (as save_state does, in memory)."""
-        with self._engine.lock, self._session.turn(poll):
+        with self._session.locked(), self._session.turn(poll):
             yield self
 
     @_locked
@@ -408,7 +410,6 @@ class Llama:
         check_int("seed", seed)
         self._session.seed = seed
 
-    @_locked
     def generate_text(
         self,
         max_tokens: int | None = 128,
@@ -426,9 +427,10 @@ class Llama:
         limit = self._engine.n_ctx if max_tokens is None else max_tokens
         if not isinstance(limit, int) or limit < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-        sampler = self._session.sampler(params, self.last_n_tokens_size)
-        generation = Generation(self._session, sampler, limit, stop_list(stop))
-        return "".join(step.text for step in generation)
+        with self._session.generating():
+            sampler = self._session.sampler(params, self.last_n_tokens_size)
+            generation = Generation(self._session, sampler, limit, stop_list(stop))
+            return "".join(step.text for step in generation)
 
     @_locked
     def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0) -> str:

@@ -69,6 +69,13 @@ class KVPolicy:
         """Whether a decode that leaves n_cells_after cells cached must be scored."""
         return self.score_queries != 0
 
+    @property
+    def tolerated_scoring(self) -> int:
+        """A scoring mode a decode may run under where this policy needs no scores (0: none):
+        one whose scores it reads only through `observe`, so that decoding beside sequences
+        that need them changes nothing for it."""
+        return 0
+
     # --- per-session state, reset by the runtime
     def reset(self, n_cells_max: int) -> None:
         """Forget all per-session state (called on a new stream).
@@ -216,6 +223,10 @@ class _FreshWindowPolicy(_SaddlePolicy):
         # only the newest retrieval_window rows before an eviction are ever ranked on, so the
         # decodes before them skip scoring (and its cost) altogether
         return n_cells_after > self.capacity - self.retrieval_window
+
+    @property
+    def tolerated_scoring(self) -> int:
+        return self.retrieval_window  # the raw scores are read through observe only
 
     def reset(self, n_cells_max: int) -> None:
         self._window.clear()

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,13 +50,29 @@ class Session:
     def __init__(self, engine: Engine, seq_id: int, policy: KVPolicy, recall: Recall | None, seed: int):
         self.engine, self.seq_id, self.policy, self.recall = engine, seq_id, policy, recall
         self.seed = seed
+        # one caller at a time on this session, taken before the engine's lock: a caller
+        # waiting for a step releases the engine's lock, never its session's
+        self.lock = threading.RLock()
         # a prompt that departs from the stream where it can no longer be rolled back restarts
         # the stream (llama-cpp-python's behaviour); False raises HistoryDivergedError instead
         self.restart_on_divergence = True
         self.stream = Stream(
-            engine.kv, policy, engine.n_ctx, engine.n_vocab, engine.n_embd_inp, engine.guard, engine.debug,
-            seq_id=seq_id, recall=recall,
+            engine.kv, engine.steps, policy, engine.n_ctx, engine.n_vocab, engine.n_embd_inp,
+            engine.guard, engine.debug, seq_id=seq_id, recall=recall,
         )  # fmt: skip
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this session's lock, then the engine's."""
+        with self.lock, self.engine.hold():
+            yield
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[None]:
+        """Hold the locks and be a member of the engine's steps: until the block ends, each step
+        waits for this session's next piece, so that sessions generating at once share steps."""
+        with self.locked(), self.engine.steps.member(self.seq_id):
+            yield
 
     def close(self, free_cells: bool = True) -> None:
         """Free the session's buffers, and its cells unless the whole context goes with it."""

@@ -30,7 +30,6 @@ before the call.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -41,6 +40,7 @@ from infmllm_gguf.interrupts import InterruptGuard
 from infmllm_gguf.kv import Batch, CellView, KVCache
 from infmllm_gguf.policies import KVPolicy
 from infmllm_gguf.recall import PageStore, Recall, RecallTier
+from infmllm_gguf.steps import Piece, StepLoop
 from infmllm_gguf.stream_state import InvariantError as InvariantError  # raised by its checks
 from infmllm_gguf.stream_state import StreamState, StreamStats
 
@@ -83,11 +83,13 @@ def _subview(view: CellView, mask: np.ndarray) -> CellView:
 
 class Stream(StreamState):
     """One sequence of a context (reached through its `kv`) under `policy`; owned by a `Session`,
-    whose engine serialises calls to it."""
+    whose engine serialises calls to it.  Its decodes go through the engine's `steps`, which
+    batches them with other sequences' (steps.py)."""
 
     def __init__(
         self,
         kv: KVCache,
+        steps: StepLoop,
         policy: KVPolicy,
         n_ctx: int,
         n_vocab: int,
@@ -106,9 +108,9 @@ class Stream(StreamState):
         self.debug = debug
         self._guard = guard
         self.kv = kv
+        self.steps = steps
         self.n_batch = lc.llama_n_batch(ctx)
         self.n_ubatch = lc.llama_n_ubatch(ctx)
-        self._batch = Batch(self.n_batch)
         self._embd_batch: Batch | None = None  # made on the first image
         model = lc.llama_get_model(ctx)
         rope = lc.llama_model_rope_type(model)
@@ -116,7 +118,6 @@ class Stream(StreamState):
         # without re-positioning, positions grow with the stream: as far as the model was
         # trained for, or as the cache was asked to be (a user's choice to extrapolate)
         self.max_positions = max(lc.llama_model_n_ctx_train(model), n_ctx)
-        self._scoring = 0
         self._transaction = None  # the open transaction (StreamState.transaction)
         # called between prompt pieces and before each generated token (Llama.turn sets it):
         # it may raise to abort the call, or StopGeneration to end a generation there
@@ -128,10 +129,9 @@ class Stream(StreamState):
     def close(self) -> None:
         if self.tier is not None:
             self.tier.close()
-        for batch in (self._batch, self._embd_batch):
-            if batch is not None:
-                batch.close()
-        self._batch = self._embd_batch = None
+        if self._embd_batch is not None:
+            self._embd_batch.close()
+        self._embd_batch = None
 
     # --- state --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -242,7 +242,8 @@ class Stream(StreamState):
             elif tier is not None and tier.before_decode(upcoming):
                 continue  # the recalled pages may have filled the cache
             until_recall = tier.until_recall() if tier is not None else self.capacity
-            take = min(self.capacity - self.n_cached, self.n_batch, len(tokens) - i, until_recall)
+            limit = self.steps.piece_limit()  # smaller while others generate: no long stalls
+            take = min(self.capacity - self.n_cached, limit, len(tokens) - i, until_recall)
             if self.poll is not None and i > 0:
                 self.poll()  # between pieces (a generated token is one piece: polled by its caller)
             piece = tokens[i : i + take]
@@ -277,26 +278,20 @@ class Stream(StreamState):
         self.check_room(n, n if mrope is None else mrope[1])
         if self.n_cached + n > self.capacity:
             self._evict(min(self.policy.budget, self.capacity - n))
-        if self._embd_batch is None:
-            self._embd_batch = Batch(self.n_batch, self.n_embd, 4 if self.mrope else 1)
         n_before, logits_before = self._n_history, self.last_logits
         keys = np.full(n, key, np.int32)
         pos, n_pos = mrope if mrope is not None else (np.arange(self.next_pos, self.next_pos + n), n)
-        if non_causal:
-            lc.llama_set_causal_attn(self.ctx, False)
         try:
             pos_0 = self.next_pos
             for i in range(0, n, self.n_batch):
                 piece = slice(i, i + self.n_batch)
                 last = i + self.n_batch >= n
-                self._decode(keys[piece], embd[piece], pos[..., piece], None, pos_0 + n_pos if last else None)
+                end = pos_0 + n_pos if last else None
+                self._decode(keys[piece], embd[piece], pos[..., piece], None, end, non_causal)
         except BaseException:
             if self.rollback(n_before):  # all of the image is still cached: nothing was evicted since
                 self.last_logits = logits_before
             raise
-        finally:
-            if non_causal:
-                lc.llama_set_causal_attn(self.ctx, True)
         self.stats.images += 1
 
     def check_image_fits(self, n: int, non_causal: bool = False) -> None:
@@ -333,6 +328,7 @@ class Stream(StreamState):
         positions: np.ndarray,
         logprobs_out: np.ndarray | None,
         next_pos: int | None = None,
+        non_causal: bool = False,
     ) -> None:
         """Decode token ids or embeddings (`inputs`) at `positions` as cells recorded under `keys`;
         the stream's next position becomes `next_pos` (default: one past the largest position)."""
@@ -341,15 +337,14 @@ class Stream(StreamState):
         scored = self.policy.needs_scores(start + n)
         if scored or self.tier is not None:
             self.before_change()  # scores observed, queries captured: more than an append
-        self._set_scoring(self.policy.score_queries if scored else 0)
         flags = np.zeros(n, np.int8)
         flags[-1] = 1
         if logprobs_out is not None:
             flags[:] = 1
-        batch = self._batch if inputs.ndim == 1 else self._embd_batch
+        piece = self._piece(inputs, positions, flags, self.policy.score_queries if scored else 0, non_causal)
         with self._unit():
             try:
-                self._batch_decode(batch, inputs, positions, flags)
+                self._batch_decode(piece)
             except BaseException:
                 # a failed or aborted ubatch is removed by llama.cpp, the ubatches before it are not
                 # an M-RoPE image's cells all sit at its first (t) position
@@ -357,19 +352,34 @@ class Stream(StreamState):
                 self.kv.remove(self.seq_id, first, -1)
                 raise
             max_pos = int(positions.max() if positions.ndim == 1 else positions[:3].max())  # t, y, x
-            self._record(
-                keys, max_pos, max_pos + 1 if next_pos is None else next_pos, scored, flags, logprobs_out
-            )
+            next_pos = max_pos + 1 if next_pos is None else next_pos
+            self._record(keys, max_pos, next_pos, piece, logprobs_out, scored)
 
-    def _batch_decode(
-        self, batch: Batch, inputs: np.ndarray, positions: np.ndarray, flags: np.ndarray
-    ) -> None:
-        """llama_decode one batch into this sequence, raising where it did not succeed."""
-        rc = batch.decode(self.ctx, inputs, positions, self.seq_id, flags)
-        if rc == 2:
+    def _piece(
+        self,
+        inputs: np.ndarray,
+        positions: np.ndarray,
+        flags: np.ndarray,
+        scoring: int,
+        non_causal: bool = False,
+    ) -> Piece:
+        """This sequence's part of a step: token ids share the step's batch, embeddings go alone."""
+        embd = inputs.ndim == 2
+        if embd and self._embd_batch is None:
+            self._embd_batch = Batch(self.n_batch, self.n_embd, 4 if self.mrope else 1)
+        return Piece(
+            self.seq_id, inputs, positions, flags, scoring, self.policy.tolerated_scoring,
+            self._embd_batch if embd else None, non_causal,
+        )  # fmt: skip
+
+    def _batch_decode(self, piece: Piece) -> None:
+        """Decode piece (with whatever other sequences decode in the same step), raising where
+        it did not succeed."""
+        self.steps.decode(piece)
+        if piece.status == 2:
             raise KeyboardInterrupt  # the abort callback saw Ctrl-C mid-decode
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc}")
+        if piece.status != 0:
+            raise RuntimeError(f"llama_decode failed with status {piece.status}")
 
     @contextlib.contextmanager
     def _unit(self) -> Iterator[None]:
@@ -385,17 +395,13 @@ class Stream(StreamState):
         keys: np.ndarray,
         max_pos: int,
         next_pos: int,
-        scored: bool,
-        flags: np.ndarray,
+        piece: Piece,
         logprobs_out: np.ndarray | None,
+        scored: bool,
     ) -> None:
         """Python's side of a decode the cache has taken: history, logits, policy scores."""
         n = len(keys)
-        n_out = int(flags.sum())
-        ptr = lc.llama_get_logits(self.ctx)
-        rows = np.ctypeslib.as_array(
-            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab)
-        )
+        rows = piece.logits
         if logprobs_out is not None:
             lsm = _log_softmax(rows.astype(np.float64))
             logprobs_out[0] = (
@@ -416,16 +422,7 @@ class Stream(StreamState):
         self.query_shift = self._n_history - next_pos  # where the captured queries were rotated
         self.last_logits = last_logits
         if scored:
-            queries = self.policy.score_queries
-            last_ubatch = n % self.n_ubatch or self.n_ubatch
-            n_rows = last_ubatch if queries < 0 else min(queries, last_ubatch)
-            self.policy.observe(self.kv.cells(self.seq_id), n_rows)
-
-    def _set_scoring(self, n_score_queries: int) -> None:
-        # switching rebuilds the graph once, so it only happens at the edges of a scored stretch
-        if n_score_queries != self._scoring:
-            self.kv.set_scoring(n_score_queries)
-            self._scoring = n_score_queries
+            self.policy.observe(piece.view, piece.scored_rows)
 
     # --- eviction and roll-back -------------------------------------------------------------
     def _evict(
@@ -525,7 +522,6 @@ class Stream(StreamState):
             return
         view = self.kv.cells(self.seq_id)
         state = self.policy.export_state(view.cells)
-        self._set_scoring(0)
         no_logits = np.zeros(self.n_batch, np.int8)
         done = first
         with self._unit():
@@ -535,7 +531,7 @@ class Stream(StreamState):
                 for i in range(0, len(keys), self.n_batch):
                     piece = keys[i : i + self.n_batch]
                     pos = np.arange(done, done + len(piece))
-                    self._batch_decode(self._batch, piece, pos, no_logits[: len(piece)])
+                    self._batch_decode(self._piece(piece, pos, no_logits[: len(piece)], 0))
                     done += len(piece)
             except BaseException:
                 self.kv.remove(self.seq_id, done, -1)

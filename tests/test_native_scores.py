@@ -8,7 +8,7 @@ from conftest import logits_of
 from infmllm_gguf._llama_cpp import llama_cpp as lc
 from reference import AttentionCapture
 
-from infmllm_gguf.kv import KVCache, decode
+from infmllm_gguf.kv import Batch, KVCache, NativeError, decode
 
 RTOL = 1e-3
 
@@ -153,3 +153,31 @@ def test_scores_with_f32_cache(make_ctx, model, text_tokens, flash_attn):
     assert_scores_match(view.scores, ref[view.cells])
     n_layer, n_head = model_dims(model)
     assert view.scores.sum() == pytest.approx(n_layer * n_head * 8, rel=1e-4)
+
+
+def test_sequences_sharing_a_decode_report_their_own_scored_rows(make_ctx, model, text_tokens):
+    """Two sequences in one llama_decode, each a KV stream of its own: llama.cpp puts one row of
+    each in a first ubatch and the longer one's rest in a second, and each sequence's scores
+    come from its own rows: a probability mass of one per layer, head and reported row."""
+    ctx = make_ctx(n_ctx=512, n_batch=256, n_ubatch=256, n_seq_max=2, kv_unified=False)
+    kv = KVCache(ctx)
+    decode(ctx, text_tokens[:40], np.arange(40), seq_id=0)
+    decode(ctx, text_tokens[500:560], np.arange(60), seq_id=1)
+    n_layer, n_head = model_dims(model)
+    for n_long, mode, rows in [(20, 8, 8), (5, 8, 4), (12, -1, 12)]:
+        kv.set_scoring(mode)
+        assert (kv.scored_rows(0), kv.scored_rows(1)) == (0, 0)
+        batch = Batch(64)
+        inputs = np.concatenate([text_tokens[40:41], text_tokens[560 : 560 + n_long]])
+        positions = np.concatenate([[40], np.arange(60, 60 + n_long)])
+        seqs = np.array([0] + [1] * n_long)
+        assert batch.decode(ctx, inputs, positions, seqs, np.ones(len(inputs), np.int8)) == 0
+        batch.close()
+        # one row of seq 0 (its only one), and of seq 1 the rows of its last ubatch (all, at -1)
+        assert (kv.scored_rows(0), kv.scored_rows(1)) == (1, rows)
+        assert kv.cells(0).scores.sum() == pytest.approx(n_layer * n_head, rel=1e-4)
+        assert kv.cells(1).scores.sum() == pytest.approx(n_layer * n_head * rows, rel=1e-4)
+        for seq, first in ((0, 40), (1, 60)):
+            assert lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), seq, first, -1)
+    with pytest.raises(NativeError, match="invalid sequence"):
+        kv.scored_rows(5)

@@ -80,7 +80,7 @@ class Routes:
         return {"status": "ok", "slots": self.llm.n_slots, "slots_busy": self.pool.busy_slots}
 
     async def metrics(self) -> Any:
-        return PlainTextResponse(prometheus(self.pool, self.in_flight.n))
+        return PlainTextResponse(prometheus(self.pool, self.in_flight.n, self.llm.engine.steps.stats))
 
     async def admitted(self, request: Request, serve: Callable[[bytes], Awaitable[Response]]) -> Response:
         """serve(body) within the capacity (503 beyond it), every failure an HTTP answer."""

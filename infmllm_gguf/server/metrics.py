@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infmllm_gguf.server.sessions import SlotPool
+from infmllm_gguf.steps import StepStats
 
 __all__ = ["RECALL_METRICS", "InFlight", "prometheus"]
 
@@ -36,8 +37,9 @@ class InFlight:
         self.n -= 1
 
 
-def prometheus(pool: SlotPool, in_flight: int) -> str:
-    """The /metrics page: the pool's counters, the slots' cells and evictions (and the recall
+def prometheus(pool: SlotPool, in_flight: int, steps: StepStats) -> str:
+    """The /metrics page: the pool's counters, the decode steps' (how many sequences each
+    batched, how long pieces waited for them), the slots' cells and evictions (and the recall
     tier's figures where it is on), in Prometheus' text format."""
     m = pool.metrics
     slots = pool.slot_stats
@@ -60,6 +62,24 @@ def prometheus(pool: SlotPool, in_flight: int) -> str:
         f"infmllm_tokens_decoded_total {m.tokens_decoded}",
         "# TYPE infmllm_tokens_per_second gauge",
         f"infmllm_tokens_per_second {m.tokens_decoded / max(m.request_seconds, 1e-9):.3f}",
+        "# TYPE infmllm_slot_wait_seconds_total counter",
+        f"infmllm_slot_wait_seconds_total {m.slot_wait_seconds:.6f}",
+        "# TYPE infmllm_steps_total counter",
+        f"infmllm_steps_total {steps.steps}",
+        "# TYPE infmllm_steps_by_sequences_total counter",
+        *(f'infmllm_steps_by_sequences_total{{sequences="{n}"}} {c}' for n, c in sorted(steps.sizes.items())),
+        "# TYPE infmllm_step_sequences_total counter",
+        f"infmllm_step_sequences_total {steps.pieces}",
+        "# TYPE infmllm_step_tokens_total counter",
+        f"infmllm_step_tokens_total {steps.tokens}",
+        "# TYPE infmllm_step_decodes_total counter",
+        f"infmllm_step_decodes_total {steps.decodes}",
+        "# TYPE infmllm_step_decode_seconds_total counter",
+        f"infmllm_step_decode_seconds_total {steps.decode_seconds:.6f}",
+        "# TYPE infmllm_step_wait_seconds_total counter",
+        f"infmllm_step_wait_seconds_total {steps.wait_seconds:.6f}",
+        "# TYPE infmllm_step_timeouts_total counter",
+        f"infmllm_step_timeouts_total {steps.timeouts}",
         "# TYPE infmllm_sessions_saved_total counter",
         f"infmllm_sessions_saved_total {m.sessions_saved}",
         "# TYPE infmllm_sessions_restored_total counter",

@@ -71,6 +71,7 @@ class Metrics:
     sessions_set_aside: int = 0
     save_failures: int = 0
     cancelled: int = 0  # turns undone: client gone, deadline, error
+    slot_wait_seconds: float = 0.0  # requests waiting for a slot to come free, summed
     status: dict[int, int] = field(default_factory=dict)  # responses by HTTP status
 
 
@@ -238,6 +239,7 @@ class SlotPool:
         with self._cond:
             conv = self._route(session_id, prompt, fresh)
             conv.busy += 1
+            started = time.monotonic()
             try:
                 slot = conv.slot
                 while slot is None:
@@ -256,6 +258,8 @@ class SlotPool:
             except BaseException:
                 conv.busy -= 1
                 raise
+            finally:
+                self.metrics.slot_wait_seconds += time.monotonic() - started
             return self._sessions[conv.slot], conv
 
     def release(self, conv: Conversation, stats: dict[str, Any] | None) -> None:

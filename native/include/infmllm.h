@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 // Bumped whenever a declaration below changes; Python refuses a mismatch.
-#define INFMLLM_ABI_VERSION 6
+#define INFMLLM_ABI_VERSION 7
 
 enum infmllm_status {
     INFMLLM_OK                  =  0,
@@ -59,6 +59,14 @@ LLAMA_API int32_t infmllm_set_scoring(struct llama_context * ctx, int32_t n_scor
 // why it is not the return value).  Returns INFMLLM_OK, or INFMLLM_ERR_INVALID_ARG for a
 // NULL pointer.
 LLAMA_API int32_t infmllm_get_scoring(const struct llama_context * ctx, int32_t * n_score_queries);
+
+// How many query rows the latest scores of seq_id's cells come from: the rows of seq_id in
+// the last ubatch that held it (at most n_score_queries), or in every ubatch of that
+// llama_decode under INFMLLM_SCORE_ALL_ROWS.  Several sequences decoded in one llama_decode
+// are split by llama.cpp into ubatches of its own choosing, so a sequence's last ubatch may
+// hold fewer of its tokens than it would have alone; this says what was scored.  0 before
+// any scored decode (and after infmllm_set_scoring).
+LLAMA_API int32_t infmllm_kv_seq_scored_rows(struct llama_context * ctx, llama_seq_id seq_id);
 
 // Cells in the KV buffer of one stream: the largest cell index + 1 that
 // infmllm_kv_seq_cells() can report.  llama.cpp pads the requested n_ctx (to a multiple of

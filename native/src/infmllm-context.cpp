@@ -92,6 +92,7 @@ int32_t infmllm_set_scoring(llama_context * ctx, int32_t n_score_queries) {
         auto & st = ctx->infmllm;
         st.scores.assign(kv->get_n_stream(), std::vector<float>(kv->get_size(), 0.0f));
         st.stream_decode.assign(kv->get_n_stream(), 0);
+        st.scored_rows.assign(kv->get_n_stream(), 0);
     }
     if (cparams.infmllm_score_rows != n_score_queries) {
         cparams.infmllm_score_rows = n_score_queries;
@@ -106,6 +107,16 @@ int32_t infmllm_get_scoring(const llama_context * ctx, int32_t * n_score_queries
     }
     *n_score_queries = ctx->get_cparams().infmllm_score_rows;
     return INFMLLM_OK;
+}
+
+int32_t infmllm_kv_seq_scored_rows(llama_context * ctx, llama_seq_id seq_id) {
+    infmllm_kv_pair kv;
+    uint32_t stream = 0;
+    if (int32_t rc = infmllm_resolve_seq_pair(ctx, seq_id, kv, stream); rc != INFMLLM_OK) {
+        return rc;
+    }
+    const auto & rows = ctx->infmllm.scored_rows;
+    return stream < rows.size() ? rows[stream] : 0;
 }
 
 int32_t infmllm_set_query_capture(llama_context * ctx, int32_t n_rows) {
@@ -256,9 +267,13 @@ void infmllm_ubatch_done(
         st.n_decode++;
     }
 
-    // t: [n_kv, 1, 1, n_streams], streams s0..s1 of the current slot
+    // t: [n_kv, 1, 1, n_streams], streams s0..s1 of the current slot, each with the same
+    // number of query rows in this ubatch (llama.cpp splits several streams' tokens equally)
     const int64_t n_kv = t->ne[0];
     const int64_t n_ns = t->ne[3];
+    const int32_t mode = lctx.get_cparams().infmllm_score_rows;
+    const int32_t rows_ub = (int32_t) (mctx->get_ubatch().n_tokens / n_ns);
+    const int32_t rows = mode == INFMLLM_SCORE_ALL_ROWS ? rows_ub : std::min(mode, rows_ub);
     std::vector<float> buf(n_kv*n_ns);
     ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(lctx.get_sched(), t);
     ggml_backend_tensor_get_async(backend, t, buf.data(), 0, buf.size()*sizeof(float));
@@ -272,7 +287,9 @@ void infmllm_ubatch_done(
         if (fresh) {
             std::fill(dst.begin(), dst.end(), 0.0f);
             st.stream_decode[stream] = st.n_decode;
+            st.scored_rows[stream] = 0;
         }
+        st.scored_rows[stream] += rows;
         const float * src = buf.data() + s*n_kv;
         for (int64_t j = 0; j < n_kv; ++j) {
             dst[j] += src[j];

@@ -19,6 +19,7 @@ struct llama_memory_context_i;
 struct infmllm_state {
     std::vector<std::vector<float>> scores;       // [stream][cell]
     std::vector<uint64_t>           stream_decode; // decode counter that last wrote each stream
+    std::vector<int32_t>            scored_rows;   // [stream] query rows behind its scores
     uint64_t                        n_decode = 0;
 
     // query capture (infmllm_set_query_capture): per stream [layer][head][row][head_dim],
