@@ -271,8 +271,11 @@ def plot(rows: list[dict], out: Path) -> None:
     ax[0, 1].set(xlabel="concurrent clients", ylabel="seconds", title="time to first token, p95")
     ax[1, 0].set(xlabel="concurrent clients", ylabel="ours / llama-server", title="ratio")
     ax[1, 1].set(xlabel="concurrent clients", ylabel="MB", title="server peak RSS")
+    ticks = sorted({r["clients"] for r in shared})
     for a in ax.flat:
         a.set_xscale("log", base=2)
+        a.set_xticks(ticks, [str(c) for c in ticks])
+        a.minorticks_off()
         a.grid(alpha=0.3)
         a.legend()
     long = {r["server"]: r for r in rows if r["scenario"] == "long"}
