@@ -25,6 +25,7 @@ BENCHMARKS = {
     "native": "native",
     "batching": "batching",
     "server": "server",
+    "peer": "peer",
     "gpu": "gpu",
     "soak": "soak",
     "long-chat": "long_chat",

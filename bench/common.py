@@ -95,10 +95,11 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
-def process_rss_mb(pid: int) -> float:
-    """Another process's resident memory now, in MiB (NaN where /proc does not say)."""
+def process_rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Another process's resident memory now, in MiB (NaN where /proc does not say); field
+    VmHWM: its peak so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -19,128 +19,23 @@ clients), e.g. --python ../old/.venv/bin/python --label before, then --label aft
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from bench.common import (
-    Stopwatch,
-    add_out,
-    merge_rows,
-    process_rss_mb,
-    progress,
-    pyplot,
-    save_figure,
-    write_results,
-    wrote,
-)
-
-MODEL = "smollm2-135m"
+from bench.chat_load import free_port, load, start, stop
+from bench.common import add_out, merge_rows, progress, pyplot, save_figure, write_results, wrote
 
 
 def start_server(args: argparse.Namespace, sessions: str) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         args.python, "-m", "infmllm_gguf.cli", "serve", "--budget", str(args.budget), "--slots", "8",
         "--port", str(port), "--sessions-dir", sessions, "--max-queue", "16",
     ]  # fmt: skip
     # from the sessions folder: in the checkout Python would import the unbuilt sources
-    proc = subprocess.Popen(cmd, cwd=sessions, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc, port
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise SystemExit("the server did not start")
-
-
-def load(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tqdm) -> dict:
-    """`clients` conversations at once of `turns` turns each; throughput, latency and memory."""
-    from openai import OpenAI  # the test extra's, imported when a run needs it
-
-    ttft: list[float] = []
-    tokens = [0]
-    lock = threading.Lock()
-    rss: list[tuple[float, float]] = []
-    done = threading.Event()
-    clock = Stopwatch()
-
-    def watch() -> None:
-        while not done.is_set():
-            rss.append((clock.seconds, process_rss_mb(pid)))
-            time.sleep(0.5)
-
-    def converse(i: int) -> None:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-        messages: list[dict] = []
-        for turn in range(turns):
-            messages.append(
-                {"role": "user", "content": f"Turn {turn}. Tell me one more thing about the sea."}
-            )
-            turn_clock = Stopwatch()
-            first, parts, n = None, [], 0
-            stream = client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=turn,
-                stream=True, user=f"bench-{clients}-{i}",
-            )  # fmt: skip
-            for chunk in stream:
-                text = chunk.choices[0].delta.content if chunk.choices else None
-                if text:
-                    first = first or turn_clock.seconds
-                    parts.append(text)
-                    n += 1
-            messages.append({"role": "assistant", "content": "".join(parts)})
-            with lock:
-                if first is not None:
-                    ttft.append(first)
-                tokens[0] += n
-                bar.update()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    threads = [threading.Thread(target=converse, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = clock.seconds
-    done.set()
-    watcher.join()
-    return summary(clients, turns, wall, tokens[0], ttft, rss)
-
-
-def summary(
-    clients: int, turns: int, wall: float, tokens: int, ttft: list[float], rss: list[tuple[float, float]]
-) -> dict:
-    """A load run's row: throughput, time-to-first-token percentiles, and the server's RSS (at
-    the start and end of the samples past the first tenth, the warm-up; the peak; the trace)."""
-    mem = np.array([m for _, m in rss])
-    warm = mem[len(mem) // 10 :] if len(mem) > 10 else mem
-    return {
-        "clients": clients,
-        "turns": turns,
-        "requests": clients * turns,
-        "seconds": round(wall, 1),
-        "tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50_s": round(float(np.percentile(ttft, 50)), 3),
-        "ttft_p95_s": round(float(np.percentile(ttft, 95)), 3),
-        "rss_start_mb": round(float(warm[0]), 1),
-        "rss_end_mb": round(float(warm[-1]), 1),
-        "rss_max_mb": round(float(mem.max()), 1),
-        "rss_trace": [(round(t, 1), round(m, 1)) for t, m in rss],
-    }
+    return start(cmd, port, cwd=sessions, log=Path(sessions) / "server.log"), port
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -176,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
             finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+                stop(proc)
             r = rows[-1]
             bar.write(
                 f"{clients} clients: {r['tokens_per_s']} tok/s, ttft p50 {r['ttft_p50_s']} s "
-                f"p95 {r['ttft_p95_s']} s, RSS {r['rss_start_mb']} -> {r['rss_end_mb']} MB"
+                f"p95 {r['ttft_p95_s']} s, {r['errors']} failed turns, "
+                f"RSS {r['rss_start_mb']} -> {r['rss_end_mb']} MB"
             )
     meta = {
         "budget": args.budget,
@@ -193,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None:
         rows = merge_rows(args.out, meta, rows, key=("build", "clients"))
     columns = [
-        "build", "clients", "requests", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "rss_start_mb",
-        "rss_end_mb", "rss_max_mb",
+        "build", "clients", "requests", "seconds", "tokens_per_s", "ttft_p50_s", "ttft_p95_s", "errors",
+        "rss_start_mb", "rss_end_mb", "rss_max_mb",
     ]  # fmt: skip
     out = write_results(args.out, meta, rows, columns)
     plot(rows, out)

@@ -93,6 +93,11 @@ def verify_sdist(path: Path, expected: str = UPSTREAM["sha256"]) -> None:
         )
 
 
+def cache_dir() -> Path:
+    """Where the downloaded sdist is kept: INFMLLM_CACHE_DIR, else ~/.cache/infmllm-gguf."""
+    return Path(os.environ.get("INFMLLM_CACHE_DIR") or Path.home() / ".cache" / "infmllm-gguf")
+
+
 def download_sdist(cache_dir: Path) -> Path:
     """Download the pinned sdist with pip (the only registry client we may use)."""
     target = cache_dir / UPSTREAM["sdist"]
@@ -273,11 +278,10 @@ def _patched_already(source: Path) -> bool:
 def prepare(out: Path) -> Path:
     """Make OUT/src (patched sdist tree) and OUT/python (bundled package); return OUT/src."""
     override = os.environ.get("INFMLLM_LLAMA_SOURCE")
-    cache = Path(os.environ.get("INFMLLM_CACHE_DIR") or Path.home() / ".cache" / "infmllm-gguf")
     if override and Path(override).is_dir():
         source, sdist_id = Path(override), f"dir:{Path(override).resolve()}"
     else:
-        source = Path(override) if override else download_sdist(cache)
+        source = Path(override) if override else download_sdist(cache_dir())
         if not source.is_file():
             raise SourceError(f"INFMLLM_LLAMA_SOURCE={override} does not exist")
         verify_sdist(source)
