@@ -483,6 +483,33 @@ def test_a_vanished_client_stops_its_turn_and_the_turn_is_undone(process, stream
     assert next_turn(process, sid, turns, before) == converse(process, f"{sid}-fresh", turns)[1]
 
 
+def test_a_client_that_vanishes_beside_another_leaves_its_stream_as_it_is_alone(process):
+    """Two conversations generate in shared steps; one client vanishes mid-stream: the other's
+    reply is token for token the one it gets with no one beside it."""
+    question = "Tell me about the sea and the sky."
+    alone = converse(process, "beside-alone", [question], max_tokens=64)[0]
+    wait_idle(process)
+    shared = process.metrics().get('infmllm_steps_by_sequences_total{sequences="2"}', 0)
+    story = {"messages": user("Tell me a long story."), "max_tokens": 200, "stream": True}
+    sock = raw_request(process, story, "gone")
+    received = b""
+    while received.count(b"data:") < 4:  # generating: the other conversation joins its steps
+        piece = sock.recv(4096)
+        assert piece, received.decode(errors="replace")
+        received += piece
+    done: dict[str, str] = {}
+    beside = threading.Thread(
+        target=lambda: done.update(reply=converse(process, "beside", [question], max_tokens=64)[0])
+    )
+    beside.start()
+    time.sleep(0.3)
+    sock.close()  # gone while the other conversation generates
+    beside.join(timeout=120)
+    assert done["reply"] == alone
+    wait_idle(process)
+    assert process.metrics()['infmllm_steps_by_sequences_total{sequences="2"}'] > shared
+
+
 def test_a_client_gone_before_the_response_starts_releases_everything(process):
     for _ in range(3):
         sock = raw_request(process, {"messages": user("Hi"), "max_tokens": 50, "stream": True}, "early")
