@@ -162,3 +162,34 @@ def summary(
         "rss_max_mb": round(float(mem.max()), 1),
         "rss_trace": [(round(t, 1), round(m, 1)) for t, m in rss],
     }
+
+
+def stream_rate(port: int, replies: int, max_tokens: int) -> dict:
+    """One client, `replies` long replies one after another: tokens per second after the first
+    (the per-token cost of a single stream, its prompt and first token left out)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    rates, ttft = [], []
+    for i in range(replies):
+        clock, times = Stopwatch(), []
+        ask = [{"role": "user", "content": f"Write a long story about the sea, part {i}."}]
+        stream = client.chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=max_tokens, temperature=0.7, seed=i, stream=True
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(clock.seconds)
+        if len(times) > 1:
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+            ttft.append(times[0])
+    return {
+        "clients": 1,
+        "turns": replies,
+        "requests": replies,
+        "tokens_per_s": round(float(np.median(rates)), 1) if rates else None,
+        "ttft_p50_s": round(float(np.median(ttft)), 3) if ttft else None,
+        "ttft_p95_s": None,
+        "errors": replies - len(rates),
+        "errors_by_status": "",
+    }

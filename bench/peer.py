@@ -17,7 +17,8 @@ the `openai` client, streaming 16-token replies, each turn sending the whole con
 the conversations fit llama-server's slot.  One more run: one client's long conversation
 that outgrows llama-server's slot (llama-server answers 400 once the prompt exceeds it; ours
 evicts and answers every turn).  Per server and run: aggregate generated tok/s, time to first
-token p50 and p95, failed turns by HTTP status, the server's peak RSS.
+token p50 and p95, failed turns by HTTP status, the server's peak RSS.  And a single stream's
+rate: one client, three 256-token replies, tokens per second after each reply's first token.
 
     python -m bench peer --build-only     # build llama-server (or find the cached build)
     python -m bench peer --quick          # 5 turns per client (minutes)
@@ -41,7 +42,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import ROOT
-from bench.chat_load import MODEL, free_port, load, start, stop
+from bench.chat_load import MODEL, free_port, load, start, stop, stream_rate
 from bench.common import (
     add_out,
     log,
@@ -57,6 +58,7 @@ sys.path.insert(0, str(ROOT / "cmake"))
 from prepare_source import LLAMA_SUBDIR, UPSTREAM, cache_dir, download_sdist  # noqa: E402
 
 SERVERS = ("llama-server", "ours")
+STREAM_TOKENS = 256  # the single stream's replies
 
 
 # --- building llama-server -------------------------------------------------------------------
@@ -150,7 +152,9 @@ def server_command(server: str, args: argparse.Namespace, port: str, sessions: s
     ]  # fmt: skip
 
 
-def run_one(server: str, args: argparse.Namespace, clients: int, turns: int, bar: tqdm) -> dict:
+def run_one(
+    server: str, args: argparse.Namespace, scenario: str, clients: int, turns: int, bar: tqdm
+) -> dict:
     """A fresh server process (memory from its start), one load against it, the server stopped."""
     with tempfile.TemporaryDirectory() as tmp:
         sessions = Path(tmp) / "sessions"
@@ -160,7 +164,11 @@ def run_one(server: str, args: argparse.Namespace, clients: int, turns: int, bar
         # from the sessions folder: in a checkout without a build Python would import the sources
         proc = start(cmd, port, cwd=sessions, log=Path(tmp) / "server.log")
         try:
-            row = load(port, proc.pid, clients, turns, args.max_tokens, bar)
+            if scenario == "stream":
+                row = stream_rate(port, turns, STREAM_TOKENS)
+                bar.update(turns)
+            else:
+                row = load(port, proc.pid, clients, turns, args.max_tokens, bar)
             row["rss_peak_mb"] = round(process_rss_mb(proc.pid, "VmHWM"), 1)
         finally:
             stop(proc)
@@ -212,11 +220,13 @@ def run(args: argparse.Namespace) -> int:
     runs = [("shared", clients, turns) for clients in args.clients]
     if args.long_turns:
         runs.append(("long", 1, args.long_turns))
+    runs.append(("stream", 1, 3))
     rows = []
     with progress(len(SERVERS) * sum(c * t for _, c, t in runs), "peer", unit="turn") as bar:
         for server in SERVERS:  # one server at a time, never both
             for scenario, clients, n in runs:
-                r = {"server": server, "scenario": scenario, **run_one(server, args, clients, n, bar)}
+                row = run_one(server, args, scenario, clients, n, bar)
+                r = {"server": server, "scenario": scenario, **row}
                 rows.append(r)
                 bar.write(
                     f"{server}, {scenario}, {clients} clients x {n} turns: {r['tokens_per_s']} tok/s, "
@@ -278,9 +288,15 @@ def plot(rows: list[dict], out: Path) -> None:
         a.minorticks_off()
         a.grid(alpha=0.3)
         a.legend()
+    title = []
     long = {r["server"]: r for r in rows if r["scenario"] == "long"}
     if long:
         turns = next(iter(long.values()))["turns"]
         failed = ", ".join(f"{s} {r['errors']} failed" for s, r in long.items())
-        fig.suptitle(f"one conversation of {turns} turns: {failed}")
+        title.append(f"one conversation of {turns} turns: {failed}")
+    stream = {r["server"]: r for r in rows if r["scenario"] == "stream"}
+    if stream:
+        rates = ", ".join(f"{s} {r['tokens_per_s']} tok/s" for s, r in stream.items())
+        title.append(f"one stream after its first token: {rates}")
+    fig.suptitle("\n".join(title))
     save_figure(fig, out.with_suffix(".png"), dpi=120)
