@@ -1,8 +1,8 @@
 """What batching the decodes of several slots would gain: serial against batched decodes.
 
-N sequences each decode one token, as N llama_decode calls (what the server does: one request
-decodes at a time) or as one call holding N tokens, one per sequence (continuous batching), in
-the server's context layout (8 sequence slots, a KV stream each, every slot holding --context
+N sequences each decode one token, as N llama_decode calls (one sequence at a time) or as one
+call holding N tokens, one per sequence (what the server's continuous batching does), in the
+server's context layout (8 sequence slots, a KV stream each, every slot holding --context
 tokens already).
 
     python -m bench batching            # a minute

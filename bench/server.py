@@ -5,8 +5,8 @@ drives it with the `openai` client, streaming: per request the time to the first
 run the aggregate generated tokens per second (streamed text chunks, one per token but where a
 stop string or a multi-byte character holds text back) and the server's resident memory, sampled
 twice a second (flat: every conversation stays within budget + chunk however long it runs).
-Decoding is serialised in one context, so aggregate tok/s stays about flat with the clients
-while the time to first token grows with the queue.
+The conversations generating at once share decode steps (continuous batching), so aggregate
+tok/s grows with the clients while the steps hold more sequences.
 
     python -m bench server --quick     # 10 turns per client (minutes)
     python -m bench server             # 100 turns per client
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "turns": turns,
         "max_tokens": args.max_tokens,
         "slots": 8,
-        "decoding": "serial",
+        "decoding": "continuous batching",
     }
     if args.label is not None:
         rows = merge_rows(args.out, meta, rows, key=("build", "clients"))
