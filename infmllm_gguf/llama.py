@@ -545,13 +545,11 @@ class Llama:
         return chat_chunks(completion.chunks()) if stream else chat_response(completion.result())
 
     # --- saved sessions --------------------------------------------------------------------
-    @_locked
     def save_state(self) -> LlamaState:
         """The whole session in memory: the cache's cells after eviction, the stream's history and
         records, the policy's state, the recall store and the sampler's seed."""
         return self._session.save_state()
 
-    @_locked
     def load_state(self, state: LlamaState | bytes) -> None:
         """Become the saved session: the next logits, samples and evictions are the ones it would
         have had.  A damaged state, or one saved with another model, policy, recall tier or n_ctx,

@@ -185,16 +185,26 @@ class Session:
         return json.loads(json.dumps(facts))
 
     def save_state(self) -> LlamaState:
-        facts, arrays = self.stream.export_state()
-        data = pack({"session": self.fingerprint(), "stream": facts, "seed": self.seed}, arrays)
-        return LlamaState(data, self.stream.n_streamed, self.stream.n_cached, self.seed)
+        """The session as bytes: read under the engine's lock, packed under the session's only,
+        so that the other sessions decode meanwhile."""
+        with self.lock:
+            with self.engine.hold():
+                facts, arrays = self.stream.export_state()
+                head = {"session": self.fingerprint(), "stream": facts, "seed": self.seed}
+                counts = self.stream.n_streamed, self.stream.n_cached, self.seed
+            return LlamaState(pack(head, arrays), *counts)
 
     def load_state(self, state: LlamaState | bytes) -> None:
-        """Become the saved session; StateError (and no change) where it does not fit here."""
+        """Become the saved session; StateError (and no change) where it does not fit here.
+        The bytes are unpacked before the locks are taken."""
         data = state.data if isinstance(state, LlamaState) else state
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise StateError(f"load_state takes a LlamaState or its bytes, got {type(state).__name__}")
         facts, arrays = unpack(bytes(data))
+        with self.locked():
+            self._load(facts, arrays)
+
+    def _load(self, facts: dict, arrays: dict[str, np.ndarray]) -> None:
         mine, saved = self.fingerprint(), facts.get("session")
         if not isinstance(saved, dict) or not isinstance(facts.get("stream"), dict):
             raise StateError("the saved session lacks its description")
