@@ -206,3 +206,6 @@ def test_place_moves_a_sequence_onto_chosen_cells(make_ctx, text_tokens):
     assert np.array_equal(after.cells, target) and kv.head() == 7
     moved = kv.read_rows(after.positions, k_bytes, v_bytes)
     assert all(np.array_equal(a, b) for a, b in zip(rows, moved))
+    assert kv.place(target, 3) == len(target)  # onto the cells it is on: only the head moves
+    assert np.array_equal(kv.cells().cells, target) and kv.head() == 3
+    assert all(np.array_equal(a, b) for a, b in zip(rows, kv.read_rows(after.positions, k_bytes, v_bytes)))

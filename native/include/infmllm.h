@@ -238,7 +238,7 @@ LLAMA_API int32_t infmllm_kv_seq_head(struct llama_context * ctx, llama_seq_id s
 // or a cell of seq_id; targets distinct.  Returns n; INFMLLM_ERR_INVALID_ARG for a list that
 // does not fit, a head out of range or keys awaiting a K-shift; INFMLLM_ERR_SHARED_CELLS;
 // INFMLLM_ERR_UNSUPPORTED for M-RoPE caches (2-D positions are not moved).  Nothing changes
-// on error.
+// on error.  Cells already where they are asked to be are not copied (only the head is set).
 LLAMA_API int32_t infmllm_kv_seq_place(
         struct llama_context * ctx,
         llama_seq_id           seq_id,

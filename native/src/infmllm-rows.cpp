@@ -340,17 +340,21 @@ int32_t infmllm_kv_seq_place(
         seen[c] = 1;
         to[i] = (uint32_t) c;
     }
-    std::vector<uint8_t> k_buf((size_t) n*rv.k_bytes);
-    std::vector<uint8_t> v_buf((size_t) n*rv.v_bytes);
-    transfer(rv, from, k_buf.data(), v_buf.data(), true);
-    for (uint32_t c : from) {
-        kc.rm(c);
-    }
-    transfer(rv, to, k_buf.data(), v_buf.data(), false);
     auto & st = ctx->infmllm;
+    if (from != to) { // already on its cells (a session restored where it was saved): no copy
+        std::vector<uint8_t> k_buf((size_t) n*rv.k_bytes);
+        std::vector<uint8_t> v_buf((size_t) n*rv.v_bytes);
+        transfer(rv, from, k_buf.data(), v_buf.data(), true);
+        for (uint32_t c : from) {
+            kc.rm(c);
+        }
+        transfer(rv, to, k_buf.data(), v_buf.data(), false);
+        for (int32_t i = 0; i < n; ++i) {
+            kc.pos_set(to[i], pos[i]);
+            kc.seq_add(to[i], seq_id);
+        }
+    }
     for (int32_t i = 0; i < n; ++i) {
-        kc.pos_set(to[i], pos[i]);
-        kc.seq_add(to[i], seq_id);
         if (!st.scores.empty()) {
             st.scores[rv.stream][to[i]] = 0.0f;
         }
