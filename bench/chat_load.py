@@ -81,15 +81,15 @@ def load(port: int, pid: int, clients: int, turns: int, max_tokens: int, bar: tq
         )
         messages: list[dict] = []
         for turn in range(turns):
-            messages.append(
-                {"role": "user", "content": f"Turn {turn}. Tell me one more thing about the sea."}
-            )
+            # every conversation its own: a server cannot reuse one client's prompt for another
+            ask = f"I am client {i}. Turn {turn}: tell me one more thing about the sea."
+            messages.append({"role": "user", "content": ask})
             turn_clock = Stopwatch()
             first, parts, n, error = None, [], 0, None
             try:
                 stream = client.chat.completions.create(
-                    model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.7, seed=turn,
-                    stream=True, user=f"bench-{clients}-{i}",
+                    model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.7,
+                    seed=1000 * i + turn, stream=True, user=f"bench-{clients}-{i}",
                 )  # fmt: skip
                 for chunk in stream:
                     text = chunk.choices[0].delta.content if chunk.choices else None
