@@ -158,9 +158,9 @@ class Engine:
 
     # --- sessions -------------------------------------------------------------------------
     def hold(self) -> contextlib.AbstractContextManager:
-        """Hold the engine's lock (through the steps once the context exists, so that a step
-        gathering pieces lets this caller in first)."""
-        return self.steps.hold() if self.steps is not None else self.lock
+        """Hold the engine's lock through the steps, so that a step gathering pieces lets this
+        caller in first (sessions exist only once the context is open)."""
+        return self.steps.hold()
 
     def session(self, seq_id: int, policy: KVPolicy, recall: Recall | None, seed: int) -> Session:
         """The session on sequence seq_id, made on first use with its own copy of policy."""

@@ -226,12 +226,13 @@ class StepLoop:
                 self.ctx,
                 np.concatenate([p.inputs for p in pieces]),
                 np.concatenate([p.positions for p in pieces]),
-                np.concatenate([np.full(len(p), p.seq_id, np.int32) for p in pieces]),
+                np.repeat([p.seq_id for p in pieces], [len(p) for p in pieces]),
                 np.concatenate([p.flags for p in pieces]),
             )
         self.stats.decode_seconds += time.perf_counter() - started
         me = threading.get_ident()
-        n_out = sum(int(p.flags.sum()) for p in pieces)
+        outputs = [int(p.flags.sum()) for p in pieces]  # rows of logits each piece asked for
+        n_out = sum(outputs)
         rows = None
         if rc == 0 and n_out:
             ptr = lc.llama_get_logits(self.ctx)
@@ -239,12 +240,11 @@ class StepLoop:
                 ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_out, self.n_vocab)
             )
         first = 0
-        for p in pieces:
+        for p, k in zip(pieces, outputs):
             p.status = rc
             if rc != 0:
                 p.done = True
                 continue
-            k = int(p.flags.sum())
             if rows is not None and k:
                 # the caller reads its own piece before anything decodes after the step's last
                 # call; every other piece's rows are copied out of llama.cpp's buffer
